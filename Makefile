@@ -1,0 +1,86 @@
+# xdpflow - see `make help`
+PYTHON   ?= python3
+CLANG    ?= clang
+ARCH     := $(shell uname -m)
+BPF_CFLAGS := -O2 -g -target bpf -mcpu=v3 -Wall -Werror -I/usr/include/$(ARCH)-linux-gnu
+# pip refuses to touch a Debian-managed interpreter without this; harmless elsewhere
+PIP      := $(PYTHON) -m pip install -q --disable-pip-version-check --break-system-packages --root-user-action=ignore
+
+APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool iproute2 xdp-tools linux-libc-dev \
+            python3 python3-pip python3-dev make mount
+BPF_SRCS := $(wildcard bpf/*.bpf.c)
+BPF_OBJS := $(patsubst bpf/%.c,xdpflow/bpf/%.o,$(BPF_SRCS))
+
+V ?= 0
+ifeq ($(V),0)
+Q := @
+PYTEST_Q := -q
+else
+Q :=
+PYTEST_Q := -v
+endif
+
+.PHONY: all help build deps apt pip bpffs test lint fmt bench demo fuzz clean
+
+all: build
+
+help:
+	@echo "make deps    install apt and pip dependencies (idempotent)"
+	@echo "make build   compile bpf/*.bpf.c into xdpflow/bpf/ (default)"
+	@echo "make test    deps + build + the whole pytest suite (root)"
+	@echo "make demo    deps + build + a namespace lab: attach, send a known mix, print counts"
+	@echo "make bench   deps + build + benchmarks, written to BENCHMARKS.md"
+	@echo "make fuzz    deps + build + the long hostile-frame run"
+	@echo "make lint    ruff, mypy and clang-format checks"
+	@echo "V=1          show commands and verbose test output"
+
+# Only touches apt when something is missing, so a second run changes nothing.
+apt:
+	$(Q)if ! dpkg -s $(APT_PKGS) >/dev/null 2>&1; then \
+		echo "installing apt packages"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS) >/dev/null; \
+	fi
+
+pip: apt
+	$(Q)if ! $(PYTHON) -m pip show -q xdpflow >/dev/null 2>&1 || \
+	     ! $(PYTHON) -c "import cffi, pyroute2, scapy, numpy, pytest" >/dev/null 2>&1; then \
+		echo "installing python packages"; \
+		$(PIP) -e '.[test]'; \
+	fi
+
+deps: apt pip
+
+build: $(BPF_OBJS) xdpflow/bpf/xdpflow.h
+
+xdpflow/bpf/%.bpf.o: bpf/%.bpf.c bpf/xdpflow.h bpf/parsing.h | xdpflow/bpf
+	@echo "  CLANG  $@"
+	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+
+xdpflow/bpf/xdpflow.h: bpf/xdpflow.h | xdpflow/bpf
+	$(Q)cp $< $@
+
+xdpflow/bpf:
+	$(Q)mkdir -p $@
+
+bpffs:
+	$(Q)mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+
+test: deps build bpffs
+	$(Q)$(PYTHON) -m pytest $(PYTEST_Q) netns_tests
+
+demo: deps build bpffs
+	$(Q)$(PYTHON) -m xdpflow.demo
+
+bench: deps build bpffs
+	$(Q)$(PYTHON) scripts/bench.py --out BENCHMARKS.md
+
+fuzz: deps build bpffs
+	$(Q)XDPFLOW_FUZZ_FRAMES=1000000 $(PYTHON) -m pytest $(PYTEST_Q) netns_tests -m fuzz
+
+lint: deps
+	$(Q)$(PYTHON) -m ruff check xdpflow netns_tests scripts
+	$(Q)$(PYTHON) -m ruff format --check xdpflow netns_tests scripts
+	$(Q)$(PYTHON) -m mypy xdpflow
+
+clean:
+	$(Q)rm -rf xdpflow/bpf build dist *.egg-info

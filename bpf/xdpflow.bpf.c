@@ -1,0 +1,467 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/* xdpflow.bpf.c - count, track and block at the XDP hook.
+ *
+ * Per frame: parse Ethernet/VLAN/IPv4/IPv6/L4, drop sources (or
+ * destinations) on the blocklist, update the flow's entry in an LRU table,
+ * and account the frame in the per-CPU interface counters.
+ *
+ * No atomics on the counters: XDP runs in softirq context, one CPU per frame
+ * and without preemption, so per-CPU values need no locking.
+ */
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "parsing.h"
+#include "xdpflow.h"
+
+#ifndef EEXIST
+#define EEXIST 17
+#endif
+
+/* the whole .rodata: one struct so the controller can write it by type */
+const volatile struct xf_knobs knobs = {
+	.events_per_sec = XF_EVENTS_PER_SEC,
+};
+
+/* per interface: pinned under <pin root>/<ifname>/ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xf_counters);
+} counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(max_entries, XF_FLOWS_DEFAULT);
+	__type(key, struct xf_flow4);
+	__type(value, struct xf_flow_val);
+} flows_v4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(max_entries, XF_FLOWS_DEFAULT);
+	__type(key, struct xf_flow6);
+	__type(value, struct xf_flow_val);
+} flows_v6 SEC(".maps");
+
+/* shared by every interface: pinned under <pin root>/ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xf_config);
+} config SEC(".maps");
+
+#define BLOCKLIST_TRIE(name, keytype)                                          \
+	struct {                                                               \
+		__uint(type, BPF_MAP_TYPE_LPM_TRIE);                           \
+		__uint(max_entries, XF_BLOCK_MAX);                             \
+		__uint(map_flags, BPF_F_NO_PREALLOC);                          \
+		__type(key, keytype);                                          \
+		__type(value, __u32);                                          \
+	} name SEC(".maps")
+
+BLOCKLIST_TRIE(bl4_src, struct xf_lpm4);
+BLOCKLIST_TRIE(bl4_dst, struct xf_lpm4);
+BLOCKLIST_TRIE(bl6_src, struct xf_lpm6);
+BLOCKLIST_TRIE(bl6_dst, struct xf_lpm6);
+
+/* Prefilter bitmaps in front of the tries: most traffic misses the
+ * blocklist, and an inlined array load is far cheaper than a trie walk.
+ * A set bit only means "consult the trie".
+ */
+#define PREFILTER(name, words)                                                 \
+	struct {                                                               \
+		__uint(type, BPF_MAP_TYPE_ARRAY);                              \
+		__uint(max_entries, words);                                    \
+		__type(key, __u32);                                            \
+		__type(value, __u64);                                          \
+	} name SEC(".maps")
+
+PREFILTER(pf4_src, XF_PF4_WORDS);
+PREFILTER(pf4_dst, XF_PF4_WORDS);
+PREFILTER(pf6_src, XF_PF6_WORDS);
+PREFILTER(pf6_dst, XF_PF6_WORDS);
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XF_RULES_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} rule_hits SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, XF_EVENTS_BYTES);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xf_ratelimit);
+} event_budget SEC(".maps");
+
+/* what one frame turned out to be */
+struct pkt {
+	__u32 len;      /* frame length */
+	__u32 iplen;    /* IP length, counted by flows */
+	__u32 tcp_flags;
+	__u8 family;
+	union {
+		struct xf_flow4 k4;
+		struct xf_flow6 k6;
+	};
+};
+
+static __always_inline void count(struct xf_counters *c, __u32 idx, __u32 len)
+{
+	if (idx < XF_CNT_MAX) {
+		c->c[idx].packets++;
+		c->c[idx].bytes += len;
+	}
+}
+
+static __always_inline __u32 l4_class(int proto)
+{
+	switch (proto) {
+	case IPPROTO_TCP:
+		return XF_CNT_TCP;
+	case IPPROTO_UDP:
+		return XF_CNT_UDP;
+	case IPPROTO_ICMP:
+	case IPPROTO_ICMPV6:
+		return XF_CNT_ICMP;
+	default:
+		return XF_CNT_OTHER;
+	}
+}
+
+/* Ports, ICMP type/code or nothing. Returns -1 for a truncated header. */
+static __always_inline int parse_l4(struct hdr_cursor *nh, void *data_end,
+				    int proto, int l4_ok, __be16 *sport,
+				    __be16 *dport, __u32 *tcp_flags)
+{
+	if (!l4_ok)
+		return 0;
+
+	if (proto == IPPROTO_TCP) {
+		struct tcphdr *th = nh->pos;
+
+		if ((void *)(th + 1) > data_end)
+			return -1;
+		if (th->doff < 5 || (void *)th + th->doff * 4 > data_end)
+			return -1;
+		*sport = th->source;
+		*dport = th->dest;
+		*tcp_flags = ((__u8 *)th)[13];
+	} else if (proto == IPPROTO_UDP) {
+		struct udphdr *uh = nh->pos;
+
+		if ((void *)(uh + 1) > data_end)
+			return -1;
+		*sport = uh->source;
+		*dport = uh->dest;
+	} else if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
+		__u8 *ic = nh->pos;
+
+		if ((void *)(ic + 2) > data_end)
+			return -1;
+		*sport = bpf_htons(ic[0]);
+		*dport = bpf_htons(ic[1]);
+	}
+	return 0;
+}
+
+static __always_inline int pf_test(void *map, __u32 bit)
+{
+	__u32 word = bit >> 6;
+	__u64 *w = bpf_map_lookup_elem(map, &word);
+
+	return w && ((*w >> (bit & 63)) & 1);
+}
+
+static __always_inline __u32 pf6_bit(const __u8 *addr)
+{
+	__u32 top = ((__u32)addr[0] << 24) | ((__u32)addr[1] << 16) |
+		    ((__u32)addr[2] << 8) | addr[3];
+
+	return (__u32)(top * (__u32)XF_PF6_MULT) >> XF_PF6_SHIFT;
+}
+
+static __always_inline __u32 *bl4_match(__u32 flags, struct xf_flow4 *k)
+{
+	struct xf_lpm4 lk;
+	__u32 *rule;
+
+	lk.prefixlen = 32;
+
+	if ((flags & XF_CFG_BL4_SRC) &&
+	    pf_test(&pf4_src, bpf_ntohl(k->saddr) >> 16)) {
+		__builtin_memcpy(lk.addr, &k->saddr, 4);
+		rule = bpf_map_lookup_elem(&bl4_src, &lk);
+		if (rule)
+			return rule;
+	}
+	if ((flags & XF_CFG_BL4_DST) &&
+	    pf_test(&pf4_dst, bpf_ntohl(k->daddr) >> 16)) {
+		__builtin_memcpy(lk.addr, &k->daddr, 4);
+		return bpf_map_lookup_elem(&bl4_dst, &lk);
+	}
+	return NULL;
+}
+
+static __always_inline __u32 *bl6_match(__u32 flags, struct xf_flow6 *k)
+{
+	struct xf_lpm6 lk;
+	__u32 *rule;
+
+	lk.prefixlen = 128;
+
+	if ((flags & XF_CFG_BL6_SRC) && pf_test(&pf6_src, pf6_bit(k->saddr))) {
+		__builtin_memcpy(lk.addr, k->saddr, 16);
+		rule = bpf_map_lookup_elem(&bl6_src, &lk);
+		if (rule)
+			return rule;
+	}
+	if ((flags & XF_CFG_BL6_DST) && pf_test(&pf6_dst, pf6_bit(k->daddr))) {
+		__builtin_memcpy(lk.addr, k->daddr, 16);
+		return bpf_map_lookup_elem(&bl6_dst, &lk);
+	}
+	return NULL;
+}
+
+/* New-flow and blocklist events, at most knobs.events_per_sec per CPU per
+ * second, so a flood cannot turn into a flood of events. A full ring skips
+ * the event; the frame is never held back for it.
+ */
+static __always_inline void emit(struct xf_counters *c, struct xdp_md *ctx,
+				 struct pkt *p, __u8 type, __u32 rule, __u64 now)
+{
+	__u32 zero = 0;
+	struct xf_ratelimit *rl = bpf_map_lookup_elem(&event_budget, &zero);
+	struct xf_event *e;
+
+	if (!rl)
+		return;
+	if (now - rl->window >= 1000000000ULL) {
+		rl->window = now;
+		rl->count = 0;
+	}
+	if (rl->count >= knobs.events_per_sec) {
+		count(c, XF_CNT_EVENTS_SUPPRESSED, p->len);
+		return;
+	}
+	rl->count++;
+
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(c, XF_CNT_EVENTS_LOST, p->len);
+		return;
+	}
+	e->ts = now;
+	e->ifindex = ctx->ingress_ifindex;
+	e->rule = rule;
+	e->len = p->len;
+	e->type = type;
+	e->family = p->family;
+	e->pad = 0;
+	e->pad2 = 0;
+	if (p->family == 4) {
+		e->proto = p->k4.proto;
+		e->sport = p->k4.sport;
+		e->dport = p->k4.dport;
+		__builtin_memset(e->saddr, 0, sizeof(e->saddr));
+		__builtin_memset(e->daddr, 0, sizeof(e->daddr));
+		__builtin_memcpy(e->saddr, &p->k4.saddr, 4);
+		__builtin_memcpy(e->daddr, &p->k4.daddr, 4);
+	} else {
+		e->proto = p->k6.proto;
+		e->sport = p->k6.sport;
+		e->dport = p->k6.dport;
+		__builtin_memcpy(e->saddr, p->k6.saddr, 16);
+		__builtin_memcpy(e->daddr, p->k6.daddr, 16);
+	}
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline void flow_add(struct xf_flow_val *v, struct pkt *p,
+				     __u64 now)
+{
+	if (knobs.shared_flows) {
+		__sync_fetch_and_add(&v->packets, 1);
+		__sync_fetch_and_add(&v->bytes, p->iplen);
+		if ((v->tcp_flags & p->tcp_flags) != p->tcp_flags)
+			__sync_fetch_and_or(&v->tcp_flags, p->tcp_flags);
+	} else {
+		v->packets++;
+		v->bytes += p->iplen;
+		v->tcp_flags |= p->tcp_flags;
+	}
+	/* a racing store from another CPU carries the same coarse time */
+	v->last_seen = now;
+}
+
+static __always_inline void track(void *flows, void *key,
+				  struct xf_counters *c, struct xdp_md *ctx,
+				  struct pkt *p)
+{
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct xf_flow_val *v = bpf_map_lookup_elem(flows, key);
+	struct xf_flow_val nv;
+	long err;
+
+	if (v) {
+		flow_add(v, p, now);
+		return;
+	}
+
+	nv.packets = 1;
+	nv.bytes = p->iplen;
+	nv.first_seen = now;
+	nv.last_seen = now;
+	nv.tcp_flags = p->tcp_flags;
+	nv.pad = 0;
+	err = bpf_map_update_elem(flows, key, &nv, BPF_NOEXIST);
+	if (!err) {
+		emit(c, ctx, p, XF_EV_NEW_FLOW, 0, now);
+		return;
+	}
+	/* another CPU created it between our lookup and update */
+	if (err == -EEXIST) {
+		v = bpf_map_lookup_elem(flows, key);
+		if (v) {
+			flow_add(v, p, now);
+			return;
+		}
+	}
+	count(c, XF_CNT_FLOW_INSERT_FAILED, p->len);
+}
+
+/* A blocklist match: hit counter, event, and drop unless monitoring. */
+static __always_inline int blocked(struct xf_counters *c, struct xdp_md *ctx,
+				   struct pkt *p, __u32 rule, __u32 flags,
+				   __u32 *act)
+{
+	__u64 *hits = bpf_map_lookup_elem(&rule_hits, &rule);
+	int monitor = flags & XF_CFG_MONITOR;
+
+	if (hits)
+		*hits += 1;
+	emit(c, ctx, p, monitor ? XF_EV_MONITORED : XF_EV_BLOCKED, rule,
+	     bpf_ktime_get_coarse_ns());
+	if (monitor) {
+		count(c, XF_CNT_MONITORED, p->len);
+		return XDP_PASS;
+	}
+	*act = XF_CNT_DROPPED;
+	return XDP_DROP;
+}
+
+SEC("xdp")
+int xdpflow(struct xdp_md *ctx)
+{
+	void *data_end = (void *)(long)ctx->data_end;
+	void *data = (void *)(long)ctx->data;
+	struct hdr_cursor nh = { .pos = data };
+	__u32 cls = XF_CNT_PARSE_ERRORS, l4cnt = XF_CNT_MAX;
+	__u32 act = XF_CNT_PASSED, flags = 0, zero = 0;
+	int action = XDP_PASS, ethproto, ipproto, l4_ok = 0;
+	struct xf_counters *c;
+	struct xf_config *cfg;
+	struct pkt p;
+	__u32 *rule;
+
+	c = bpf_map_lookup_elem(&counters, &zero);
+	if (!c)
+		return XDP_PASS;
+	cfg = bpf_map_lookup_elem(&config, &zero);
+	if (cfg)
+		flags = cfg->flags;
+
+	p.len = data_end - data;
+	p.tcp_flags = 0;
+
+	ethproto = parse_ethhdr(&nh, data_end);
+	if (ethproto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *iph;
+
+		ipproto = parse_iphdr(&nh, data_end, &iph, &l4_ok);
+		if (ipproto < 0)
+			goto out;
+		p.family = 4;
+		p.iplen = bpf_ntohs(iph->tot_len);
+		p.k4.saddr = iph->saddr;
+		p.k4.daddr = iph->daddr;
+		p.k4.sport = 0;
+		p.k4.dport = 0;
+		p.k4.proto = ipproto;
+		p.k4.pad[0] = p.k4.pad[1] = p.k4.pad[2] = 0;
+		cls = XF_CNT_IPV4;
+		l4cnt = l4_class(ipproto);
+
+		if (flags & (XF_CFG_BL4_SRC | XF_CFG_BL4_DST)) {
+			rule = bl4_match(flags, &p.k4);
+			if (rule) {
+				action = blocked(c, ctx, &p, *rule, flags, &act);
+				goto out;
+			}
+		}
+		if (parse_l4(&nh, data_end, ipproto, l4_ok, &p.k4.sport,
+			     &p.k4.dport, &p.tcp_flags) < 0)
+			goto l4_error;
+		track(&flows_v4, &p.k4, c, ctx, &p);
+	} else if (ethproto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6h;
+
+		ipproto = parse_ip6hdr(&nh, data_end, &ip6h, &l4_ok);
+		if (ipproto < 0)
+			goto out;
+		p.family = 6;
+		p.iplen = sizeof(*ip6h) + bpf_ntohs(ip6h->payload_len);
+		__builtin_memcpy(p.k6.saddr, &ip6h->saddr, 16);
+		__builtin_memcpy(p.k6.daddr, &ip6h->daddr, 16);
+		p.k6.sport = 0;
+		p.k6.dport = 0;
+		p.k6.proto = ipproto;
+		p.k6.pad[0] = p.k6.pad[1] = p.k6.pad[2] = 0;
+		cls = XF_CNT_IPV6;
+		l4cnt = l4_class(ipproto);
+
+		if (flags & (XF_CFG_BL6_SRC | XF_CFG_BL6_DST)) {
+			rule = bl6_match(flags, &p.k6);
+			if (rule) {
+				action = blocked(c, ctx, &p, *rule, flags, &act);
+				goto out;
+			}
+		}
+		if (parse_l4(&nh, data_end, ipproto, l4_ok, &p.k6.sport,
+			     &p.k6.dport, &p.tcp_flags) < 0)
+			goto l4_error;
+		track(&flows_v6, &p.k6, c, ctx, &p);
+	} else if (ethproto >= 0) {
+		cls = XF_CNT_NON_IP;
+	}
+	goto out;
+
+l4_error:
+	cls = XF_CNT_PARSE_ERRORS;
+	l4cnt = XF_CNT_MAX;
+out:
+	if (knobs.sink && action == XDP_PASS) {
+		action = XDP_DROP;
+		act = XF_CNT_SUNK;
+	}
+	count(c, XF_CNT_PACKETS, p.len);
+	count(c, cls, p.len);
+	count(c, act, p.len);
+	count(c, l4cnt, p.len);
+	return action;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

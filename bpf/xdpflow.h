@@ -1,0 +1,158 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* xdpflow.h - every struct and constant that crosses the kernel/user boundary.
+ *
+ * Included by: the XDP program (bpf/xdpflow.bpf.c) and the Python controller,
+ * which feeds this file to cffi at run time (xdpflow/abi.py). cffi understands
+ * only declarations, so this file holds nothing but fixed-width UAPI types,
+ * explicit padding, enums and "#define NAME <integer>" lines; everything else
+ * starting with '#' is skipped by the Python side.
+ */
+#ifndef XDPFLOW_H
+#define XDPFLOW_H
+
+#include <linux/types.h>
+
+/* map sizes; the controller may override max_entries before load */
+#define XF_FLOWS_DEFAULT 262144
+#define XF_BLOCK_MAX 131072 /* per blocklist trie (family x direction) */
+#define XF_RULES_MAX 524288 /* rule index space shared by the four tries */
+#define XF_EVENTS_BYTES 262144
+
+/* parser bounds: the verifier needs them, fuzzed frames probe them */
+#define XF_VLAN_MAX 2
+#define XF_IPV6_EXT_MAX 6
+
+/* blocklist prefilters: one bit per IPv4 /16, one bit per hashed IPv6 /32 */
+#define XF_PF4_WORDS 1024
+#define XF_PF6_WORDS 16384
+#define XF_PF6_MULT 2654435761
+#define XF_PF6_SHIFT 12
+
+/* default event budget per CPU per second */
+#define XF_EVENTS_PER_SEC 1000
+
+/* Interface counters: every frame lands in exactly one class (non_ip,
+ * parse_errors, ipv4, ipv6), exactly one action (passed, dropped, sunk), and
+ * when it is IP, exactly one L4 protocol (tcp, udp, icmp, other). The rest
+ * are side counters.
+ */
+enum xf_counter {
+	XF_CNT_PACKETS = 0,
+	XF_CNT_PASSED = 1,
+	XF_CNT_DROPPED = 2, /* by the blocklist */
+	XF_CNT_SUNK = 3,    /* dropped after accounting, sink mode */
+	XF_CNT_MONITORED = 4, /* would have been dropped, monitor mode */
+	XF_CNT_PARSE_ERRORS = 5,
+	XF_CNT_NON_IP = 6,
+	XF_CNT_IPV4 = 7,
+	XF_CNT_IPV6 = 8,
+	XF_CNT_TCP = 9,
+	XF_CNT_UDP = 10,
+	XF_CNT_ICMP = 11, /* ICMP and ICMPv6 */
+	XF_CNT_OTHER = 12,
+	XF_CNT_FLOW_INSERT_FAILED = 13,
+	XF_CNT_EVENTS_SUPPRESSED = 14, /* over the per-CPU event budget */
+	XF_CNT_EVENTS_LOST = 15,       /* ring buffer full */
+	XF_CNT_MAX = 16,
+};
+
+struct xf_datarec {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* value of the one-entry per-CPU "counters" array */
+struct xf_counters {
+	struct xf_datarec c[16]; /* indexed by enum xf_counter */
+};
+
+/* flow keys: one LRU table per family, so a v4 key cannot meet a v6 key */
+struct xf_flow4 {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport; /* ICMP: type */
+	__be16 dport; /* ICMP: code */
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct xf_flow6 {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct xf_flow_val {
+	__u64 packets;
+	__u64 bytes;      /* IP bytes: v4 total length, v6 40 + payload length */
+	__u64 first_seen; /* CLOCK_MONOTONIC_COARSE ns */
+	__u64 last_seen;
+	__u32 tcp_flags; /* OR of every TCP flags byte seen */
+	__u32 pad;
+};
+
+/* blocklist LPM trie keys; the value is a __u32 rule index into rule_hits */
+struct xf_lpm4 {
+	__u32 prefixlen;
+	__u8 addr[4];
+};
+
+struct xf_lpm6 {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+/* run-time switches in the shared "config" array, written by the controller */
+enum xf_config_flags {
+	XF_CFG_MONITOR = 1,   /* count would-be drops, pass them */
+	XF_CFG_BL4_SRC = 2,   /* the blocklist holds v4 source rules */
+	XF_CFG_BL4_DST = 4,
+	XF_CFG_BL6_SRC = 8,
+	XF_CFG_BL6_DST = 16,
+};
+
+struct xf_config {
+	__u32 flags;
+	__u32 pad;
+};
+
+/* load-time knobs: the program's whole .rodata, set before load */
+struct xf_knobs {
+	__u32 sink;         /* drop every frame after accounting it */
+	__u32 shared_flows; /* flow tables are LRU_HASH with atomics, not per-CPU */
+	__u32 events_per_sec;
+	__u32 pad;
+};
+
+enum xf_event_type {
+	XF_EV_NEW_FLOW = 1,
+	XF_EV_BLOCKED = 2,
+	XF_EV_MONITORED = 3,
+};
+
+struct xf_event {
+	__u64 ts; /* CLOCK_MONOTONIC_COARSE ns */
+	__u32 ifindex;
+	__u32 rule; /* blocklist rule index, blocked/monitored events */
+	__u32 len;  /* frame length */
+	__u8 type;  /* enum xf_event_type */
+	__u8 family; /* 4 or 6 */
+	__u8 proto;
+	__u8 pad;
+	__be16 sport;
+	__be16 dport;
+	__u8 saddr[16]; /* IPv4 in the first 4 bytes */
+	__u8 daddr[16];
+	__u32 pad2;
+};
+
+/* per-CPU event budget state */
+struct xf_ratelimit {
+	__u64 window; /* start of the current second */
+	__u64 count;
+};
+
+#endif /* XDPFLOW_H */

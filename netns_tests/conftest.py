@@ -1,0 +1,86 @@
+"""Shared fixtures: unique pin roots, freshly loaded programs, namespace labs.
+
+Every fixture removes what it created, on failure and on Ctrl-C too. Tests
+need root; without it the whole suite is skipped, never mocked.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from xdpflow import controller
+from xdpflow.pins import PinRoot, ensure_bpffs
+
+from .progtest import ProgHarness
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "fuzz: the long hostile-frame run (make fuzz)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="xdpflow tests need root (BPF, netns, XDP)")
+        for item in items:
+            item.add_marker(skip)
+    if not config.getoption("-m"):
+        skip_fuzz = pytest.mark.skip(reason="long run: `make fuzz`")
+        for item in items:
+            if "fuzz" in item.keywords:
+                item.add_marker(skip_fuzz)
+
+
+@pytest.fixture
+def pin_root() -> Iterator[str]:
+    """A pin root of this test's own under /sys/fs/bpf, removed afterwards."""
+    ensure_bpffs("/sys/fs/bpf/xdpflow")
+    root = f"/sys/fs/bpf/xftest-{uuid.uuid4().hex[:10]}"
+    try:
+        yield root
+    finally:
+        cleanup_pin_root(root)
+
+
+def cleanup_pin_root(root: str) -> None:
+    pins = PinRoot(root)
+    for ifname in pins.interfaces():
+        try:
+            controller.detach(ifname, root)
+        except OSError:
+            pins.remove_iface(ifname)
+    pins.remove_shared()
+    if os.path.isdir(root):
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def prog() -> Iterator[ProgHarness]:
+    """xdpflow loaded with private maps, for BPF_PROG_TEST_RUN."""
+    h = ProgHarness()
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.fixture
+def make_prog() -> Iterator:
+    """Factory for harnesses with non-default knobs: make_prog(sink=True)."""
+    made: list[ProgHarness] = []
+
+    def make(**opts: object) -> ProgHarness:
+        h = ProgHarness(**opts)
+        made.append(h)
+        return h
+
+    try:
+        yield make
+    finally:
+        for h in made:
+            h.close()

@@ -1,0 +1,62 @@
+"""A loaded xdpflow program for BPF_PROG_TEST_RUN tests: frames in, verdict
+and exact map contents out. Nothing is pinned, nothing is attached.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from xdpflow import abi, blocklist, controller
+from xdpflow.controller import AttachOptions
+from xdpflow.flows import Flow, read_table, to_flows
+from xdpflow.libbpf import Map
+
+XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX = 0, 1, 2, 3
+
+
+class ProgHarness:
+    def __init__(self, **opts: Any) -> None:
+        self.obj = controller.load_unpinned(AttachOptions(**opts))
+        self.prog = self.obj.program(controller.PROG_NAME)
+        self._maps: dict[str, Map] = {}
+        self.blocklist = blocklist.Blocklist(self.map)
+
+    def map(self, name: str) -> Map:
+        if name not in self._maps:
+            key, value = abi.MAP_TYPES[name]
+            self._maps[name] = self.obj.map(name, key, value)
+        return self._maps[name]
+
+    def run(self, frame: Any, repeat: int = 1) -> int:
+        """Run one frame (bytes or a scapy packet); returns the XDP verdict."""
+        return self.prog.test_run(bytes(frame), repeat=repeat).retval
+
+    def counters(self) -> dict[str, int]:
+        total = self.map("counters").sum(0)
+        out = {name: int(total.c[i].packets) for i, name in abi.COUNTER_NAMES.items()}
+        out.update({f"{name}_bytes": int(total.c[i].bytes) for i, name in abi.COUNTER_NAMES.items()})
+        return out
+
+    def flows(self) -> list[Flow]:
+        out: list[Flow] = []
+        for name, fam in (("flows_v4", 4), ("flows_v6", 6)):
+            out.extend(to_flows(read_table(self.map(name), fam), "test"))
+        return out
+
+    def flow(self, src: str, dst: str, sport: int, dport: int, proto: int) -> Flow | None:
+        for f in self.flows():
+            if (
+                ipaddress.ip_address(f.src) == ipaddress.ip_address(src)
+                and ipaddress.ip_address(f.dst) == ipaddress.ip_address(dst)
+                and (f.sport, f.dport, f.proto) == (sport, dport, proto)
+            ):
+                return f
+        return None
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
+        self.prog.close()
+        self.obj.close()

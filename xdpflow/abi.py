@@ -1,0 +1,83 @@
+"""The kernel/user ABI, read from the one shared header.
+
+``bpf/xdpflow.h`` is the single definition of every struct and constant the
+XDP program and the controller exchange. It ships inside the package (next to
+the compiled objects) and is declared to cffi here at import time, so Python
+never writes a byte offset of its own. ``MAP_TYPES`` says which header type is
+the key and value of each map; a test checks those sizes against the maps of
+the loaded object.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+
+from .libbpf import ffi
+
+BPF_DIR = resources.files("xdpflow") / "bpf"
+HEADER = BPF_DIR / "xdpflow.h"
+
+# cffi takes declarations and "#define NAME <int>"; every other preprocessor
+# line (include guards, includes) means nothing to it and is dropped.
+_DEFINE = re.compile(r"^#define\s+(XF_\w+)\s+(\d+)\b")
+
+
+def _declarations(text: str) -> str:
+    out = []
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            m = _DEFINE.match(line.strip())
+            if m:
+                out.append(f"#define {m.group(1)} {m.group(2)}")
+            continue
+        out.append(line)
+    return "\n".join(out)
+
+
+ffi.cdef(_declarations(HEADER.read_text()))
+C = ffi.dlopen(None)  # gives access to the header's enums and #defines
+
+# map name -> (key type, value type), for every map the program defines
+MAP_TYPES: dict[str, tuple[str, str]] = {
+    "counters": ("__u32", "struct xf_counters"),
+    "flows_v4": ("struct xf_flow4", "struct xf_flow_val"),
+    "flows_v6": ("struct xf_flow6", "struct xf_flow_val"),
+    "config": ("__u32", "struct xf_config"),
+    "bl4_src": ("struct xf_lpm4", "__u32"),
+    "bl4_dst": ("struct xf_lpm4", "__u32"),
+    "bl6_src": ("struct xf_lpm6", "__u32"),
+    "bl6_dst": ("struct xf_lpm6", "__u32"),
+    "pf4_src": ("__u32", "__u64"),
+    "pf4_dst": ("__u32", "__u64"),
+    "pf6_src": ("__u32", "__u64"),
+    "pf6_dst": ("__u32", "__u64"),
+    "rule_hits": ("__u32", "__u64"),
+    "event_budget": ("__u32", "struct xf_ratelimit"),
+}
+
+# counter index -> the name used in stats output and metrics
+COUNTER_NAMES: dict[int, str] = {
+    C.XF_CNT_PACKETS: "packets",
+    C.XF_CNT_PASSED: "passed",
+    C.XF_CNT_DROPPED: "dropped",
+    C.XF_CNT_SUNK: "sunk",
+    C.XF_CNT_MONITORED: "monitored",
+    C.XF_CNT_PARSE_ERRORS: "parse_errors",
+    C.XF_CNT_NON_IP: "non_ip",
+    C.XF_CNT_IPV4: "ipv4",
+    C.XF_CNT_IPV6: "ipv6",
+    C.XF_CNT_TCP: "tcp",
+    C.XF_CNT_UDP: "udp",
+    C.XF_CNT_ICMP: "icmp",
+    C.XF_CNT_OTHER: "other",
+    C.XF_CNT_FLOW_INSERT_FAILED: "flow_insert_failed",
+    C.XF_CNT_EVENTS_SUPPRESSED: "events_suppressed",
+    C.XF_CNT_EVENTS_LOST: "events_lost",
+}
+assert len(COUNTER_NAMES) == C.XF_CNT_MAX, "name every counter in bpf/xdpflow.h"
+
+
+def object_path(name: str = "xdpflow") -> str:
+    """Filesystem path of a compiled object shipped in the package."""
+    return str(BPF_DIR / f"{name}.bpf.o")

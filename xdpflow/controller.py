@@ -1,0 +1,348 @@
+"""Load, pin, attach and detach: the life cycle of xdpflow on an interface.
+
+Every call is meant for a short-lived process: all state is in pinned maps,
+so the data plane keeps counting and blocking when no xdpflow process runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import abi, netlink
+from .errors import ForeignProgramError, NotAttachedError, XdpflowError
+from .libbpf import (
+    BPF_MAP_TYPE_LRU_HASH,
+    Map,
+    Object,
+    Program,
+    ffi,
+    lib,
+    map_info,
+    obj_get,
+)
+from .pins import IFACE_MAPS, SHARED_MAPS, PinRoot, ensure_bpffs
+
+PROG_NAME = "xdpflow"
+
+
+@dataclass
+class AttachOptions:
+    mode: str = "auto"
+    flows: int | None = None  # flow-table size per family; None: keep/default
+    sink: bool = False
+    monitor: bool | None = None  # None: leave as it is
+    force: bool = False
+    shared_flows: bool = False  # LRU_HASH with atomics instead of per-CPU LRU
+    events_per_sec: int = abi.C.XF_EVENTS_PER_SEC
+    object_path: str | None = None
+
+
+@dataclass
+class AttachResult:
+    ifname: str
+    prog_id: int
+    mode: str | None
+    replaced: bool  # an xdpflow program was upgraded in place
+
+
+def _pinned_prog(pins: PinRoot, ifname: str) -> Program | None:
+    try:
+        return Program.from_pin(pins.iface(ifname, "prog"))
+    except XdpflowError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
+
+
+def _pinned_max_entries(path: str) -> int | None:
+    try:
+        fd = obj_get(path)
+    except XdpflowError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
+    try:
+        return map_info(fd).max_entries
+    finally:
+        os.close(fd)
+
+
+def _knobs_of(map_ids: tuple[int, ...]) -> Any:
+    """The load-time knobs of a running program, read from its .rodata map."""
+    for mid in map_ids:
+        fd = lib.bpf_map_get_fd_by_id(mid)
+        if fd < 0:
+            continue
+        try:
+            info = map_info(fd)
+            if info.name.endswith(".rodata") and info.value_size == ffi.sizeof("struct xf_knobs"):
+                with Map(os.dup(fd), "__u32", "struct xf_knobs") as m:
+                    return m[0]
+        finally:
+            os.close(fd)
+    return None
+
+
+def _rodata(obj: Object) -> Any:
+    for name, spec in obj.maps.items():
+        if name.endswith(".rodata"):
+            return spec.initial_value("struct xf_knobs")
+    raise XdpflowError(errno.EINVAL, f"{obj.path} has no .rodata; rebuild it with `make`")
+
+
+def _prepare(obj: Object, opts: AttachOptions, pins: PinRoot | None, ifname: str | None) -> None:
+    knobs = _rodata(obj)
+    knobs.sink = int(opts.sink)
+    knobs.shared_flows = int(opts.shared_flows)
+    knobs.events_per_sec = opts.events_per_sec
+
+    if pins is not None and ifname is not None:
+        for name in SHARED_MAPS:
+            obj.map_spec(name).set_pin_path(pins.shared(name))
+        for name in IFACE_MAPS:
+            obj.map_spec(name).set_pin_path(pins.iface(ifname, name))
+
+    for name in ("flows_v4", "flows_v6"):
+        spec = obj.map_spec(name)
+        if opts.shared_flows:
+            spec.set_type(BPF_MAP_TYPE_LRU_HASH)
+        pinned = None
+        if pins is not None and ifname is not None:
+            pinned = _pinned_max_entries(pins.iface(ifname, name))
+        if pinned is not None and opts.flows is not None and pinned != opts.flows:
+            raise XdpflowError(
+                errno.EINVAL,
+                f"{ifname} already has a {pinned}-entry flow table; "
+                f"detach it first to resize it to {opts.flows}",
+            )
+        size = pinned or opts.flows or abi.C.XF_FLOWS_DEFAULT
+        spec.set_max_entries(size)
+
+
+def load_unpinned(opts: AttachOptions | None = None) -> Object:
+    """Load xdpflow with private maps and no pins: for BPF_PROG_TEST_RUN
+    tests and benchmarks. The caller closes the returned Object.
+    """
+    opts = opts or AttachOptions()
+    obj = Object(opts.object_path or abi.object_path())
+    try:
+        _prepare(obj, opts, None, None)
+        obj.load()
+    except BaseException:
+        obj.close()
+        raise
+    return obj
+
+
+def attach(ifname: str, opts: AttachOptions | None = None, pin_root: str | None = None) -> AttachResult:
+    """Load xdpflow for ``ifname``, pin its maps and attach it.
+
+    If xdpflow already runs there, the new program replaces it atomically and
+    keeps its counters, flows and the blocklist. A foreign XDP program is
+    replaced only with ``opts.force``. On failure nothing new is left pinned.
+    Raises ForeignProgramError, VerifierError or XdpflowError.
+    """
+    opts = opts or AttachOptions()
+    pins = PinRoot(pin_root)
+    ensure_bpffs(pins.root)
+    state = netlink.xdp_state(ifname)
+    old = _pinned_prog(pins, ifname)
+    ours = old is not None and state.prog_id != 0 and old.id == state.prog_id
+    if state.prog_id and not ours and not opts.force:
+        raise ForeignProgramError(
+            errno.EBUSY,
+            f"{ifname} runs another XDP program (id {state.prog_id}); "
+            "use --force to replace it, or detach it with `ip link set dev "
+            f"{ifname} xdp off`",
+        )
+    if ours and opts.mode != "auto" and state.mode != opts.mode:
+        raise XdpflowError(
+            errno.EINVAL,
+            f"xdpflow runs on {ifname} in {state.mode} mode; detach it first to change to {opts.mode}",
+        )
+
+    fresh_iface = not os.path.isdir(pins.iface_dir(ifname))
+    fresh_root = not pins.exists()
+    pins.make_dirs(ifname)
+    try:
+        with Object(opts.object_path or abi.object_path()) as obj:
+            _prepare(obj, opts, pins, ifname)
+            obj.load()
+            prog = obj.program(PROG_NAME)
+        mode = state.mode if ours and opts.mode == "auto" else opts.mode
+        replace_fd = None
+        foreign = None
+        if ours:
+            assert old is not None
+            replace_fd = old.fd
+        elif state.prog_id:
+            foreign = Program.from_id(state.prog_id)
+            replace_fd = foreign.fd
+        netlink.attach(ifname, prog.fd, mode or "auto", replace_fd=replace_fd)
+        if foreign is not None:
+            foreign.close()
+        # rename keeps a pin at "prog" at every moment
+        tmp = pins.iface(ifname, "prog_new")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        prog.pin(tmp)
+        os.replace(tmp, pins.iface(ifname, "prog"))
+        if opts.monitor is not None:
+            set_monitor(opts.monitor, pins.root)
+        result = AttachResult(ifname=ifname, prog_id=prog.id, mode=netlink.xdp_state(ifname).mode, replaced=ours)
+        prog.close()
+        return result
+    except BaseException:
+        if fresh_iface:
+            pins.remove_iface(ifname)
+        if fresh_root and not pins.interfaces():
+            pins.remove_shared()
+        raise
+    finally:
+        if old is not None:
+            old.close()
+
+
+def detach(ifname: str, pin_root: str | None = None) -> None:
+    """Detach xdpflow from ``ifname`` and remove its pins; the shared maps go
+    with the last interface. An interface that no longer exists only loses
+    its pins. A foreign program attached there is left alone.
+    Raises NotAttachedError when the interface has no state under the root.
+    """
+    pins = PinRoot(pin_root)
+    if not os.path.isdir(pins.iface_dir(ifname)):
+        raise NotAttachedError(errno.ENOENT, f"xdpflow is not attached to {ifname} (pin root {pins.root})")
+    old = _pinned_prog(pins, ifname)
+    try:
+        try:
+            state = netlink.xdp_state(ifname)
+        except XdpflowError as e:
+            if e.errno != errno.ENODEV:
+                raise
+            state = None
+        if state is not None and old is not None and state.prog_id == old.id:
+            netlink.detach(ifname, state.mode)
+    finally:
+        if old is not None:
+            old.close()
+    pins.remove_iface(ifname)
+    if not pins.interfaces():
+        pins.remove_shared()
+
+
+def open_iface_map(ifname: str, name: str, pin_root: str | None = None) -> Map:
+    """Open one of an interface's pinned maps with its header types."""
+    pins = PinRoot(pin_root)
+    key, value = abi.MAP_TYPES[name]
+    try:
+        return Map.from_pin(pins.iface(ifname, name), key, value)
+    except XdpflowError as e:
+        if e.errno == errno.ENOENT:
+            raise NotAttachedError(
+                errno.ENOENT, f"xdpflow is not attached to {ifname} (pin root {pins.root})"
+            ) from None
+        raise
+
+
+def open_shared_map(name: str, pin_root: str | None = None) -> Map:
+    """Open one of the shared pinned maps with its header types."""
+    pins = PinRoot(pin_root)
+    key, value = abi.MAP_TYPES[name]
+    try:
+        return Map.from_pin(pins.shared(name), key, value)
+    except XdpflowError as e:
+        if e.errno == errno.ENOENT:
+            raise NotAttachedError(
+                errno.ENOENT, f"nothing is attached under {pins.root}; run `xdpflow attach IFACE` first"
+            ) from None
+        raise
+
+
+def read_counters(ifname: str, pin_root: str | None = None) -> dict[str, int]:
+    """Interface counters summed over CPUs: ``{name: packets, name_bytes: bytes}``."""
+    with open_iface_map(ifname, "counters", pin_root) as m:
+        total = m.sum(0)
+    out: dict[str, int] = {}
+    for idx, name in abi.COUNTER_NAMES.items():
+        out[name] = int(total.c[idx].packets)
+    for idx, name in abi.COUNTER_NAMES.items():
+        out[f"{name}_bytes"] = int(total.c[idx].bytes)
+    return out
+
+
+def get_config(pin_root: str | None = None) -> int:
+    with open_shared_map("config", pin_root) as m:
+        return int(m[0].flags)
+
+
+def update_config(set_bits: int = 0, clear_bits: int = 0, pin_root: str | None = None) -> None:
+    """Read-modify-write the shared config flags. Callers hold the pin-root lock."""
+    with open_shared_map("config", pin_root) as m:
+        cfg = m[0]
+        cfg.flags = (cfg.flags | set_bits) & ~clear_bits
+        m[0] = cfg
+
+
+def set_monitor(on: bool, pin_root: str | None = None) -> None:
+    """Switch monitor mode (count would-be drops, pass them) at run time."""
+    pins = PinRoot(pin_root)
+    with pins.lock():
+        if on:
+            update_config(set_bits=abi.C.XF_CFG_MONITOR, pin_root=pin_root)
+        else:
+            update_config(clear_bits=abi.C.XF_CFG_MONITOR, pin_root=pin_root)
+
+
+def boot_to_wall(ns_since_boot: int) -> float:
+    """Convert a CLOCK_BOOTTIME nanosecond stamp to Unix seconds."""
+    return time.time() - (time.clock_gettime_ns(time.CLOCK_BOOTTIME) - ns_since_boot) / 1e9
+
+
+def mono_to_wall(ns_mono: int) -> float:
+    """Convert a CLOCK_MONOTONIC(_COARSE) nanosecond stamp to Unix seconds."""
+    return time.time() - (time.clock_gettime_ns(time.CLOCK_MONOTONIC) - ns_mono) / 1e9
+
+
+@dataclass
+class IfaceStatus:
+    ifname: str
+    mode: str | None
+    prog_id: int
+    attached: bool  # the pinned program is the one running on the interface
+    attached_at: float | None
+    flows: int
+    flows_max: int
+    sink: bool
+
+
+def iface_status(ifname: str, pin_root: str | None = None) -> IfaceStatus:
+    pins = PinRoot(pin_root)
+    prog = _pinned_prog(pins, ifname)
+    prog_id, attached_at, sink = 0, None, False
+    if prog is not None:
+        info = prog.info
+        prog_id = info.id
+        attached_at = boot_to_wall(info.load_time_ns)
+        knobs = _knobs_of(info.map_ids)
+        sink = bool(knobs is not None and knobs.sink)
+        prog.close()
+    mode = None
+    attached = False
+    try:
+        st = netlink.xdp_state(ifname)
+        attached = prog_id != 0 and st.prog_id == prog_id
+        mode = st.mode if attached else None
+    except XdpflowError as e:
+        if e.errno != errno.ENODEV:
+            raise
+    flows = flows_max = 0
+    for name in ("flows_v4", "flows_v6"):
+        with open_iface_map(ifname, name, pin_root) as m:
+            flows += len(m)
+            flows_max += m.info.max_entries
+    return IfaceStatus(ifname, mode, prog_id, attached, attached_at, flows, flows_max, sink)

@@ -1,0 +1,67 @@
+"""Exceptions: each carries an errno and a sentence an operator can act on.
+
+Everything xdpflow raises for a failed system operation is an ``OSError``
+subclass, so callers that only care about errno can catch ``OSError``; the
+CLI prints ``str(exc)`` on one line and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class XdpflowError(OSError):
+    """A failed operation: ``errno`` says which, ``strerror`` says what to do."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(err, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class MapFullError(XdpflowError):
+    """A map has no room for another entry (E2BIG)."""
+
+
+class VerifierError(XdpflowError):
+    """The kernel refused to load a program; ``log`` holds the verifier's log."""
+
+    def __init__(self, err: int, message: str, log: str) -> None:
+        super().__init__(err, message)
+        self.log = log
+
+    def __str__(self) -> str:
+        tail = "\n".join(self.log.strip().splitlines()[-20:])
+        return f"{self.strerror}\n{tail}" if tail else str(self.strerror)
+
+
+class NotAttachedError(XdpflowError):
+    """xdpflow state for an interface was asked for but is not there."""
+
+
+class ForeignProgramError(XdpflowError):
+    """An interface runs an XDP program that is not xdpflow's."""
+
+
+_HINTS = {
+    _errno.EPERM: "run as root (needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)",
+    _errno.EACCES: "run as root (needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)",
+    _errno.ENOMEM: "the kernel could not allocate memory; check `ulimit -l` or free memory",
+}
+
+
+def os_error(err: int, what: str, hint: str | None = None) -> XdpflowError:
+    """Build the exception for a failed ``what`` with a positive errno ``err``.
+
+    The sentence is ``"{what}: {strerror(err)}"`` plus a hint on what to do,
+    either the one given or a generic one for common errnos.
+    """
+    err = abs(err)
+    hint = hint or _HINTS.get(err)
+    msg = f"{what}: {os.strerror(err)}"
+    if hint:
+        msg += f"; {hint}"
+    cls = MapFullError if err == _errno.E2BIG else XdpflowError
+    return cls(err, msg)

@@ -1,0 +1,221 @@
+"""Reading the flow tables: batch lookups decoded in bulk with numpy.
+
+A million-entry per-CPU table is tens of megabytes; decoding it entry by
+entry through cffi takes seconds, so the raw batch buffers are viewed as
+numpy structured arrays whose layout comes from the shared header (field
+offsets from cffi, never written here), and per-CPU values are folded with
+array operations.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import abi
+from .controller import mono_to_wall, open_iface_map
+from .libbpf import Map, ffi
+
+# fields the program stores in network byte order
+_NET_ORDER = {"saddr", "daddr", "sport", "dport"}
+_TCP_FLAG_LETTERS = "FSRPAUEC"  # bit 0 (FIN) .. bit 7 (CWR)
+
+SORT_KEYS = ("packets", "bytes", "last-seen")
+
+
+def np_dtype(ctype: str, itemsize: int | None = None) -> np.dtype:
+    """A numpy dtype laid out exactly like the cffi struct ``ctype``."""
+    t = ffi.typeof(ctype)
+    names, formats, offsets = [], [], []
+    for name, field in t.fields:
+        ft = field.type
+        order = ">" if name in _NET_ORDER else "<"
+        if ft.kind == "array":
+            fmt: Any = (f"{order}u{ffi.sizeof(ft.item)}", ft.length)
+        else:
+            fmt = f"{order}u{ffi.sizeof(ft)}"
+        names.append(name)
+        formats.append(fmt)
+        offsets.append(field.offset)
+    return np.dtype(
+        {"names": names, "formats": formats, "offsets": offsets, "itemsize": itemsize or ffi.sizeof(t)}
+    )
+
+
+def tcp_flags_str(flags: int) -> str:
+    """TCP flags as letters, FIN first: SYN|ACK -> "SA"."""
+    return "".join(ch for i, ch in enumerate(_TCP_FLAG_LETTERS) if flags & (1 << i))
+
+
+@dataclass
+class Flow:
+    ifname: str
+    family: int
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    proto: int
+    packets: int
+    bytes: int
+    first_seen: float  # Unix seconds
+    last_seen: float
+    tcp_flags: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ifname": self.ifname,
+            "src": self.src,
+            "dst": self.dst,
+            "sport": self.sport,
+            "dport": self.dport,
+            "proto": self.proto,
+            "packets": self.packets,
+            "bytes": self.bytes,
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+            "tcp_flags": tcp_flags_str(self.tcp_flags),
+        }
+
+
+@dataclass
+class FlowArrays:
+    """One table's flows as parallel numpy arrays (per-CPU values folded)."""
+
+    family: int
+    keys: np.ndarray  # structured, dtype of struct xf_flow4/xf_flow6
+    packets: np.ndarray
+    bytes: np.ndarray
+    first_seen: np.ndarray  # monotonic ns
+    last_seen: np.ndarray
+    tcp_flags: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.packets)
+
+
+def read_table(m: Map, family: int) -> FlowArrays:
+    """Every entry of an open flow map, decoded in bulk. Raises XdpflowError."""
+    key_dt = np_dtype(m.key_type)
+    ncpu = m._ncpu
+    val_dt = np_dtype(m.value_type, itemsize=m._vstride)
+    raw = m.lookup_batch_raw()
+    if raw is None:  # no batch ops for this map type: slow path
+        items = m.items()
+        kb = b"".join(bytes(ffi.buffer(k)) for k, _ in items)
+        vb = b"".join(
+            b"".join(bytes(ffi.buffer(x)).ljust(m._vstride, b"\0") for x in (v if m.percpu else [v]))
+            for _, v in items
+        )
+        raw = (kb, vb, len(items))
+    kbytes, vbytes, n = raw
+    keys = np.frombuffer(kbytes, dtype=key_dt, count=n)
+    vals = np.frombuffer(vbytes, dtype=val_dt, count=n * ncpu).reshape(n, ncpu)
+    packets = vals["packets"].sum(axis=1, dtype=np.uint64)
+    nbytes = vals["bytes"].sum(axis=1, dtype=np.uint64)
+    # CPUs that never saw the flow hold zeros: leave them out of first_seen
+    first = np.where(vals["packets"] > 0, vals["first_seen"], np.iinfo(np.uint64).max).min(axis=1)
+    first = np.where(packets > 0, first, 0)
+    last = vals["last_seen"].max(axis=1)
+    flags = np.bitwise_or.reduce(vals["tcp_flags"], axis=1)
+    return FlowArrays(family, keys, packets, nbytes, first, last, flags)
+
+
+def _addr(raw: Any, family: int) -> str:
+    if family == 4:
+        return str(ipaddress.IPv4Address(int(raw)))
+    return str(ipaddress.IPv6Address(bytes(raw)))
+
+
+def to_flows(fa: FlowArrays, ifname: str, idx: np.ndarray | None = None) -> list[Flow]:
+    """Python Flow objects for the rows ``idx`` (all rows by default)."""
+    rows = range(len(fa)) if idx is None else idx
+    out = []
+    for i in rows:
+        k = fa.keys[i]
+        out.append(
+            Flow(
+                ifname=ifname,
+                family=fa.family,
+                src=_addr(k["saddr"], fa.family),
+                dst=_addr(k["daddr"], fa.family),
+                sport=int(k["sport"]),
+                dport=int(k["dport"]),
+                proto=int(k["proto"]),
+                packets=int(fa.packets[i]),
+                bytes=int(fa.bytes[i]),
+                first_seen=mono_to_wall(int(fa.first_seen[i])),
+                last_seen=mono_to_wall(int(fa.last_seen[i])),
+                tcp_flags=int(fa.tcp_flags[i]),
+            )
+        )
+    return out
+
+
+def _filter_mask(fa: FlowArrays, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> np.ndarray:
+    """Rows whose source or destination lies in ``net``."""
+    if net.version != fa.family:
+        return np.zeros(len(fa), dtype=bool)
+    if fa.family == 4:
+        mask = (0xFFFFFFFF << (32 - net.prefixlen)) & 0xFFFFFFFF
+        base = int(net.network_address)
+        return ((fa.keys["saddr"] & mask) == base) | ((fa.keys["daddr"] & mask) == base)
+    nbytes, nbits = divmod(net.prefixlen, 8)
+    want = net.network_address.packed
+
+    def inside(col: np.ndarray) -> np.ndarray:
+        ok = np.all(col[:, :nbytes] == np.frombuffer(want[:nbytes], dtype=np.uint8), axis=1)
+        if nbits:
+            m = (0xFF << (8 - nbits)) & 0xFF
+            ok &= (col[:, nbytes] & m) == want[nbytes]
+        return ok
+
+    return inside(fa.keys["saddr"]) | inside(fa.keys["daddr"])
+
+
+def top_flows(
+    ifname: str,
+    pin_root: str | None = None,
+    top: int | None = None,
+    sort: str = "packets",
+    cidr: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None,
+) -> list[Flow]:
+    """Flows of ``ifname``, largest first by ``sort``, at most ``top`` of them,
+    only those touching ``cidr`` when given. Raises NotAttachedError.
+    """
+    if sort not in SORT_KEYS:
+        raise ValueError(f"sort by one of {', '.join(SORT_KEYS)}, not {sort!r}")
+    column = {"packets": "packets", "bytes": "bytes", "last-seen": "last_seen"}[sort]
+    picked: list[tuple[int, int, FlowArrays, int]] = []  # (value, tiebreak, table, row)
+    for name, family in (("flows_v4", 4), ("flows_v6", 6)):
+        with open_iface_map(ifname, name, pin_root) as m:
+            fa = read_table(m, family)
+        sel = np.arange(len(fa))
+        if cidr is not None:
+            sel = sel[_filter_mask(fa, cidr)]
+        values = getattr(fa, column)[sel]
+        if top is not None and len(sel) > top:
+            part = np.argpartition(-values.astype(np.float64), top - 1)[:top]
+            sel, values = sel[part], values[part]
+        picked.extend((int(v), int(fa.packets[r]), fa, int(r)) for v, r in zip(values, sel))
+    picked.sort(key=lambda t: (t[0], t[1]), reverse=True)
+    if top is not None:
+        picked = picked[:top]
+    return [to_flows(fa, ifname, np.array([r]))[0] for _, _, fa, r in picked]
+
+
+def count_flows(ifname: str, pin_root: str | None = None) -> tuple[int, int]:
+    """(entries, capacity) over both flow tables of ``ifname``."""
+    n = cap = 0
+    for name in ("flows_v4", "flows_v6"):
+        with open_iface_map(ifname, name, pin_root) as m:
+            raw = m.lookup_batch_raw()
+            n += raw[2] if raw is not None else len(m)
+            cap += m.info.max_entries
+    return n, cap
+
+
+__all__ = ["Flow", "FlowArrays", "read_table", "top_flows", "count_flows", "tcp_flags_str", "abi"]

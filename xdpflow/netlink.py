@@ -1,0 +1,164 @@
+"""Interfaces and XDP attachment over rtnetlink (pyroute2).
+
+The only module that talks netlink. pyroute2's NetlinkError is not an
+OSError; it is turned into XdpflowError here, at the module boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute, netns as _netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .errors import XdpflowError, os_error
+
+# linux/if_link.h
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_FLAGS_HW_MODE = 1 << 3
+XDP_FLAGS_REPLACE = 1 << 4
+
+MODE_FLAGS = {
+    "auto": 0,
+    "native": XDP_FLAGS_DRV_MODE,
+    "skb": XDP_FLAGS_SKB_MODE,
+    "hw": XDP_FLAGS_HW_MODE,
+}
+# IFLA_XDP_ATTACHED values
+ATTACHED_NAMES = {0: None, 1: "native", 2: "skb", 3: "hw", 4: "multi"}
+
+
+@dataclass(frozen=True)
+class XdpState:
+    ifindex: int
+    ifname: str
+    prog_id: int  # 0: nothing attached
+    mode: str | None  # native, skb, hw, multi
+
+
+def _nl_error(e: NetlinkError, what: str, hint: str | None = None) -> XdpflowError:
+    # the kernel's extended ack, when it sent one, says the most
+    detail = e.args[1] if len(e.args) > 1 and e.args[1] and e.args[1] != os.strerror(e.code) else None
+    if detail and not hint:
+        hint = str(detail)
+    return os_error(e.code, what, hint)
+
+
+@contextlib.contextmanager
+def ipr() -> Iterator[IPRoute]:
+    with IPRoute() as ip:
+        yield ip
+
+
+def ifindex(name: str) -> int:
+    """Index of interface ``name`` in the current network namespace.
+
+    Raises XdpflowError(ENODEV) when there is no such interface.
+    """
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        raise XdpflowError(
+            errno.ENODEV,
+            f"no interface named {name!r} in this network namespace; `ip link` lists them",
+        ) from None
+
+
+def xdp_state(name: str) -> XdpState:
+    """What XDP program (if any) runs on interface ``name``. Raises XdpflowError."""
+    idx = ifindex(name)
+    try:
+        with ipr() as ip:
+            link = ip.get_links(idx)[0]
+    except NetlinkError as e:
+        raise _nl_error(e, f"reading interface {name}") from None
+    xdp = link.get_attr("IFLA_XDP")
+    prog_id, mode = 0, None
+    if xdp is not None:
+        attached = xdp.get_attr("IFLA_XDP_ATTACHED") or 0
+        if isinstance(attached, str):  # pyroute2 may decode it to a name
+            attached = {"xdp": 1, "xdpgeneric": 2, "xdpoffload": 3, "xdpmulti": 4}.get(attached, 0)
+        mode = ATTACHED_NAMES.get(attached)
+        prog_id = xdp.get_attr("IFLA_XDP_PROG_ID") or 0
+    return XdpState(ifindex=idx, ifname=name, prog_id=prog_id, mode=mode)
+
+
+def attach(name: str, prog_fd: int, mode: str = "auto", replace_fd: int | None = None) -> None:
+    """Attach the program ``prog_fd`` to interface ``name``.
+
+    With ``replace_fd`` the kernel swaps that program for this one atomically
+    (XDP_FLAGS_REPLACE) and fails with EEXIST if something else runs there by
+    then; without it, attaching fails with EBUSY/EEXIST when any program runs
+    there already. Raises XdpflowError.
+    """
+    if mode not in MODE_FLAGS:
+        raise XdpflowError(errno.EINVAL, f"unknown XDP mode {mode!r}; use one of {', '.join(MODE_FLAGS)}")
+    flags = MODE_FLAGS[mode]
+    attrs: list[tuple[str, int]] = [("IFLA_XDP_FD", prog_fd)]
+    if replace_fd is not None:
+        flags |= XDP_FLAGS_REPLACE
+        attrs.append(("IFLA_XDP_EXPECTED_FD", replace_fd))
+    else:
+        flags |= XDP_FLAGS_UPDATE_IF_NOEXIST
+    attrs.append(("IFLA_XDP_FLAGS", flags))
+    idx = ifindex(name)
+    try:
+        with ipr() as ip:
+            ip.link("set", index=idx, xdp={"attrs": attrs})
+    except NetlinkError as e:
+        hint = None
+        if e.code in (errno.EBUSY, errno.EEXIST):
+            hint = "another XDP program is attached (or in another mode); detach it first or use --force"
+        elif e.code == errno.EOPNOTSUPP:
+            hint = f"the driver of {name} has no {mode} XDP support; try --mode skb"
+        raise _nl_error(e, f"attaching XDP program to {name} in {mode} mode", hint) from None
+
+
+def detach(name: str, mode: str | None = None) -> None:
+    """Remove the XDP program from interface ``name`` (a no-op when none runs).
+
+    ``mode`` is the attached mode as ``xdp_state`` reports it; by default it
+    is read first. Raises XdpflowError.
+    """
+    st = xdp_state(name)
+    if not st.prog_id:
+        return
+    mode = mode or st.mode or "auto"
+    flags = MODE_FLAGS.get(mode, 0)
+    try:
+        with ipr() as ip:
+            ip.link("set", index=st.ifindex, xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", flags)]})
+    except NetlinkError as e:
+        raise _nl_error(e, f"detaching XDP program from {name}") from None
+
+
+@contextlib.contextmanager
+def in_netns(name: str | None) -> Iterator[None]:
+    """Run the body inside network namespace ``name`` (None: stay here).
+
+    setns() switches only this thread's network namespace, not its mount
+    namespace, so bpffs pins stay visible (unlike `ip netns exec`). Netlink
+    sockets opened inside stay bound to that namespace.
+    """
+    if name is None:
+        yield
+        return
+    path = name if "/" in name else f"/run/netns/{name}"
+    if not os.path.exists(path):
+        raise XdpflowError(errno.ENOENT, f"no network namespace named {name!r}; `ip netns list` lists them")
+    saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        _netns.setns(path, flags=0)
+        try:
+            yield
+        finally:
+            _netns.setns(saved, flags=0)
+    finally:
+        os.close(saved)

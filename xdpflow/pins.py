@@ -1,0 +1,170 @@
+"""Where state lives in bpffs, and the lock that serialises writers.
+
+Layout under one pin root (default /sys/fs/bpf/xdpflow):
+
+    <root>/config, bl4_src, ..., rule_hits, events   shared by every interface
+    <root>/if_<name>/prog, counters, flows_v4, ...   one directory per interface
+
+bpffs refuses names containing '.', so interface names are escaped
+('.' -> '%2e', '%' -> '%25'): eth0.100 becomes if_eth0%2e100.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import subprocess
+from collections.abc import Iterator
+
+from .errors import XdpflowError, os_error
+
+DEFAULT_ROOT = "/sys/fs/bpf/xdpflow"
+BPF_FS_MAGIC = 0xCAFE4A11
+
+SHARED_MAPS = (
+    "config",
+    "bl4_src",
+    "bl4_dst",
+    "bl6_src",
+    "bl6_dst",
+    "pf4_src",
+    "pf4_dst",
+    "pf6_src",
+    "pf6_dst",
+    "rule_hits",
+    "events",
+    "event_budget",
+)
+IFACE_MAPS = ("counters", "flows_v4", "flows_v6")
+IFACE_PREFIX = "if_"
+
+
+def default_root() -> str:
+    return os.environ.get("XDPFLOW_PIN_ROOT") or DEFAULT_ROOT
+
+
+def escape_ifname(ifname: str) -> str:
+    return IFACE_PREFIX + ifname.replace("%", "%25").replace(".", "%2e")
+
+
+def unescape_ifname(dirname: str) -> str:
+    return dirname[len(IFACE_PREFIX) :].replace("%2e", ".").replace("%25", "%")
+
+
+def _is_bpffs(path: str) -> bool:
+    # statvfs has no f_type; /proc/self/mounts names the filesystem
+    path = os.path.realpath(path)
+    best, fstype = "", ""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            mnt = parts[1].replace("\\040", " ")
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, fstype = mnt, parts[2]
+    return fstype == "bpf"
+
+
+def ensure_bpffs(root: str, mount: bool = True) -> None:
+    """Make sure ``root``'s parent is on bpffs, mounting /sys/fs/bpf if needed.
+
+    Raises XdpflowError(ENOTSUP) when the path is not on bpffs and cannot be.
+    """
+    parent = os.path.dirname(os.path.abspath(root)) or "/"
+    probe = parent if os.path.isdir(parent) else "/sys/fs/bpf"
+    if _is_bpffs(probe):
+        return
+    if mount and os.path.abspath(probe) == "/sys/fs/bpf":
+        r = subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], capture_output=True, text=True)
+        if r.returncode == 0 and _is_bpffs(probe):
+            return
+    raise XdpflowError(
+        errno.ENOTSUP,
+        f"{parent} is not on a BPF filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf` "
+        "or choose a --pin-root below a bpffs mount",
+    )
+
+
+class PinRoot:
+    """Paths of one xdpflow instance's pins."""
+
+    def __init__(self, root: str | None = None) -> None:
+        self.root = os.path.abspath(root or default_root())
+
+    def shared(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def iface_dir(self, ifname: str) -> str:
+        return os.path.join(self.root, escape_ifname(ifname))
+
+    def iface(self, ifname: str, name: str) -> str:
+        return os.path.join(self.iface_dir(ifname), name)
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.root)
+
+    def interfaces(self) -> list[str]:
+        """Names of interfaces that have state under this root, sorted."""
+        try:
+            entries = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(unescape_ifname(e) for e in entries if e.startswith(IFACE_PREFIX))
+
+    def make_dirs(self, ifname: str) -> None:
+        """Create the root and the interface directory, owner-only (0700)."""
+        for d in (self.root, self.iface_dir(ifname)):
+            try:
+                os.mkdir(d, 0o700)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise os_error(e.errno or errno.EIO, f"creating pin directory {d}") from None
+
+    def remove_iface(self, ifname: str) -> None:
+        """Unpin everything of one interface and remove its directory."""
+        d = self.iface_dir(ifname)
+        _remove_tree(d)
+
+    def remove_shared(self) -> None:
+        """Unpin the shared maps and remove the root if nothing else is in it."""
+        for name in SHARED_MAPS:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.shared(name))
+        with contextlib.suppress(FileNotFoundError, OSError):
+            os.rmdir(self.root)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive lock over this pin root's writers (flock on the directory).
+
+        bpffs holds no regular files, so the directory itself is the lock.
+        """
+        try:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            raise XdpflowError(
+                errno.ENOENT, f"nothing is attached under {self.root}; run `xdpflow attach IFACE` first"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+def _remove_tree(d: str) -> None:
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return
+    for n in names:
+        p = os.path.join(d, n)
+        if os.path.isdir(p) and not os.path.islink(p):
+            _remove_tree(p)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(d)
