@@ -263,6 +263,19 @@ def open_shared_map(name: str, pin_root: str | None = None) -> Map:
         raise
 
 
+def open_events_fd(pin_root: str | None = None) -> int:
+    """A new fd for the shared events ring buffer; the caller closes it."""
+    pins = PinRoot(pin_root)
+    try:
+        return obj_get(pins.shared("events"))
+    except XdpflowError as e:
+        if e.errno == errno.ENOENT:
+            raise NotAttachedError(
+                errno.ENOENT, f"nothing is attached under {pins.root}; run `xdpflow attach IFACE` first"
+            ) from None
+        raise
+
+
 def read_counters(ifname: str, pin_root: str | None = None) -> dict[str, int]:
     """Interface counters summed over CPUs: ``{name: packets, name_bytes: bytes}``."""
     with open_iface_map(ifname, "counters", pin_root) as m:
