@@ -69,7 +69,7 @@ test: deps build bpffs
 	$(Q)$(PYTHON) -m pytest $(PYTEST_Q) netns_tests
 
 demo: deps build bpffs
-	$(Q)$(PYTHON) -m xdpflow.demo
+	$(Q)$(PYTHON) -m xdpflow.demo $(if $(DEV),--dev $(DEV))
 
 bench: deps build bpffs
 	$(Q)$(PYTHON) scripts/bench.py --out BENCHMARKS.md
