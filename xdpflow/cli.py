@@ -22,14 +22,21 @@ import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from . import abi, controller, netlink
-from .blocklist import Blocklist
 from .blocklist_file import BlocklistFileError, Rule, parse_cidr, read_file
 from .controller import AttachOptions
 from .errors import XdpflowError
-from .flows import SORT_KEYS, count_flows, tcp_flags_str, top_flows
 from .libbpf import Map, RingBuffer, ffi
 from .pins import PinRoot, default_root
+
+if TYPE_CHECKING:
+    from .blocklist import Blocklist
+
+# numpy-backed modules (flows, blocklist) are imported by the commands that
+# use them: `stats` must start fast.
+SORT_KEYS = ("packets", "bytes", "last-seen")
 
 EXIT_FAIL = 1
 EXIT_USAGE = 2
@@ -55,6 +62,8 @@ class PinnedMaps:
 
 @contextlib.contextmanager
 def blocklist_of(pin_root: str) -> Iterator[Blocklist]:
+    from .blocklist import Blocklist
+
     maps = PinnedMaps(pin_root)
     try:
         yield Blocklist(maps)
@@ -132,6 +141,8 @@ def cmd_detach(args: argparse.Namespace) -> int:
 
 
 def status_rows(pin_root: str) -> list[dict[str, Any]]:
+    from .flows import count_flows
+
     pins = PinRoot(pin_root)
     rows = []
     monitor = False
@@ -251,6 +262,8 @@ def watch_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_flows(args: argparse.Namespace) -> int:
+    from .flows import tcp_flags_str, top_flows
+
     cidr = None
     if args.filter:
         try:

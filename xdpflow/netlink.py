@@ -7,16 +7,22 @@ OSError; it is turned into XdpflowError here, at the module boundary.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
-
-from pyroute2 import IPRoute, netns as _netns
-from pyroute2.netlink.exceptions import NetlinkError
+from typing import TYPE_CHECKING, Any
 
 from .errors import XdpflowError, os_error
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
+
+# pyroute2 takes ~150 ms to import; commands that never touch netlink
+# (stats, flows, block) should not pay for it, so it is imported on use.
+CLONE_NEWNET = 0x40000000
 
 # linux/if_link.h
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
@@ -43,7 +49,13 @@ class XdpState:
     mode: str | None  # native, skb, hw, multi
 
 
-def _nl_error(e: NetlinkError, what: str, hint: str | None = None) -> XdpflowError:
+def _netlink_error() -> type[Exception]:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    return NetlinkError
+
+
+def _nl_error(e: Any, what: str, hint: str | None = None) -> XdpflowError:
     # the kernel's extended ack, when it sent one, says the most
     detail = e.args[1] if len(e.args) > 1 and e.args[1] and e.args[1] != os.strerror(e.code) else None
     if detail and not hint:
@@ -53,6 +65,8 @@ def _nl_error(e: NetlinkError, what: str, hint: str | None = None) -> XdpflowErr
 
 @contextlib.contextmanager
 def ipr() -> Iterator[IPRoute]:
+    from pyroute2 import IPRoute
+
     with IPRoute() as ip:
         yield ip
 
@@ -77,7 +91,7 @@ def xdp_state(name: str) -> XdpState:
     try:
         with ipr() as ip:
             link = ip.get_links(idx)[0]
-    except NetlinkError as e:
+    except _netlink_error() as e:
         raise _nl_error(e, f"reading interface {name}") from None
     xdp = link.get_attr("IFLA_XDP")
     prog_id, mode = 0, None
@@ -112,7 +126,7 @@ def attach(name: str, prog_fd: int, mode: str = "auto", replace_fd: int | None =
     try:
         with ipr() as ip:
             ip.link("set", index=idx, xdp={"attrs": attrs})
-    except NetlinkError as e:
+    except _netlink_error() as e:
         hint = None
         if e.code in (errno.EBUSY, errno.EEXIST):
             hint = "another XDP program is attached (or in another mode); detach it first or use --force"
@@ -135,7 +149,7 @@ def detach(name: str, mode: str | None = None) -> None:
     try:
         with ipr() as ip:
             ip.link("set", index=st.ifindex, xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", flags)]})
-    except NetlinkError as e:
+    except _netlink_error() as e:
         raise _nl_error(e, f"detaching XDP program from {name}") from None
 
 
@@ -155,10 +169,23 @@ def in_netns(name: str | None) -> Iterator[None]:
         raise XdpflowError(errno.ENOENT, f"no network namespace named {name!r}; `ip netns list` lists them")
     saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
-        _netns.setns(path, flags=0)
+        _setns(path)
         try:
             yield
         finally:
-            _netns.setns(saved, flags=0)
+            _setns(saved)
     finally:
         os.close(saved)
+
+
+def _setns(target: str | int) -> None:
+    """setns(2) into a network namespace given by path or open fd."""
+    fd = os.open(target, os.O_RDONLY) if isinstance(target, str) else target
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise os_error(err, f"entering network namespace {target}")
+    finally:
+        if isinstance(target, str):
+            os.close(fd)
