@@ -18,8 +18,13 @@
 
 #include "xdpflow.h"
 
+/* pos: the next header; end: where the current IP packet ends (the frame
+ * end until an IP header says otherwise). Headers must lie before both:
+ * data_end for the verifier, end so that Ethernet padding is never parsed.
+ */
 struct hdr_cursor {
 	void *pos;
+	void *end;
 };
 
 struct vlan_hdr {
@@ -96,6 +101,7 @@ static __always_inline int parse_iphdr(struct hdr_cursor *nh, void *data_end,
 
 	*l4_ok = !(iph->frag_off & bpf_htons(IP_OFFSET_MASK));
 	nh->pos = (void *)iph + hdrsize;
+	nh->end = (void *)iph + tot;
 	*iphp = iph;
 	return iph->protocol;
 }
@@ -120,7 +126,8 @@ static __always_inline int parse_ip6hdr(struct hdr_cursor *nh, void *data_end,
 		return -1;
 	if (ip6h->version != 6)
 		return -1;
-	if ((void *)(ip6h + 1) + bpf_ntohs(ip6h->payload_len) > data_end)
+	nh->end = (void *)(ip6h + 1) + bpf_ntohs(ip6h->payload_len);
+	if (nh->end > data_end)
 		return -1;
 
 	nexthdr = ip6h->nexthdr;
@@ -134,7 +141,7 @@ static __always_inline int parse_ip6hdr(struct hdr_cursor *nh, void *data_end,
 		if (nexthdr == IPPROTO_FRAGMENT) {
 			struct ipv6_frag_hdr_min *fh = pos;
 
-			if ((void *)(fh + 1) > data_end)
+			if ((void *)(fh + 1) > data_end || (void *)(fh + 1) > nh->end)
 				return -1;
 			if (fh->frag_off & bpf_htons(0xfff8))
 				*l4_ok = 0;
@@ -143,13 +150,13 @@ static __always_inline int parse_ip6hdr(struct hdr_cursor *nh, void *data_end,
 		} else {
 			struct ipv6_opt_hdr_min *oh = pos;
 
-			if ((void *)(oh + 1) > data_end)
+			if ((void *)(oh + 1) > data_end || (void *)(oh + 1) > nh->end)
 				return -1;
 			nexthdr = oh->nexthdr;
 			pos += (oh->hdrlen + 1) * 8;
 		}
 	}
-	if (ipv6_is_ext(nexthdr))
+	if (ipv6_is_ext(nexthdr) || pos > nh->end)
 		return -1;
 
 	nh->pos = pos;

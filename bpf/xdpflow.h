@@ -22,8 +22,17 @@
 #define XF_VLAN_MAX 2
 #define XF_IPV6_EXT_MAX 6
 
-/* blocklist prefilters: one bit per IPv4 /16, one bit per hashed IPv6 /32 */
-#define XF_PF4_WORDS 1024
+/* IPv4 blocklist: a three-level table, like a router's DIR-16-8-8 FIB:
+ * an array indexed by the /16, hashes of the /24s and of the hosts that hold
+ * longer rules. Entries are rule index + 1 (0: no rule); XF_BL_DEEPER says
+ * "a longer rule may match: look one level down, this rule if nothing there".
+ */
+#define XF_BL4_L1_SIZE 65536
+#define XF_BL4_L2_MAX 1048576
+#define XF_BL4_L3_MAX 1048576
+#define XF_BL_DEEPER 2147483648
+
+/* IPv6 blocklist prefilter in front of the tries: one bit per hashed /32 */
 #define XF_PF6_WORDS 16384
 #define XF_PF6_MULT 2654435761
 #define XF_PF6_SHIFT 12
@@ -88,13 +97,14 @@ struct xf_flow6 {
 struct xf_flow_val {
 	__u64 packets;
 	__u64 bytes;      /* IP bytes: v4 total length, v6 40 + payload length */
-	__u64 first_seen; /* CLOCK_MONOTONIC_COARSE ns */
+	__u64 first_seen; /* jiffies: see struct xf_clock */
 	__u64 last_seen;
 	__u32 tcp_flags; /* OR of every TCP flags byte seen */
 	__u32 pad;
 };
 
-/* blocklist LPM trie keys; the value is a __u32 rule index into rule_hits */
+/* blocklist rule keys (LPM tries: the IPv6 lookup structure, and the store of
+ * every rule); the value is a __u32 rule index into rule_hits */
 struct xf_lpm4 {
 	__u32 prefixlen;
 	__u8 addr[4];
@@ -116,7 +126,7 @@ enum xf_config_flags {
 
 struct xf_config {
 	__u32 flags;
-	__u32 pad;
+	__u32 hz; /* jiffies per second, measured by the controller */
 };
 
 /* load-time knobs: the program's whole .rodata, set before load */
@@ -127,6 +137,15 @@ struct xf_knobs {
 	__u32 pad;
 };
 
+/* Timestamps are jiffies: bpf_jiffies64() is a load, where a clock read
+ * costs ~10 ns a frame. The "xdpflow_clock" program writes this pair into
+ * its test-run frame so the controller can map jiffies to CLOCK_MONOTONIC.
+ */
+struct xf_clock {
+	__u64 jiffies;
+	__u64 mono_ns; /* CLOCK_MONOTONIC, read at the same moment */
+};
+
 enum xf_event_type {
 	XF_EV_NEW_FLOW = 1,
 	XF_EV_BLOCKED = 2,
@@ -134,7 +153,7 @@ enum xf_event_type {
 };
 
 struct xf_event {
-	__u64 ts; /* CLOCK_MONOTONIC_COARSE ns */
+	__u64 ts; /* jiffies */
 	__u32 ifindex;
 	__u32 rule; /* blocklist rule index, blocked/monitored events */
 	__u32 len;  /* frame length */
@@ -151,7 +170,7 @@ struct xf_event {
 
 /* per-CPU event budget state */
 struct xf_ratelimit {
-	__u64 window; /* start of the current second */
+	__u64 window; /* start of the current second, jiffies */
 	__u64 count;
 };
 

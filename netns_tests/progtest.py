@@ -8,6 +8,7 @@ import ipaddress
 from typing import Any
 
 from xdpflow import abi, blocklist, controller
+from xdpflow.clock import CLOCK_PROG, JiffiesClock
 from xdpflow.controller import AttachOptions
 from xdpflow.flows import Flow, read_table, to_flows
 from xdpflow.libbpf import Map
@@ -40,8 +41,11 @@ class ProgHarness:
 
     def flows(self) -> list[Flow]:
         out: list[Flow] = []
+        clock_prog = self.obj.program(CLOCK_PROG)
+        clock = JiffiesClock(clock_prog, controller.kernel_hz(self.obj))
+        clock_prog.close()
         for name, fam in (("flows_v4", 4), ("flows_v6", 6)):
-            out.extend(to_flows(read_table(self.map(name), fam), "test"))
+            out.extend(to_flows(read_table(self.map(name), fam), "test", clock))
         return out
 
     def flow(self, src: str, dst: str, sport: int, dport: int, proto: int) -> Flow | None:

@@ -377,7 +377,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 EVENT_TYPES = {abi.C.XF_EV_NEW_FLOW: "new_flow", abi.C.XF_EV_BLOCKED: "blocked", abi.C.XF_EV_MONITORED: "monitored"}
 
 
-def decode_event(data: bytes, rules: dict[int, Rule]) -> dict[str, Any]:
+def decode_event(data: bytes, rules: dict[int, Rule], clock: Any) -> dict[str, Any]:
     e = ffi.cast("struct xf_event *", ffi.from_buffer(data))
     fam = int(e.family)
     alen = 4 if fam == 4 else 16
@@ -389,7 +389,7 @@ def decode_event(data: bytes, rules: dict[int, Rule]) -> dict[str, Any]:
         ifname = str(e.ifindex)
     out: dict[str, Any] = {
         "type": EVENT_TYPES.get(int(e.type), str(int(e.type))),
-        "time": controller.mono_to_wall(int(e.ts)),
+        "time": clock.to_wall(int(e.ts)),
         "ifname": ifname,
         "src": str(ipaddress.ip_address(raw_s)),
         "dst": str(ipaddress.ip_address(raw_d)),
@@ -408,15 +408,16 @@ def cmd_events(args: argparse.Namespace) -> int:
     pins = PinRoot(args.pin_root)
     with blocklist_of(pins.root) as bl:
         rules = {i: r for r, i in bl.entries().items()}
+    clock = controller.open_clock(pins.root)
     m = controller.open_events_fd(pins.root)
     count = [0]
 
     def on_event(data: bytes) -> None:
-        ev = decode_event(data, rules)
+        ev = decode_event(data, rules, clock)
         if ev.get("rule", "") is None:  # a rule added after we started
             with blocklist_of(pins.root) as bl2:
                 rules.update({i: r for r, i in bl2.entries().items()})
-            ev = decode_event(data, rules)
+            ev = decode_event(data, rules, clock)
         if args.json:
             print(json.dumps(ev), flush=True)
         else:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import abi, netlink
+from .clock import CLOCK_PROG, JiffiesClock, measure_hz
 from .errors import ForeignProgramError, NotAttachedError, XdpflowError
 from .libbpf import (
     BPF_MAP_TYPE_LRU_HASH,
@@ -124,6 +125,32 @@ def _prepare(obj: Object, opts: AttachOptions, pins: PinRoot | None, ifname: str
         spec.set_max_entries(size)
 
 
+_hz: int | None = None
+
+
+def kernel_hz(obj: Object) -> int:
+    """The kernel's HZ, measured once per process with obj's clock program."""
+    global _hz
+    if _hz is None:
+        prog = obj.program(CLOCK_PROG)
+        try:
+            _hz = measure_hz(prog)
+        finally:
+            prog.close()
+    return _hz
+
+
+def _init_config(obj: Object) -> None:
+    """Write the measured HZ into the (possibly shared, pinned) config map."""
+    hz = kernel_hz(obj)
+    key, value = abi.MAP_TYPES["config"]
+    with obj.map("config", key, value) as m:
+        cfg = m[0]
+        if cfg.hz != hz:
+            cfg.hz = hz
+            m[0] = cfg
+
+
 def load_unpinned(opts: AttachOptions | None = None) -> Object:
     """Load xdpflow with private maps and no pins: for BPF_PROG_TEST_RUN
     tests and benchmarks. The caller closes the returned Object.
@@ -133,6 +160,7 @@ def load_unpinned(opts: AttachOptions | None = None) -> Object:
     try:
         _prepare(obj, opts, None, None)
         obj.load()
+        _init_config(obj)
     except BaseException:
         obj.close()
         raise
@@ -173,7 +201,9 @@ def attach(ifname: str, opts: AttachOptions | None = None, pin_root: str | None 
         with Object(opts.object_path or abi.object_path()) as obj:
             _prepare(obj, opts, pins, ifname)
             obj.load()
+            _init_config(obj)
             prog = obj.program(PROG_NAME)
+            clock = obj.program(CLOCK_PROG)
         mode = state.mode if ours and opts.mode == "auto" else opts.mode
         replace_fd = None
         foreign = None
@@ -192,6 +222,12 @@ def attach(ifname: str, opts: AttachOptions | None = None, pin_root: str | None 
             os.unlink(tmp)
         prog.pin(tmp)
         os.replace(tmp, pins.iface(ifname, "prog"))
+        tmp = pins.shared("clock_new")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        clock.pin(tmp)
+        os.replace(tmp, pins.shared("clock"))
+        clock.close()
         if opts.monitor is not None:
             set_monitor(opts.monitor, pins.root)
         result = AttachResult(ifname=ifname, prog_id=prog.id, mode=netlink.xdp_state(ifname).mode, replaced=ours)
@@ -311,14 +347,28 @@ def set_monitor(on: bool, pin_root: str | None = None) -> None:
             update_config(clear_bits=abi.C.XF_CFG_MONITOR, pin_root=pin_root)
 
 
+def open_clock(pin_root: str | None = None) -> JiffiesClock:
+    """A jiffies-to-Unix-time converter for this instance's stamps."""
+    pins = PinRoot(pin_root)
+    try:
+        prog = Program.from_pin(pins.shared("clock"))
+    except XdpflowError as e:
+        if e.errno == errno.ENOENT:
+            raise NotAttachedError(
+                errno.ENOENT, f"nothing is attached under {pins.root}; run `xdpflow attach IFACE` first"
+            ) from None
+        raise
+    try:
+        with open_shared_map("config", pin_root) as m:
+            hz = int(m[0].hz) or measure_hz(prog)
+        return JiffiesClock(prog, hz)
+    finally:
+        prog.close()
+
+
 def boot_to_wall(ns_since_boot: int) -> float:
     """Convert a CLOCK_BOOTTIME nanosecond stamp to Unix seconds."""
     return time.time() - (time.clock_gettime_ns(time.CLOCK_BOOTTIME) - ns_since_boot) / 1e9
-
-
-def mono_to_wall(ns_mono: int) -> float:
-    """Convert a CLOCK_MONOTONIC(_COARSE) nanosecond stamp to Unix seconds."""
-    return time.time() - (time.clock_gettime_ns(time.CLOCK_MONOTONIC) - ns_mono) / 1e9
 
 
 @dataclass

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from . import abi
-from .controller import mono_to_wall, open_iface_map
+from .clock import JiffiesClock
+from .controller import open_clock, open_iface_map
 from .libbpf import Map, ffi
 
 # fields the program stores in network byte order
@@ -89,7 +90,7 @@ class FlowArrays:
     keys: np.ndarray  # structured, dtype of struct xf_flow4/xf_flow6
     packets: np.ndarray
     bytes: np.ndarray
-    first_seen: np.ndarray  # monotonic ns
+    first_seen: np.ndarray  # jiffies
     last_seen: np.ndarray
     tcp_flags: np.ndarray
 
@@ -116,8 +117,9 @@ def read_table(m: Map, family: int) -> FlowArrays:
     vals = np.frombuffer(vbytes, dtype=val_dt, count=n * ncpu).reshape(n, ncpu)
     packets = vals["packets"].sum(axis=1, dtype=np.uint64)
     nbytes = vals["bytes"].sum(axis=1, dtype=np.uint64)
-    # CPUs that never saw the flow hold zeros: leave them out of first_seen
-    first = np.where(vals["packets"] > 0, vals["first_seen"], np.iinfo(np.uint64).max).min(axis=1)
+    # A CPU's slot has first_seen only if the flow was created there (jiffies
+    # are never 0): slots created empty by another CPU's insert hold 0.
+    first = np.where(vals["first_seen"] > 0, vals["first_seen"], np.iinfo(np.uint64).max).min(axis=1)
     first = np.where(packets > 0, first, 0)
     last = vals["last_seen"].max(axis=1)
     flags = np.bitwise_or.reduce(vals["tcp_flags"], axis=1)
@@ -130,7 +132,7 @@ def _addr(raw: Any, family: int) -> str:
     return str(ipaddress.IPv6Address(bytes(raw)))
 
 
-def to_flows(fa: FlowArrays, ifname: str, idx: np.ndarray | None = None) -> list[Flow]:
+def to_flows(fa: FlowArrays, ifname: str, clock: JiffiesClock, idx: np.ndarray | None = None) -> list[Flow]:
     """Python Flow objects for the rows ``idx`` (all rows by default)."""
     rows = range(len(fa)) if idx is None else idx
     out = []
@@ -147,8 +149,8 @@ def to_flows(fa: FlowArrays, ifname: str, idx: np.ndarray | None = None) -> list
                 proto=int(k["proto"]),
                 packets=int(fa.packets[i]),
                 bytes=int(fa.bytes[i]),
-                first_seen=mono_to_wall(int(fa.first_seen[i])),
-                last_seen=mono_to_wall(int(fa.last_seen[i])),
+                first_seen=clock.to_wall(int(fa.first_seen[i])),
+                last_seen=clock.to_wall(int(fa.last_seen[i])),
                 tcp_flags=int(fa.tcp_flags[i]),
             )
         )
@@ -204,7 +206,8 @@ def top_flows(
     picked.sort(key=lambda t: (t[0], t[1]), reverse=True)
     if top is not None:
         picked = picked[:top]
-    return [to_flows(fa, ifname, np.array([r]))[0] for _, _, fa, r in picked]
+    clock = open_clock(pin_root)
+    return [to_flows(fa, ifname, clock, np.array([r]))[0] for _, _, fa, r in picked]
 
 
 def count_flows(ifname: str, pin_root: str | None = None) -> tuple[int, int]:

@@ -29,14 +29,19 @@ SHARED_MAPS = (
     "bl4_dst",
     "bl6_src",
     "bl6_dst",
-    "pf4_src",
-    "pf4_dst",
+    "bl4_l1_src",
+    "bl4_l2_src",
+    "bl4_l3_src",
+    "bl4_l1_dst",
+    "bl4_l2_dst",
+    "bl4_l3_dst",
     "pf6_src",
     "pf6_dst",
     "rule_hits",
     "events",
     "event_budget",
 )
+SHARED_PROGS = ("clock",)
 IFACE_MAPS = ("counters", "flows_v4", "flows_v6")
 IFACE_PREFIX = "if_"
 
@@ -129,7 +134,7 @@ class PinRoot:
 
     def remove_shared(self) -> None:
         """Unpin the shared maps and remove the root if nothing else is in it."""
-        for name in SHARED_MAPS:
+        for name in SHARED_MAPS + SHARED_PROGS:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.shared(name))
         with contextlib.suppress(FileNotFoundError, OSError):

@@ -1,0 +1,52 @@
+"""Jiffies to wall time.
+
+The data plane stamps flows and events with jiffies (a plain load, where a
+clock read costs ~10 ns a frame). The program ``xdpflow_clock``, run through
+BPF_PROG_TEST_RUN, reads jiffies and CLOCK_MONOTONIC at one moment; with the
+kernel's HZ (measured once, stored in the config map) that maps any jiffies
+stamp to Unix time, to within one tick.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .libbpf import Program, ffi
+
+CLOCK_PROG = "xdpflow_clock"
+KNOWN_HZ = (100, 250, 300, 1000)
+
+
+def sample(prog: Program) -> tuple[int, int]:
+    """(jiffies, CLOCK_MONOTONIC ns) read together in the kernel."""
+    size = max(ffi.sizeof("struct xf_clock"), 64)
+    r = prog.test_run(bytes(size))
+    clk = ffi.cast("struct xf_clock *", ffi.from_buffer(r.data))
+    return int(clk.jiffies), int(clk.mono_ns)
+
+
+def measure_hz(prog: Program, ticks: int = 5) -> int:
+    """The kernel's HZ: jiffies counted over a few ticks against the clock."""
+    j0, t0 = sample(prog)
+    j1, t1 = j0, t0
+    deadline = time.monotonic() + 0.5
+    while j1 - j0 < ticks and time.monotonic() < deadline:
+        time.sleep(0.004)
+        j1, t1 = sample(prog)
+    rate = (j1 - j0) * 1e9 / max(t1 - t0, 1)
+    best = min(KNOWN_HZ, key=lambda hz: abs(hz - rate))
+    return best if abs(best - rate) < 0.15 * best else max(1, round(rate))
+
+
+class JiffiesClock:
+    """Converts jiffies stamps to Unix seconds."""
+
+    def __init__(self, prog: Program, hz: int) -> None:
+        self.hz = hz
+        j, mono = sample(prog)
+        wall_minus_mono = time.time() - time.clock_gettime_ns(time.CLOCK_MONOTONIC) / 1e9
+        # Unix time of jiffy 0, as this sample sees it
+        self._epoch = wall_minus_mono + mono / 1e9 - j / hz
+
+    def to_wall(self, jiffies: int) -> float:
+        return self._epoch + jiffies / self.hz
