@@ -217,25 +217,28 @@ static __always_inline __u32 pf6_bit(const __u8 *addr)
  */
 static __always_inline __u32 bl4_lookup(void *l1, void *l2, void *l3, __u32 addr)
 {
-	__u32 deeper = (__u32)XF_BL_DEEPER;
 	__u32 key = addr >> 16;
 	__u32 *e = bpf_map_lookup_elem(l1, &key);
 	__u32 v;
 
-	if (!e || !(v = *e))
-		return 0;
-	if (!(v & deeper))
-		return v;
-	key = addr >> 8;
-	e = bpf_map_lookup_elem(l2, &key);
 	if (!e)
-		return v & ~deeper;
+		return 0;
 	v = *e;
-	if (!(v & deeper))
+	if (!(v & (XF_BL_D24 | XF_BL_HOSTS)))
 		return v;
+	if (v & XF_BL_D24) {
+		/* every /24 holding a longer rule has an entry */
+		key = addr >> 8;
+		e = bpf_map_lookup_elem(l2, &key);
+		if (!e)
+			return v & XF_BL_RULE_MASK;
+		v = *e;
+	}
+	if (!(v & XF_BL_HOSTS))
+		return v & XF_BL_RULE_MASK;
 	key = addr;
 	e = bpf_map_lookup_elem(l3, &key);
-	return e ? *e : v & ~deeper;
+	return e ? *e : v & XF_BL_RULE_MASK;
 }
 
 static __always_inline __u32 bl4_match(__u32 flags, struct xf_flow4 *k)

@@ -23,14 +23,18 @@
 #define XF_IPV6_EXT_MAX 6
 
 /* IPv4 blocklist: a three-level table, like a router's DIR-16-8-8 FIB:
- * an array indexed by the /16, hashes of the /24s and of the hosts that hold
- * longer rules. Entries are rule index + 1 (0: no rule); XF_BL_DEEPER says
- * "a longer rule may match: look one level down, this rule if nothing there".
+ * an array indexed by the /16 (L1), a hash of /24s (L2) and a hash of hosts
+ * (L3). An entry is rule index + 1 (0: no rule) in its low bits, the answer
+ * unless a flag sends the lookup down: XF_BL_D24 (L1 only) "a /17-/24 rule
+ * lies inside: look up the /24", XF_BL_HOSTS "a /25-/32 rule lies inside:
+ * look up the host". A /16 holding only host rules skips L2.
  */
 #define XF_BL4_L1_SIZE 65536
 #define XF_BL4_L2_MAX 1048576
 #define XF_BL4_L3_MAX 1048576
-#define XF_BL_DEEPER 2147483648
+#define XF_BL_D24 2147483648
+#define XF_BL_HOSTS 1073741824
+#define XF_BL_RULE_MASK 1073741823
 
 /* IPv6 blocklist prefilter in front of the tries: one bit per hashed /32 */
 #define XF_PF6_WORDS 16384

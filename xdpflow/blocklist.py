@@ -6,7 +6,7 @@ the store of every rule; its value is a rule index into the per-CPU
 prefilter that says which hashed /32 may hold a rule. IPv4 traffic is matched
 in a three-level table computed here from the rules (``v4_tables``): an array
 indexed by /16, a hash of /24s and a hash of hosts, each entry a rule index + 1
-with XF_BL_DEEPER meaning "look one level down". The shared ``config`` flags
+with flags meaning "look one level down". The shared ``config`` flags
 say which directions are non-empty, so traffic skips empty ones entirely.
 
 Changes keep every address that stays listed blocked at every moment: rules
@@ -43,7 +43,8 @@ V4_LEVELS = {
     "dst": ("bl4_l1_dst", "bl4_l2_dst", "bl4_l3_dst"),
 }
 ALL_TRIE_FLAGS = sum(t[1] for t in TRIES.values())
-DEEPER = abi.C.XF_BL_DEEPER
+D24 = abi.C.XF_BL_D24
+HOSTS = abi.C.XF_BL_HOSTS
 
 
 @dataclass(frozen=True)
@@ -70,34 +71,40 @@ def v4_tables(rules: Iterable[tuple[ipaddress.IPv4Network, int]]) -> V4Tables:
     """The IPv4 lookup table for one direction's (network, rule index) pairs.
 
     Longest prefix wins: rules are painted shortest first, so a longer rule
-    overwrites the entries of a shorter one it lies inside. An entry is
-    rule index + 1; DEEPER marks entries whose range holds longer rules, and
-    keeps as its value the answer for addresses no longer rule covers.
+    overwrites the entries of a shorter one it lies inside. An entry is rule
+    index + 1, the answer for its whole range unless flagged: D24 (L1) means
+    /17-/24 rules lie inside and every /24 holding a longer rule has an L2
+    entry; HOSTS means /25-/32 rules lie inside and have L3 entries.
     """
     l1 = np.zeros(abi.C.XF_BL4_L1_SIZE, dtype=np.uint32)
     l2: dict[int, int] = {}
     l3: dict[int, int] = {}
-    deeper16: set[int] = set()
-    deeper24: set[int] = set()
+    d24: set[int] = set()  # /16s with /17-/24 rules
+    hosts16: set[int] = set()  # /16s with /25-/32 rules
+    hosts24: set[int] = set()  # /24s with /25-/32 rules
     for net, idx in sorted(rules, key=lambda t: t[0].prefixlen):
         a, plen, v = int(net.network_address), net.prefixlen, idx + 1
         if plen <= 16:
             first = a >> 16
             l1[first : first + (1 << (16 - plen))] = v
         elif plen <= 24:
-            deeper16.add(a >> 16)
+            d24.add(a >> 16)
             first = a >> 8
             for c in range(first, first + (1 << (24 - plen))):
                 l2[c] = v
         else:
-            deeper16.add(a >> 16)
-            deeper24.add(a >> 8)
+            hosts16.add(a >> 16)
+            hosts24.add(a >> 8)
             for h in range(a, a + (1 << (32 - plen))):
                 l3[h] = v
-    for c in deeper24:
-        l2[c] = (l2.get(c) or int(l1[c >> 8])) | DEEPER
-    if deeper16:
-        l1[np.fromiter(deeper16, dtype=np.int64)] |= np.uint32(DEEPER)
+    for c in hosts24:
+        if (c >> 8) in d24:
+            # the lookup reaches L3 through this /24's entry
+            l2[c] = (l2.get(c) or int(l1[c >> 8])) | HOSTS
+    for b in d24:
+        l1[b] |= np.uint32(D24)
+    for b in hosts16:
+        l1[b] |= np.uint32(HOSTS)
     return V4Tables(l1, l2, l3)
 
 
