@@ -204,7 +204,8 @@ class Blocklist:
         n = sum(counts.values())
         if n > total:
             raise MapFullError(
-                errno.E2BIG, f"the blocklist holds at most {total} rules; this change needs {n}; nothing was changed"
+                errno.E2BIG,
+                f"the blocklist holds at most {total} rules; this change needs {n}; nothing was changed",
             )
 
     def _apply(self, current: dict[Rule, int], to_add: list[Rule], to_delete: list[Rule]) -> Change:
@@ -221,8 +222,10 @@ class Blocklist:
             final.update(zip(to_add, (int(i) for i in free)))
             self._zero_hits(free)
 
-        v4 = {d: v4_tables((r.net, i) for r, i in final.items() if r.net.version == 4 and r.direction == d)
-              for d in V4_LEVELS}
+        v4 = {
+            d: v4_tables((r.net, i) for r, i in final.items() if r.net.version == 4 and r.direction == d)
+            for d in V4_LEVELS
+        }
         self._check_v4_sizes(v4)
 
         # 1. adds: the rule store, IPv6 prefilter bits, the IPv4 tables

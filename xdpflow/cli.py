@@ -20,9 +20,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator, Sequence
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import abi, controller, netlink
 from .blocklist_file import BlocklistFileError, Rule, parse_cidr, read_file
@@ -84,7 +82,9 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = []
     for r in cells:
-        lines.append("  ".join(c.rjust(w) if _NUMBER.match(c) else c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        lines.append(
+            "  ".join(c.rjust(w) if _NUMBER.match(c) else c.ljust(w) for c, w in zip(r, widths)).rstrip()
+        )
     return "\n".join(lines)
 
 
@@ -105,7 +105,9 @@ def _ifaces(args: argparse.Namespace) -> list[str]:
             raise XdpflowError(errno.ENOENT, f"xdpflow is not attached to {wanted} (pin root {pins.root})")
         return [wanted]
     if not names:
-        raise XdpflowError(errno.ENOENT, f"nothing is attached under {pins.root}; run `xdpflow attach IFACE` first")
+        raise XdpflowError(
+            errno.ENOENT, f"nothing is attached under {pins.root}; run `xdpflow attach IFACE` first"
+        )
     return names
 
 
@@ -128,7 +130,12 @@ def cmd_attach(args: argparse.Namespace) -> int:
             verb = "upgraded" if r.replaced else "attached"
             print(f"{verb} xdpflow on {ifname}: program id {r.prog_id}, {r.mode} mode")
     if args.json:
-        emit_json([{"ifname": r.ifname, "prog_id": r.prog_id, "mode": r.mode, "replaced": r.replaced} for r in results])
+        emit_json(
+            [
+                {"ifname": r.ifname, "prog_id": r.prog_id, "mode": r.mode, "replaced": r.replaced}
+                for r in results
+            ]
+        )
     return 0
 
 
@@ -183,13 +190,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     out = []
     for r in rows:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["attached_at"])) if r["attached_at"] else "-"
+        when = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["attached_at"])) if r["attached_at"] else "-"
+        )
         state = (r["mode"] or "?") if r["attached"] else "NOT ATTACHED (interface gone or program replaced)"
         if r["sink"]:
             state += " sink"
         out.append([r["ifname"], state, r["prog_id"], when, f"{r['flows']}/{r['flows_max']}"])
     print(table(out, ["interface", "mode", "prog", "attached", "flows"]))
-    print(f"blocklist: {rows[0]['blocklist']}/{rows[0]['blocklist_max']} rules, monitor mode {'on' if rows[0]['monitor'] else 'off'}")
+    first = rows[0]
+    monitor = "on" if first["monitor"] else "off"
+    print(f"blocklist: {first['blocklist']}/{first['blocklist_max']} rules, monitor mode {monitor}")
     return 0
 
 
@@ -273,7 +284,9 @@ def cmd_flows(args: argparse.Namespace) -> int:
     flows = []
     for ifname in _ifaces(args):
         flows.extend(top_flows(ifname, args.pin_root, top=args.top, sort=args.sort, cidr=cidr))
-    key = {"packets": lambda f: f.packets, "bytes": lambda f: f.bytes, "last-seen": lambda f: f.last_seen}[args.sort]
+    key = {"packets": lambda f: f.packets, "bytes": lambda f: f.bytes, "last-seen": lambda f: f.last_seen}[
+        args.sort
+    ]
     flows.sort(key=key, reverse=True)
     if args.top is not None:
         flows = flows[: args.top]
@@ -286,8 +299,16 @@ def cmd_flows(args: argparse.Namespace) -> int:
         src = f"{f.src}:{f.sport}" if f.family == 4 else f"[{f.src}]:{f.sport}"
         dst = f"{f.dst}:{f.dport}" if f.family == 4 else f"[{f.dst}]:{f.dport}"
         rows.append(
-            [f.ifname, _proto_name(f.proto), src, dst, f.packets, f.bytes, tcp_flags_str(f.tcp_flags) or "-",
-             f"{max(now - f.last_seen, 0):.1f}s"]
+            [
+                f.ifname,
+                _proto_name(f.proto),
+                src,
+                dst,
+                f.packets,
+                f.bytes,
+                tcp_flags_str(f.tcp_flags) or "-",
+                f"{max(now - f.last_seen, 0):.1f}s",
+            ]
         )
     print(table(rows, ["iface", "proto", "source", "destination", "packets", "bytes", "flags", "idle"]))
     return 0
@@ -374,7 +395,11 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
-EVENT_TYPES = {abi.C.XF_EV_NEW_FLOW: "new_flow", abi.C.XF_EV_BLOCKED: "blocked", abi.C.XF_EV_MONITORED: "monitored"}
+EVENT_TYPES = {
+    abi.C.XF_EV_NEW_FLOW: "new_flow",
+    abi.C.XF_EV_BLOCKED: "blocked",
+    abi.C.XF_EV_MONITORED: "monitored",
+}
 
 
 def decode_event(data: bytes, rules: dict[int, Rule], clock: Any) -> dict[str, Any]:
@@ -450,13 +475,18 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     common.add_argument(
-        "--pin-root", default=argparse.SUPPRESS, help="bpffs directory of this instance's state "
-        "(default $XDPFLOW_PIN_ROOT or /sys/fs/bpf/xdpflow)"
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
+    common.add_argument(
+        "--pin-root",
+        default=argparse.SUPPRESS,
+        help="bpffs directory of this instance's state (default $XDPFLOW_PIN_ROOT or /sys/fs/bpf/xdpflow)",
     )
     common.add_argument("--netns", default=argparse.SUPPRESS, help="act inside this named network namespace")
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="tracebacks on errors")
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="tracebacks on errors"
+    )
 
     p = argparse.ArgumentParser(
         prog="xdpflow",
@@ -468,7 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("attach", parents=[common], help="load, pin and attach to interfaces")
     a.add_argument("ifaces", nargs="+", metavar="IFACE")
     a.add_argument("--mode", choices=["auto", "native", "skb", "hw"], default="auto")
-    a.add_argument("--flows", type=_positive, default=None, help=f"flow-table entries per family (default {abi.C.XF_FLOWS_DEFAULT})")
+    a.add_argument(
+        "--flows",
+        type=_positive,
+        default=None,
+        help=f"flow-table entries per family (default {abi.C.XF_FLOWS_DEFAULT})",
+    )
     a.add_argument("--monitor", action="store_true", help="switch monitor mode on")
     a.add_argument("--sink", action="store_true", help="drop every frame after accounting it (SPAN ports)")
     a.add_argument("--force", action="store_true", help="replace a foreign XDP program")
@@ -555,7 +590,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         if args.debug:
             traceback.print_exc()
-        msg = str(e) if isinstance(e, XdpflowError) else f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+        msg = (
+            str(e)
+            if isinstance(e, XdpflowError)
+            else f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+        )
         print(f"xdpflow: {msg}", file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt:

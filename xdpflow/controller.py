@@ -230,7 +230,9 @@ def attach(ifname: str, opts: AttachOptions | None = None, pin_root: str | None 
         clock.close()
         if opts.monitor is not None:
             set_monitor(opts.monitor, pins.root)
-        result = AttachResult(ifname=ifname, prog_id=prog.id, mode=netlink.xdp_state(ifname).mode, replaced=ours)
+        result = AttachResult(
+            ifname=ifname, prog_id=prog.id, mode=netlink.xdp_state(ifname).mode, replaced=ours
+        )
         prog.close()
         return result
     except BaseException:

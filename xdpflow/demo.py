@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 
 from scapy.layers.inet import IP, UDP
@@ -62,8 +63,10 @@ def run_lab() -> int:
             with lab.receiver() as rx:
                 sent = lab.send(frames)
                 received = rx.stop()
-            print(f"\nsent {sent} frames ({len(mix)} in the mix, {len(blocked)} from {BLOCKED_NET}); "
-                  f"{len(received)} reached {lab.dut_ns}")
+            print(
+                f"\nsent {sent} frames ({len(mix)} in the mix, {len(blocked)} from {BLOCKED_NET}); "
+                f"{len(received)} reached {lab.dut_ns}"
+            )
 
             xdpflow("stats", *common)
             xdpflow("flows", *common)
@@ -87,8 +90,9 @@ def run_lab() -> int:
                 f"{want['packets_bytes']} bytes; {want['dropped']} blocked, {want['passed']} passed"
             )
         finally:
-            subprocess.run([sys.executable, "-m", "xdpflow", "detach", lab.dut_if, *common],
-                           capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "xdpflow", "detach", lab.dut_if, *common], capture_output=True
+            )
             shutil.rmtree(pin_root, ignore_errors=True)
     print("lab torn down")
     return 0
@@ -100,9 +104,7 @@ def run_dev(dev: str, seconds: float) -> int:
     common = ["--pin-root", pin_root]
     try:
         xdpflow("attach", dev, *common)
-        subprocess.run(
-            [sys.executable, "-c", "import time; time.sleep(%f)" % seconds], check=False
-        )
+        time.sleep(seconds)
         xdpflow("stats", *common)
         xdpflow("flows", "--top", "10", *common)
     finally:
@@ -113,7 +115,9 @@ def run_dev(dev: str, seconds: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="xdpflow-demo", description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--dev", default=os.environ.get("DEV"), help="a real interface to watch instead of the lab")
+    p.add_argument(
+        "--dev", default=os.environ.get("DEV"), help="a real interface to watch instead of the lab"
+    )
     p.add_argument("--seconds", type=float, default=5.0, help="how long to count on --dev")
     args = p.parse_args(argv)
     if os.geteuid() != 0:

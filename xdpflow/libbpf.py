@@ -410,7 +410,11 @@ class Map(MutableMapping[Any, Any]):
         raw = self._vbuf_new()
         vs = ffi.sizeof(self.value_type)
         for cpu, v in enumerate(values):
-            src = ffi.new(f"{self.value_type} *", v) if self._value_int else self._as_buf(v, self.value_type, "value")
+            src = (
+                ffi.new(f"{self.value_type} *", v)
+                if self._value_int
+                else self._as_buf(v, self.value_type, "value")
+            )
             ffi.memmove(raw + cpu * self._vstride, src, vs)
         return raw
 
@@ -609,7 +613,9 @@ class Map(MutableMapping[Any, Any]):
                 if ret < 0:
                     break
         if ret == -errno.E2BIG:
-            raise os_error(errno.E2BIG, f"adding to map {self.name}", f"it is full ({self.info.max_entries} entries)")
+            raise os_error(
+                errno.E2BIG, f"adding to map {self.name}", f"it is full ({self.info.max_entries} entries)"
+            )
         _check(ret, f"batch-updating map {self.name}")
 
     def delete_batch(self, keys: Sequence[Any]) -> None:

@@ -128,9 +128,10 @@ def attach(name: str, prog_fd: int, mode: str = "auto", replace_fd: int | None =
             ip.link("set", index=idx, xdp={"attrs": attrs})
     except _netlink_error() as e:
         hint = None
-        if e.code in (errno.EBUSY, errno.EEXIST):
+        code = getattr(e, "code", 0)
+        if code in (errno.EBUSY, errno.EEXIST):
             hint = "another XDP program is attached (or in another mode); detach it first or use --force"
-        elif e.code == errno.EOPNOTSUPP:
+        elif code == errno.EOPNOTSUPP:
             hint = f"the driver of {name} has no {mode} XDP support; try --mode skb"
         raise _nl_error(e, f"attaching XDP program to {name} in {mode} mode", hint) from None
 

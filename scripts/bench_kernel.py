@@ -1,0 +1,253 @@
+"""In-kernel cost of the XDP program, measured with BPF_PROG_TEST_RUN.
+
+Each figure is ns per frame above an XDP_PASS program run the same way in
+the same round (rounds interleave the programs, so machine noise hits both).
+Used by scripts/bench.py; runnable alone for quick checks:
+
+    python3 scripts/bench_kernel.py [--runs 5] [--repeat 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from scapy.layers.inet import IP, TCP, UDP  # noqa: E402
+from scapy.layers.inet6 import IPv6  # noqa: E402
+from scapy.layers.l2 import Ether  # noqa: E402
+from scapy.packet import Raw  # noqa: E402
+
+from xdpflow import abi, controller  # noqa: E402
+from xdpflow.blocklist import Blocklist  # noqa: E402
+from xdpflow.blocklist_file import Rule  # noqa: E402
+from xdpflow.controller import AttachOptions  # noqa: E402
+from xdpflow.libbpf import Map, Object, Program  # noqa: E402
+
+MAC_A, MAC_B = "02:00:00:00:00:01", "02:00:00:00:00:02"
+BLOCKED_SRC = "203.0.113.5"
+
+
+@dataclass
+class Figure:
+    name: str
+    samples: list[float]  # ns above baseline, one per round
+    base: list[float]  # baseline ns, one per round
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    def row(self) -> str:
+        return (
+            f"| {self.name} | {statistics.median(self.base):.1f} | {self.median:.1f} | "
+            f"{min(self.samples):.1f}–{max(self.samples):.1f} |"
+        )
+
+
+def frames() -> dict[str, bytes]:
+    eth = Ether(src=MAC_A, dst=MAC_B)
+    return {
+        "udp4": bytes(
+            eth / IP(src="198.18.0.1", dst="198.18.0.2") / UDP(sport=1024, dport=2048) / Raw(b"\0" * 18)
+        ),
+        "tcp6": bytes(eth / IPv6(src="2001:2::1", dst="2001:2::2") / TCP(sport=1024, dport=80, flags="A")),
+        "blocked4": bytes(
+            eth / IP(src=BLOCKED_SRC, dst="198.18.0.2") / UDP(sport=1024, dport=53) / Raw(b"\0" * 18)
+        ),
+    }
+
+
+def random_prefixes(n4: int, n6: int, seed: int = 7) -> list[Rule]:
+    """Feed-like prefixes that none of the benchmark frames fall into."""
+    rnd = random.Random(seed)
+    avoid4 = [
+        ipaddress.ip_network(c) for c in ("198.18.0.0/15", "203.0.113.0/24", "0.0.0.0/8", "224.0.0.0/3")
+    ]
+    avoid6 = [ipaddress.ip_network("2001:2::/48")]
+    rules: set[Rule] = set()
+    lens4 = [16] * 3 + [20] * 5 + [22] * 10 + [24] * 60 + [32] * 22
+    while sum(1 for r in rules if r.net.version == 4) < n4:
+        plen = rnd.choice(lens4)
+        net = ipaddress.IPv4Network((rnd.getrandbits(32), plen), strict=False)
+        if not any(net.overlaps(a) for a in avoid4):
+            rules.add(Rule(net, "src"))
+    lens6 = [32] * 10 + [48] * 60 + [64] * 20 + [128] * 10
+    while sum(1 for r in rules if r.net.version == 6) < n6:
+        plen = rnd.choice(lens6)
+        addr = (0x2 << 124) | rnd.getrandbits(125)  # 2000::/3
+        net = ipaddress.IPv6Network((addr, plen), strict=False)
+        if not any(net.overlaps(a) for a in avoid6):
+            rules.add(Rule(net, "src"))
+    return sorted(rules)
+
+
+class Loaded:
+    """xdpflow with private maps and a blocklist."""
+
+    def __init__(self, prefixes: list[Rule], **opts: object) -> None:
+        self.obj = controller.load_unpinned(AttachOptions(**opts))  # type: ignore[arg-type]
+        self.prog = self.obj.program(controller.PROG_NAME)
+        self.maps: dict[str, Map] = {}
+        self.blocklist = Blocklist(self.map)
+        self.blocklist.add(prefixes + [Rule(ipaddress.ip_network(BLOCKED_SRC + "/32"), "src")])
+
+    def map(self, name: str) -> Map:
+        if name not in self.maps:
+            k, v = abi.MAP_TYPES[name]
+            self.maps[name] = self.obj.map(name, k, v)
+        return self.maps[name]
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            m.close()
+        self.prog.close()
+        self.obj.close()
+
+
+def per_frame_ns(prog: Program, frame: bytes, repeat: int) -> float:
+    return float(prog.test_run(frame, repeat=repeat, data_out=False).duration_ns)
+
+
+def new_flow_ns(prog: Program, tuples: list[bytes]) -> float:
+    """Mean ns per frame, one test run per distinct frame (each a new flow)."""
+    total = 0
+    for f in tuples:
+        total += prog.test_run(f, repeat=1, data_out=False).duration_ns
+    return total / len(tuples)
+
+
+def distinct_udp4(n: int) -> list[bytes]:
+    base = frames()["udp4"]
+    out = []
+    for i in range(n):
+        b = bytearray(base)
+        # source port and the low source address byte vary: n distinct 5-tuples
+        b[34:36] = (1024 + (i & 0x7FFF)).to_bytes(2, "big")
+        b[29] = 1 + (i >> 15)
+        out.append(bytes(b))
+    return out
+
+
+def xdp_filter_prog() -> tuple[Program, Callable[[], None]] | None:
+    """xdp-filter (xdp-tools) loaded on a throw-away veth with a few addresses;
+    returns its dispatcher program, run by id, and a cleanup function."""
+    ns = f"xfbench-{os.getpid()}"
+    try:
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+    def cleanup() -> None:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+    def sh(*a: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", ns, *a], check=True, capture_output=True, text=True)
+
+    try:
+        sh("ip", "link", "add", "xfa", "type", "veth", "peer", "name", "xfb")
+        sh("ip", "link", "set", "xfa", "up")
+        sh("ip", "link", "set", "xfb", "up")
+        sh("xdp-filter", "load", "--mode", "native", "xfa")
+        for a in ("203.0.113.5", "203.0.113.6", "198.51.100.1", "2001:db8::1"):
+            sh("xdp-filter", "ip", "--mode", "src", a)
+        out = sh("ip", "-j", "link", "show", "xfa").stdout
+        import json
+
+        prog_id = json.loads(out)[0]["xdp"]["prog"]["id"]
+        return Program.from_id(prog_id), cleanup
+    except (OSError, subprocess.CalledProcessError, KeyError, ValueError) as e:
+        print(f"xdp-filter unavailable: {e}", file=sys.stderr)
+        cleanup()
+        return None
+
+
+def measure(runs: int, repeat: int, n_prefixes: int = 10000, new_flows: int = 65536) -> list[Figure]:
+    fr = frames()
+    base_obj = Object(abi.object_path("baseline"))
+    base_obj.load()
+    xdp_pass = base_obj.program("xdp_pass")
+    dut = Loaded(random_prefixes(n_prefixes, n_prefixes))
+    filt = xdp_filter_prog()
+    tuples = distinct_udp4(new_flows)
+
+    # warm: create the established flows
+    for name in ("udp4", "tcp6"):
+        dut.prog.test_run(fr[name], repeat=1)
+
+    figs = {
+        k: Figure(k, [], [])
+        for k in (
+            "established UDP/IPv4",
+            "established TCP/IPv6",
+            "blocked source",
+            "new flow (65,536 tuples)",
+        )
+    }
+    if filt:
+        figs["xdp-filter, UDP/IPv4 pass"] = Figure("xdp-filter, UDP/IPv4 pass", [], [])
+        figs["xdp-filter, blocked source"] = Figure("xdp-filter, blocked source", [], [])
+    try:
+        for _ in range(runs):
+            base4 = per_frame_ns(xdp_pass, fr["udp4"], repeat)
+            base6 = per_frame_ns(xdp_pass, fr["tcp6"], repeat)
+            for name, key, base in (
+                ("established UDP/IPv4", "udp4", base4),
+                ("established TCP/IPv6", "tcp6", base6),
+                ("blocked source", "blocked4", base4),
+            ):
+                figs[name].samples.append(per_frame_ns(dut.prog, fr[key], repeat) - base)
+                figs[name].base.append(base)
+            if filt:
+                fprog = filt[0]
+                figs["xdp-filter, UDP/IPv4 pass"].samples.append(
+                    per_frame_ns(fprog, fr["udp4"], repeat) - base4
+                )
+                figs["xdp-filter, UDP/IPv4 pass"].base.append(base4)
+                figs["xdp-filter, blocked source"].samples.append(
+                    per_frame_ns(fprog, fr["blocked4"], repeat) - base4
+                )
+                figs["xdp-filter, blocked source"].base.append(base4)
+            # new flows: the table must not hold them yet
+            dut.map("flows_v4").clear()
+            nb = new_flow_ns(xdp_pass, tuples[:4096])
+            nf = new_flow_ns(dut.prog, tuples)
+            figs["new flow (65,536 tuples)"].samples.append(nf - nb)
+            figs["new flow (65,536 tuples)"].base.append(nb)
+    finally:
+        dut.close()
+        xdp_pass.close()
+        base_obj.close()
+        if filt:
+            filt[0].close()
+            filt[1]()
+    return list(figs.values())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=1_000_000)
+    p.add_argument("--new-flows", type=int, default=65536)
+    args = p.parse_args()
+    t = time.time()
+    figs = measure(args.runs, args.repeat, new_flows=args.new_flows)
+    print("| path | XDP_PASS ns | ns above XDP_PASS (median) | min–max |")
+    print("| --- | --- | --- | --- |")
+    for f in figs:
+        print(f.row())
+    print(f"({time.time() - t:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
