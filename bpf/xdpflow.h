@@ -136,7 +136,8 @@ struct xf_config {
 /* load-time knobs: the program's whole .rodata, set before load */
 struct xf_knobs {
 	__u32 sink;         /* drop every frame after accounting it */
-	__u32 shared_flows; /* flow tables are LRU_HASH with atomics, not per-CPU */
+	__u32 shared_flows; /* flow tables are LRU_HASH with atomics (default),
+			     * else LRU_PERCPU_HASH with plain adds */
 	__u32 events_per_sec;
 	__u32 pad;
 };

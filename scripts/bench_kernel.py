@@ -233,6 +233,67 @@ def measure(runs: int, repeat: int, n_prefixes: int = 10000, new_flows: int = 65
     return list(figs.values())
 
 
+def concurrent_ns(prog: Program, frame: bytes, repeat: int, cpus: list[int]) -> float:
+    """Mean ns per frame while every CPU in ``cpus`` runs the same frame at once
+    (cffi drops the GIL during the test-run syscall, so the runs overlap)."""
+    import threading
+
+    results: list[float] = []
+    barrier = threading.Barrier(len(cpus))
+
+    def worker(cpu: int) -> None:
+        os.sched_setaffinity(0, {cpu})
+        barrier.wait()
+        results.append(per_frame_ns(prog, frame, repeat))
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in cpus]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return statistics.mean(results)
+
+
+def flow_table_variants(runs: int, repeat: int) -> list[Figure]:
+    """Per-CPU LRU (plain adds) against a shared LRU (atomic adds), one hot
+    flow updated from one CPU and from every CPU at once."""
+    fr = frames()["udp4"]
+    cpus = sorted(os.sched_getaffinity(0))
+    base_obj = Object(abi.object_path("baseline"))
+    base_obj.load()
+    xdp_pass = base_obj.program("xdp_pass")
+    variants = {
+        "per-CPU LRU": Loaded([], shared_flows=False),
+        "shared LRU + atomics": Loaded([], shared_flows=True),
+    }
+    figs = []
+    try:
+        for v in variants.values():
+            v.prog.test_run(fr)
+        rows = {
+            (name, mode): Figure(f"{name}, {mode}", [], [])
+            for name in variants
+            for mode in ("1 CPU", f"{len(cpus)} CPUs")
+        }
+        for _ in range(runs):
+            b1 = per_frame_ns(xdp_pass, fr, repeat)
+            bn = concurrent_ns(xdp_pass, fr, repeat, cpus)
+            for name, v in variants.items():
+                f1 = rows[(name, "1 CPU")]
+                f1.samples.append(per_frame_ns(v.prog, fr, repeat) - b1)
+                f1.base.append(b1)
+                fn = rows[(name, f"{len(cpus)} CPUs")]
+                fn.samples.append(concurrent_ns(v.prog, fr, repeat, cpus) - bn)
+                fn.base.append(bn)
+        figs = list(rows.values())
+    finally:
+        for v in variants.values():
+            v.close()
+        xdp_pass.close()
+        base_obj.close()
+    return figs
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=int, default=5)
@@ -244,6 +305,8 @@ def main() -> int:
     print("| path | XDP_PASS ns | ns above XDP_PASS (median) | min–max |")
     print("| --- | --- | --- | --- |")
     for f in figs:
+        print(f.row())
+    for f in flow_table_variants(args.runs, args.repeat):
         print(f.row())
     print(f"({time.time() - t:.1f} s)")
     return 0

@@ -121,6 +121,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
         sink=args.sink,
         monitor=True if args.monitor else None,
         force=args.force,
+        shared_flows=not args.percpu_flows,
     )
     results = []
     for ifname in args.ifaces:
@@ -507,6 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--monitor", action="store_true", help="switch monitor mode on")
     a.add_argument("--sink", action="store_true", help="drop every frame after accounting it (SPAN ports)")
     a.add_argument("--force", action="store_true", help="replace a foreign XDP program")
+    a.add_argument(
+        "--percpu-flows",
+        action="store_true",
+        help="per-CPU flow tables (no atomics; memory grows with CPUs) instead of shared ones",
+    )
     a.set_defaults(func=cmd_attach)
 
     d = sub.add_parser("detach", parents=[common], help="detach and remove an interface's pins")

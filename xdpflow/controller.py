@@ -18,7 +18,9 @@ from .clock import CLOCK_PROG, JiffiesClock, measure_hz
 from .errors import ForeignProgramError, NotAttachedError, XdpflowError
 from .libbpf import (
     BPF_MAP_TYPE_LRU_HASH,
+    BPF_MAP_TYPE_LRU_PERCPU_HASH,
     Map,
+    MapInfo,
     Object,
     Program,
     ffi,
@@ -38,7 +40,7 @@ class AttachOptions:
     sink: bool = False
     monitor: bool | None = None  # None: leave as it is
     force: bool = False
-    shared_flows: bool = False  # LRU_HASH with atomics instead of per-CPU LRU
+    shared_flows: bool = True  # LRU_HASH with atomic adds; False: per-CPU LRU
     events_per_sec: int = abi.C.XF_EVENTS_PER_SEC
     object_path: str | None = None
 
@@ -60,7 +62,7 @@ def _pinned_prog(pins: PinRoot, ifname: str) -> Program | None:
         raise
 
 
-def _pinned_max_entries(path: str) -> int | None:
+def _pinned_info(path: str) -> MapInfo | None:
     try:
         fd = obj_get(path)
     except XdpflowError as e:
@@ -68,9 +70,19 @@ def _pinned_max_entries(path: str) -> int | None:
             return None
         raise
     try:
-        return map_info(fd).max_entries
+        return map_info(fd)
     finally:
         os.close(fd)
+
+
+def _pinned_max_entries(path: str) -> int | None:
+    info = _pinned_info(path)
+    return info.max_entries if info else None
+
+
+def _pinned_type(path: str) -> int | None:
+    info = _pinned_info(path)
+    return info.type if info else None
 
 
 def _knobs_of(map_ids: tuple[int, ...]) -> Any:
@@ -97,6 +109,11 @@ def _rodata(obj: Object) -> Any:
 
 
 def _prepare(obj: Object, opts: AttachOptions, pins: PinRoot | None, ifname: str | None) -> None:
+    if pins is not None and ifname is not None:
+        # an upgrade keeps the flow tables, so it keeps their kind
+        pinned_type = _pinned_type(pins.iface(ifname, "flows_v4"))
+        if pinned_type is not None:
+            opts.shared_flows = pinned_type == BPF_MAP_TYPE_LRU_HASH
     knobs = _rodata(obj)
     knobs.sink = int(opts.sink)
     knobs.shared_flows = int(opts.shared_flows)
@@ -110,11 +127,11 @@ def _prepare(obj: Object, opts: AttachOptions, pins: PinRoot | None, ifname: str
 
     for name in ("flows_v4", "flows_v6"):
         spec = obj.map_spec(name)
-        if opts.shared_flows:
-            spec.set_type(BPF_MAP_TYPE_LRU_HASH)
         pinned = None
         if pins is not None and ifname is not None:
             pinned = _pinned_max_entries(pins.iface(ifname, name))
+        if not opts.shared_flows:
+            spec.set_type(BPF_MAP_TYPE_LRU_PERCPU_HASH)
         if pinned is not None and opts.flows is not None and pinned != opts.flows:
             raise XdpflowError(
                 errno.EINVAL,
