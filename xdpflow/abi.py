@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from importlib import resources
+from typing import Any
 
 from .libbpf import ffi
 
@@ -80,6 +81,31 @@ COUNTER_NAMES: dict[int, str] = {
     C.XF_CNT_EVENTS_LOST: "events_lost",
 }
 assert len(COUNTER_NAMES) == C.XF_CNT_MAX, "name every counter in bpf/xdpflow.h"
+
+
+# fields the program stores in network byte order
+_NET_ORDER = {"saddr", "daddr", "sport", "dport"}
+
+
+def np_dtype(ctype: str, itemsize: int | None = None) -> Any:
+    """A numpy dtype laid out exactly like the header struct ``ctype``
+    (offsets from cffi; address and port fields big-endian)."""
+    import numpy as np  # only readers of whole tables need numpy
+
+    t = ffi.typeof(ctype)
+    names, formats, offsets = [], [], []
+    for name, field in t.fields:
+        ft = field.type
+        order = ">" if name in _NET_ORDER else "<"
+        if ft.kind == "array":
+            fmt: Any = (f"{order}u{ffi.sizeof(ft.item)}", ft.length)
+        else:
+            fmt = f"{order}u{ffi.sizeof(ft)}"
+        names.append(name)
+        formats.append(fmt)
+        offsets.append(field.offset)
+    size = itemsize or ffi.sizeof(t)
+    return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": size})
 
 
 def object_path(name: str = "xdpflow") -> str:

@@ -18,15 +18,17 @@ the old or the new answer.
 
 from __future__ import annotations
 
+import bisect
 import errno
-import ipaddress
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import abi
-from .blocklist_file import PF6_BITS, Rule, bitmap_words, diff, prefilter_bits, sort_rules
+from .abi import np_dtype
+from .blocklist_file import KEY6, PF6_BITS, Rule, bitmap_words, prefilter_bits, rule_from_key, rule_key
 from .errors import MapFullError
 from .libbpf import Map, ffi, possible_cpus
 
@@ -45,19 +47,71 @@ V4_LEVELS = {
 ALL_TRIE_FLAGS = sum(t[1] for t in TRIES.values())
 D24 = abi.C.XF_BL_D24
 HOSTS = abi.C.XF_BL_HOSTS
+_DIRS = ("src", "dst")
+_U128 = (1 << 128) - 1
+
+# Internally a rule is its rule_key int: (address << 8 | prefixlen, IPv6 bit
+# 136) << 1 | direction bit. Hashing 10^5 ipaddress objects costs a second.
 
 
-@dataclass(frozen=True)
+_KINDS = ((4, "src"), (4, "dst"), (6, "src"), (6, "dst"))
+_V6_SHIFT = KEY6.bit_length()  # rule_key >> this is 1 for IPv6
+
+
+def _kind(k: int) -> tuple[int, str]:
+    return _KINDS[(k >> _V6_SHIFT) << 1 | (k & 1)]
+
+
+def _by_kind(keys: Iterable[int]) -> dict[tuple[int, str], list[int]]:
+    out: list[list[int]] = [[], [], [], []]
+    shift = _V6_SHIFT
+    for k in keys:
+        out[(k >> shift) << 1 | (k & 1)].append(k)
+    return dict(zip(_KINDS, out))
+
+
+def _addr(k: int) -> int:
+    return (k >> 9) & _U128
+
+
+def _plen(k: int) -> int:
+    return (k >> 1) & 0xFF
+
+
+def _span(k: int) -> tuple[int, int]:
+    bits = (128 if (k >> 1) & KEY6 else 32) - _plen(k)
+    lo = _addr(k)
+    return lo, lo | ((1 << bits) - 1)
+
+
+def key_cidr(k: int) -> str:
+    """The CIDR text of a rule key, without building ipaddress objects."""
+    if (k >> 1) & KEY6:
+        return str(rule_from_key(k).net)
+    return f"{socket.inet_ntoa(_addr(k).to_bytes(4, 'big'))}/{_plen(k)}"
+
+
 class Change:
-    added: list[Rule]
-    deleted: list[Rule]
+    """What a blocklist operation added and deleted (rule keys; Rules and
+    CIDR texts made on demand: a feed sync changes 10^5 of them)."""
 
+    def __init__(self, added: list[int], deleted: list[int]) -> None:
+        self.added_keys = sorted(added)
+        self.deleted_keys = sorted(deleted)
 
-def _rule_from_key(family: int, key: bytes) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    plen = int.from_bytes(key[:4], "little")
-    if family == 4:
-        return ipaddress.IPv4Network((key[4:8], plen))
-    return ipaddress.IPv6Network((key[4:20], plen))
+    @property
+    def added(self) -> list[Rule]:
+        return [rule_from_key(k) for k in self.added_keys]
+
+    @property
+    def deleted(self) -> list[Rule]:
+        return [rule_from_key(k) for k in self.deleted_keys]
+
+    def added_cidrs(self) -> list[str]:
+        return [key_cidr(k) for k in self.added_keys]
+
+    def deleted_cidrs(self) -> list[str]:
+        return [key_cidr(k) for k in self.deleted_keys]
 
 
 @dataclass
@@ -67,8 +121,9 @@ class V4Tables:
     l3: dict[int, int]  # host address -> entry
 
 
-def v4_tables(rules: Iterable[tuple[ipaddress.IPv4Network, int]]) -> V4Tables:
-    """The IPv4 lookup table for one direction's (network, rule index) pairs.
+def v4_tables(addrs: np.ndarray, plens: np.ndarray, idx: np.ndarray) -> V4Tables:
+    """The IPv4 lookup table for one direction's rules (host-order network
+    addresses, prefix lengths, rule indices; parallel arrays).
 
     Longest prefix wins: rules are painted shortest first, so a longer rule
     overwrites the entries of a shorter one it lies inside. An entry is rule
@@ -76,35 +131,37 @@ def v4_tables(rules: Iterable[tuple[ipaddress.IPv4Network, int]]) -> V4Tables:
     /17-/24 rules lie inside and every /24 holding a longer rule has an L2
     entry; HOSTS means /25-/32 rules lie inside and have L3 entries.
     """
+    addrs = addrs.astype(np.uint64)
+    vals = idx.astype(np.uint64) + 1
     l1 = np.zeros(abi.C.XF_BL4_L1_SIZE, dtype=np.uint32)
     l2: dict[int, int] = {}
     l3: dict[int, int] = {}
-    d24: set[int] = set()  # /16s with /17-/24 rules
-    hosts16: set[int] = set()  # /16s with /25-/32 rules
-    hosts24: set[int] = set()  # /24s with /25-/32 rules
-    for net, idx in sorted(rules, key=lambda t: t[0].prefixlen):
-        a, plen, v = int(net.network_address), net.prefixlen, idx + 1
+    for plen in range(0, 33):
+        sel = plens == plen
+        if not sel.any():
+            continue
+        a, v = addrs[sel], vals[sel]
         if plen <= 16:
-            first = a >> 16
-            l1[first : first + (1 << (16 - plen))] = v
+            width = 1 << (16 - plen)
+            for first, val in zip((a >> 16).tolist(), v.tolist()):
+                l1[first : first + width] = val
         elif plen <= 24:
-            d24.add(a >> 16)
-            first = a >> 8
-            for c in range(first, first + (1 << (24 - plen))):
-                l2[c] = v
+            keys = ((a >> 8)[:, None] + np.arange(1 << (24 - plen), dtype=np.uint64)).ravel()
+            l2.update(zip(keys.tolist(), np.repeat(v, 1 << (24 - plen)).tolist()))
         else:
-            hosts16.add(a >> 16)
-            hosts24.add(a >> 8)
-            for h in range(a, a + (1 << (32 - plen))):
-                l3[h] = v
-    for c in hosts24:
+            keys = (a[:, None] + np.arange(1 << (32 - plen), dtype=np.uint64)).ravel()
+            l3.update(zip(keys.tolist(), np.repeat(v, 1 << (32 - plen)).tolist()))
+    mid, long_ = (plens > 16) & (plens <= 24), plens > 24
+    d24 = set((addrs[mid] >> 16).tolist())
+    hosts16 = set((addrs[long_] >> 16).tolist())
+    for c in set((addrs[long_] >> 8).tolist()):
         if (c >> 8) in d24:
             # the lookup reaches L3 through this /24's entry
             l2[c] = (l2.get(c) or int(l1[c >> 8])) | HOSTS
-    for b in d24:
-        l1[b] |= np.uint32(D24)
-    for b in hosts16:
-        l1[b] |= np.uint32(HOSTS)
+    if d24:
+        l1[np.fromiter(d24, dtype=np.int64)] |= np.uint32(D24)
+    if hosts16:
+        l1[np.fromiter(hosts16, dtype=np.int64)] |= np.uint32(HOSTS)
     return V4Tables(l1, l2, l3)
 
 
@@ -121,26 +178,50 @@ class Blocklist:
 
     # reading ------------------------------------------------------------
 
-    def entries(self) -> dict[Rule, int]:
-        """Every rule with its rule index."""
-        out: dict[Rule, int] = {}
+    def _entries(self) -> dict[int, int]:
+        """Every rule as rule_key -> rule index."""
+        out: dict[int, int] = {}
         for (family, direction), (trie, _flag) in TRIES.items():
             m = self._map(trie)
-            ks = m.info.key_size
             raw = m.lookup_batch_raw()
             if raw is None:
-                for k, v in m.items():
-                    out[Rule(_rule_from_key(family, bytes(ffi.buffer(k))), direction)] = int(v)
-                continue
+                kb = b"".join(bytes(ffi.buffer(k)) for k in m)
+                vb = np.array([m[k] for k in m], dtype="<u4").tobytes()
+                raw = (kb, vb, len(vb) // 4)
             keys, vals, n = raw
-            idx = np.frombuffer(vals, dtype="<u4", count=n)
-            for i in range(n):
-                net = _rule_from_key(family, keys[i * ks : (i + 1) * ks])
-                out[Rule(net, direction)] = int(idx[i])
+            if n == 0:
+                continue
+            arr = np.frombuffer(keys, dtype=np_dtype(m.key_type), count=n)
+            idx = np.frombuffer(vals, dtype="<u4", count=n).tolist()
+            bit = _DIRS.index(direction)
+            if family == 4:
+                addr = np.ascontiguousarray(arr["addr"]).view(">u4").ravel().astype(np.uint64)
+                net = addr << np.uint64(8) | arr["prefixlen"].astype(np.uint64)
+                rk = (net << np.uint64(1)) | np.uint64(bit)
+                out.update(zip(rk.tolist(), idx))
+            else:
+                for a, p, i in zip(arr["addr"], arr["prefixlen"].tolist(), idx):
+                    out[((KEY6 | int.from_bytes(a.tobytes(), "big") << 8 | p) << 1) | bit] = i
         return out
 
+    def entries(self) -> dict[Rule, int]:
+        """Every rule with its rule index."""
+        return {rule_from_key(k): i for k, i in self._entries().items()}
+
     def rules(self) -> list[Rule]:
-        return sort_rules(self.entries())
+        return [rule_from_key(k) for k in sorted(self._entries())]
+
+    def __len__(self) -> int:
+        return len(self._entries())
+
+    def rule_indices(self) -> dict[int, Rule]:
+        """Rule index -> rule, for naming the rule an event carries."""
+        return {i: rule_from_key(k) for k, i in self._entries().items()}
+
+    def missing(self, rules: Iterable[Rule]) -> list[Rule]:
+        """The rules that are not in the blocklist."""
+        current = self._entries()
+        return [r for r in rules if rule_key(r) not in current]
 
     def hit_counts(self) -> np.ndarray:
         """Hits per rule index, summed over CPUs."""
@@ -154,9 +235,11 @@ class Blocklist:
 
     def listing(self) -> list[tuple[Rule, int]]:
         """(rule, hits) for every rule, in rule order."""
-        entries = self.entries()
-        hits = self.hit_counts() if entries else np.zeros(0, dtype=np.uint64)
-        return [(r, int(hits[entries[r]]) if entries[r] < len(hits) else 0) for r in sort_rules(entries)]
+        entries = self._entries()
+        if not entries:
+            return []
+        hits = self.hit_counts()
+        return [(rule_from_key(k), int(hits[entries[k]])) for k in sorted(entries)]
 
     def capacity(self) -> tuple[int, int]:
         """(rules per family and direction, rules in all)."""
@@ -165,35 +248,44 @@ class Blocklist:
     # writing ------------------------------------------------------------
 
     def add(self, rules: Iterable[Rule]) -> Change:
-        current = self.entries()
-        return self._apply(current, [r for r in set(rules) if r not in current], [])
+        current = self._entries()
+        return self._apply(current, sorted({rule_key(r) for r in rules} - current.keys()), [])
 
     def delete(self, rules: Iterable[Rule]) -> Change:
-        current = self.entries()
-        return self._apply(current, [], [r for r in set(rules) if r in current])
+        current = self._entries()
+        return self._apply(current, [], sorted({rule_key(r) for r in rules} & current.keys()))
 
-    def sync(self, wanted: Iterable[Rule], dry_run: bool = False) -> Change:
-        """Make the blocklist equal ``wanted`` by applying only the difference."""
-        current = self.entries()
-        to_add, to_delete = diff(current, wanted)
+    def sync(self, wanted: Iterable[Rule], dry_run: bool = False, direction: str | None = None) -> Change:
+        """Make the blocklist equal ``wanted`` by applying only the difference.
+        With ``direction``, only that direction's rules are compared: the
+        other direction's stay as they are.
+        """
+        return self.sync_keys((rule_key(r) for r in wanted), dry_run, direction)
+
+    def sync_keys(self, wanted: Iterable[int], dry_run: bool = False, direction: str | None = None) -> Change:
+        """sync() for rule keys (blocklist_file.read_file_keys gives them)."""
+        current = self._entries()
+        want = set(wanted)
+        if direction is not None:
+            other = 1 - _DIRS.index(direction)
+            want |= {k for k in current if k & 1 == other}
+        to_add, to_delete = sorted(want - current.keys()), sorted(current.keys() - want)
         if dry_run:
             self._check_capacity(current, to_add, to_delete)
             return Change(to_add, to_delete)
         return self._apply(current, to_add, to_delete)
 
     def flush(self) -> Change:
-        current = self.entries()
-        return self._apply(current, [], list(current))
+        current = self._entries()
+        return self._apply(current, [], sorted(current))
 
-    def _check_capacity(self, current: dict[Rule, int], to_add: list[Rule], to_delete: list[Rule]) -> None:
+    def _counts(self, keys: Iterable[int]) -> dict[tuple[int, str], int]:
+        return {kind: len(ks) for kind, ks in _by_kind(keys).items()}
+
+    def _check_capacity(self, current: dict[int, int], to_add: list[int], to_delete: list[int]) -> None:
         per_trie, total = self.capacity()
-        counts = {k: 0 for k in TRIES}
-        for r in current:
-            counts[(r.net.version, r.direction)] += 1
-        for r in to_add:
-            counts[(r.net.version, r.direction)] += 1
-        for r in to_delete:
-            counts[(r.net.version, r.direction)] -= 1
+        gone = set(to_delete)
+        counts = self._counts([k for k in current if k not in gone] + to_add)
         for (family, direction), n in counts.items():
             if n > per_trie:
                 raise MapFullError(
@@ -208,49 +300,67 @@ class Blocklist:
                 f"the blocklist holds at most {total} rules; this change needs {n}; nothing was changed",
             )
 
-    def _apply(self, current: dict[Rule, int], to_add: list[Rule], to_delete: list[Rule]) -> Change:
-        self._check_capacity(current, to_add, to_delete)
-        gone = set(to_delete)
-        final = {r: i for r, i in current.items() if r not in gone}
+    def _fits(self, current: dict[int, int], to_add: list[int]) -> bool:
+        """Whether the tries can hold the current rules and the new ones at once."""
+        per_trie, total = self.capacity()
+        if len(current) + len(to_add) > total:
+            return False
+        return max(self._counts(list(current) + to_add).values()) <= per_trie
 
+    def _apply(self, current: dict[int, int], to_add: list[int], to_delete: list[int]) -> Change:
+        self._check_capacity(current, to_add, to_delete)
+        if to_add and to_delete and not self._fits(current, to_add):
+            # Adding first would overflow a trie. Rules that share no address
+            # with any rule that stays or comes can go first: whatever they
+            # unblock is unblocked by this change anyway.
+            gone = set(to_delete)
+            first = _disjoint_from(to_delete, [k for k in current if k not in gone] + to_add)
+            if first:
+                self._apply(current, [], first)
+                firsts = set(first)
+                rest = self._apply(self._entries(), to_add, [k for k in to_delete if k not in firsts])
+                return Change(rest.added_keys, rest.deleted_keys + first)
+
+        gone = set(to_delete)
+        final = {k: i for k, i in current.items() if k not in gone}
         # new rules get indices no current rule holds, so an entry still
         # pointing at a deleted rule never counts hits for a new one
         if to_add:
             used = np.zeros(self.capacity()[1], dtype=bool)
             used[list(current.values())] = True
             free = np.flatnonzero(~used)[: len(to_add)]
-            final.update(zip(to_add, (int(i) for i in free)))
+            final.update(zip(to_add, free.tolist()))
             self._zero_hits(free)
 
-        v4 = {
-            d: v4_tables((r.net, i) for r, i in final.items() if r.net.version == 4 and r.direction == d)
-            for d in V4_LEVELS
-        }
+        v4 = {d: self._v4_tables(final, d) for d in V4_LEVELS}
         self._check_v4_sizes(v4)
 
         # 1. adds: the rule store, IPv6 prefilter bits, the IPv4 tables
-        added = [(r, final[r]) for r in to_add]
-        for key in TRIES:
-            items = [(r, i) for r, i in added if (r.net.version, r.direction) == key]
-            if items:
-                self._write_trie(key, items)
-        pf_before = prefilter_bits(r for r in current if r.net.version == 6)
-        pf_final = prefilter_bits(r for r in final if r.net.version == 6)
-        for key in PREFILTERS:
-            self._write_bits(key, _union(pf_before[key], pf_final[key]))
+        for kind, keys in _by_kind(to_add).items():
+            if keys:
+                self._write_trie(kind, keys, [final[k] for k in keys])
+        pf_before = _pf6(current)
+        pf_final = _pf6(final)
+        for kind in PREFILTERS:
+            self._write_bits(kind, _union(pf_before[kind], pf_final[kind]))
         for direction, tables in v4.items():
             self._write_v4(direction, tables)
-        self._set_flags(set(current) | set(final))
+        self._set_flags(list(current) + list(final))
 
         # 2. deletes: out of the rule store, then bits and flags nobody needs
-        for key in TRIES:
-            rs = [r for r in to_delete if (r.net.version, r.direction) == key]
-            if rs:
-                self._delete_trie(key, rs)
-        for key in PREFILTERS:
-            self._write_bits(key, pf_final[key])
-        self._set_flags(final)
-        return Change(sort_rules(to_add), sort_rules(to_delete))
+        for kind, keys in _by_kind(to_delete).items():
+            if keys:
+                self._delete_trie(kind, keys)
+        for kind in PREFILTERS:
+            self._write_bits(kind, pf_final[kind])
+        self._set_flags(list(final))
+        return Change(to_add, to_delete)
+
+    def _v4_tables(self, rules: dict[int, int], direction: str) -> V4Tables:
+        keys = np.array(_by_kind(rules)[(4, direction)], dtype=np.uint64)
+        idx = np.array([rules[k] for k in keys.tolist()], dtype=np.uint64)
+        net = keys >> np.uint64(1)
+        return v4_tables(net >> np.uint64(8), (net & np.uint64(0xFF)).astype(np.int64), idx)
 
     def _check_v4_sizes(self, v4: dict[str, V4Tables]) -> None:
         for direction, t in v4.items():
@@ -267,31 +377,29 @@ class Blocklist:
     def _zero_hits(self, indices: np.ndarray) -> None:
         m = self._map("rule_hits")
         n = len(indices)
-        keys = ffi.new("__u32[]", [int(i) for i in indices])
+        keys = ffi.new("__u32[]", indices.tolist())
         vals = ffi.new("char[]", n * possible_cpus() * 8)
         m.update_batch_raw(keys, vals, n)
 
-    def _write_trie(self, key: tuple[int, str], items: list[tuple[Rule, int]]) -> None:
-        m = self._map(TRIES[key][0])
-        ctype = "struct xf_lpm4" if key[0] == 4 else "struct xf_lpm6"
-        n = len(items)
-        keys = ffi.new(f"{ctype}[]", n)
-        vals = ffi.new("__u32[]", n)
-        for i, (r, idx) in enumerate(items):
-            keys[i].prefixlen = r.net.prefixlen
-            keys[i].addr = r.net.network_address.packed
-            vals[i] = idx
-        m.update_batch_raw(keys, vals, n)
+    def _trie_keys(self, m: Map, kind: tuple[int, str], keys: list[int]) -> np.ndarray:
+        arr = np.zeros(len(keys), dtype=np_dtype(m.key_type))
+        arr["prefixlen"] = [_plen(k) for k in keys]
+        width = 4 if kind[0] == 4 else 16
+        arr["addr"] = np.frombuffer(
+            b"".join(_addr(k).to_bytes(width, "big") for k in keys), dtype=np.uint8
+        ).reshape(len(keys), width)
+        return arr
 
-    def _delete_trie(self, key: tuple[int, str], rules: list[Rule]) -> None:
-        m = self._map(TRIES[key][0])
-        ctype = "struct xf_lpm4" if key[0] == 4 else "struct xf_lpm6"
-        n = len(rules)
-        keys = ffi.new(f"{ctype}[]", n)
-        for i, r in enumerate(rules):
-            keys[i].prefixlen = r.net.prefixlen
-            keys[i].addr = r.net.network_address.packed
-        m.delete_batch_raw(keys, n)
+    def _write_trie(self, kind: tuple[int, str], keys: list[int], idx: list[int]) -> None:
+        m = self._map(TRIES[kind][0])
+        arr = self._trie_keys(m, kind, keys)
+        vals = np.array(idx, dtype="<u4")
+        m.update_batch_raw(ffi.from_buffer(arr), ffi.from_buffer(vals), len(keys))
+
+    def _delete_trie(self, kind: tuple[int, str], keys: list[int]) -> None:
+        m = self._map(TRIES[kind][0])
+        arr = self._trie_keys(m, kind, keys)
+        m.delete_batch_raw(ffi.from_buffer(arr), len(keys))
 
     def _read_u32_map(self, m: Map) -> dict[int, int]:
         raw = m.lookup_batch_raw(chunk=65536)
@@ -315,9 +423,9 @@ class Blocklist:
         _remove(l2m, [k for k in have2 if k not in t.l2])
         _remove(l3m, [k for k in have3 if k not in t.l3])
 
-    def _write_bits(self, key: tuple[int, str], bits: set[int] | None) -> None:
+    def _write_bits(self, kind: tuple[int, str], bits: set[int] | None) -> None:
         """Make a prefilter bitmap equal ``bits``, writing only changed words."""
-        m = self._map(PREFILTERS[key])
+        m = self._map(PREFILTERS[kind])
         want = np.array(bitmap_words(bits, PF6_BITS), dtype=np.uint64)
         raw = m.lookup_batch_raw(chunk=len(want))
         if raw is None:
@@ -331,15 +439,49 @@ class Blocklist:
         vals = ffi.new("__u64[]", want[changed].tolist())
         m.update_batch_raw(keys, vals, len(changed))
 
-    def _set_flags(self, rules: Iterable[Rule]) -> None:
-        present = {(r.net.version, r.direction) for r in rules}
-        flags = sum(TRIES[k][1] for k in present)
+    def _set_flags(self, keys: Iterable[int]) -> None:
+        flags = 0
+        for kind, ks in _by_kind(keys).items():
+            if ks:
+                flags |= TRIES[kind][1]
         m = self._map("config")
         cfg = m[0]
         new = (cfg.flags & ~ALL_TRIE_FLAGS) | flags
         if new != cfg.flags:
             cfg.flags = new
             m[0] = cfg
+
+
+def _pf6(rules: dict[int, int]) -> dict[tuple[int, str], set[int] | None]:
+    bits = prefilter_bits(rule_from_key(k) for k in rules if (k >> 1) & KEY6)
+    return {kind: bits[kind] for kind in PREFILTERS}
+
+
+def _disjoint_from(keys: list[int], others: list[int]) -> list[int]:
+    """The rules of ``keys`` that share no address with any rule of ``others``
+    (same family and direction). CIDRs are nested or disjoint, so an interval
+    test against the others sorted by start, with a running maximum of their
+    ends, decides each rule in O(log n).
+    """
+    spans: dict[tuple[int, str], list[tuple[int, int]]] = {k: [] for k in TRIES}
+    for o in others:
+        spans[_kind(o)].append(_span(o))
+    index = {}
+    for kind, sp in spans.items():
+        sp.sort()
+        max_end, running = [], -1
+        for _, b in sp:
+            running = max(running, b)
+            max_end.append(running)
+        index[kind] = ([a for a, _ in sp], max_end)
+    out = []
+    for k in keys:
+        starts, max_end = index[_kind(k)]
+        lo, hi = _span(k)
+        i = bisect.bisect_right(starts, hi) - 1
+        if i < 0 or max_end[i] < lo:
+            out.append(k)
+    return out
 
 
 def _upsert(m: Map, entries: dict[int, int]) -> None:

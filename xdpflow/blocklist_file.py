@@ -46,11 +46,16 @@ __all__ = [
     "bitmap_words",
     "diff",
     "parse_cidr",
+    "parse_keys",
     "parse_lines",
     "prefilter_bits",
     "read_file",
+    "read_file_keys",
+    "rule_from_key",
+    "rule_key",
     "sort_rules",
 ]
+KEY6 = 1 << 136  # set in a net key for IPv6
 
 DIRECTIONS = ("src", "dst")
 _DIRECTION_BIT = {"src": 0, "dst": 1}
@@ -83,6 +88,20 @@ _V4_CHARS = frozenset("0123456789.")
 def _net_key(net: IPv4Network | IPv6Network) -> int:
     key = (int(net.network_address) << 8) | net.prefixlen
     return (key | _KEY6) if isinstance(net, IPv6Network) else key
+
+
+def rule_key(rule: Rule) -> int:
+    """A rule as one int, ordered like Rules: ``(net_key << 1) | direction bit``
+    where ``net_key = address << 8 | prefixlen``, with bit 136 set for IPv6.
+    Hashing and comparing ints is ~10x cheaper than Rules; ``rule_from_key``
+    inverts it. Raises ValueError for a direction other than "src"/"dst".
+    """
+    return _rule_key(rule)
+
+
+def rule_from_key(key: int) -> Rule:
+    """The Rule for a ``rule_key`` value (no validation: keys come from rules)."""
+    return tuple.__new__(Rule, (_network(key >> 1), DIRECTIONS[key & 1]))
 
 
 def _rule_key(rule: Rule) -> int:
@@ -413,6 +432,24 @@ def _gc_paused() -> Iterator[None]:
 
 def parse_lines(lines: Iterable[str], path: str = "-", direction: str = "src") -> list[Rule]:
     """Parse blocklist text, one address or CIDR per line, into sorted unique rules.
+    See parse_keys() for the format and the errors.
+    """
+    keys = parse_keys(lines, path, direction)
+    n4 = bisect_left(keys, _KEY6 << 1)
+    new = tuple.__new__
+    net4 = _net4
+    with _gc_paused():
+        rules = [new(Rule, (net4(key >> 9, (key >> 1) & 0xFF), direction)) for key in keys[:n4]]
+        rules += [
+            new(Rule, (IPv6Network(((key >> 9) & _U128, (key >> 1) & 0xFF)), direction)) for key in keys[n4:]
+        ]
+    return rules
+
+
+def parse_keys(lines: Iterable[str], path: str = "-", direction: str = "src") -> list[int]:
+    """Parse blocklist text, one address or CIDR per line, into sorted unique
+    rule keys (see rule_key()): the fast path for whole feeds, which never
+    builds an ipaddress object.
 
     ``#`` and ``;`` start a comment anywhere on a line; blank lines and surrounding
     whitespace (including the CR of CRLF endings) are ignored. Duplicates are merged;
@@ -473,17 +510,17 @@ def parse_lines(lines: Iterable[str], path: str = "-", direction: str = "src") -
         first.errors = errors
         raise first
 
-    keys = sorted(seen)
-    n4 = bisect_left(keys, _KEY6)
-    new = tuple.__new__
-    net4 = _net4
-    with _gc_paused():
-        rules = [new(Rule, (net4(key >> 8, key & 0xFF), direction)) for key in keys[:n4]]
-        rules += [new(Rule, (IPv6Network(((key >> 8) & _U128, key & 0xFF)), direction)) for key in keys[n4:]]
-    return rules
+    bit = _DIRECTION_BIT[direction]
+    return sorted((key << 1) | bit for key in seen)
 
 
 def read_file(path: str, direction: str = "src") -> list[Rule]:
+    """Read and parse a blocklist file into rules; see read_file_keys()."""
+    keys = read_file_keys(path, direction)
+    return [rule_from_key(k) for k in keys]
+
+
+def read_file_keys(path: str, direction: str = "src") -> list[int]:
     """Read and parse a blocklist file; ``-`` reads standard input.
 
     The file is decoded as UTF-8 (a leading BOM is skipped). Bytes that are not UTF-8
@@ -509,7 +546,7 @@ def read_file(path: str, direction: str = "src") -> list[Rule]:
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     text = data.decode("utf-8", "surrogateescape")
-    return parse_lines(text.split("\n"), label, direction)
+    return parse_keys(text.split("\n"), label, direction)
 
 
 # --- diffing ----------------------------------------------------------------------------

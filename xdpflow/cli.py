@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import abi, controller, netlink
-from .blocklist_file import BlocklistFileError, Rule, parse_cidr, read_file
+from .blocklist_file import BlocklistFileError, Rule, parse_cidr, read_file_keys
 from .controller import AttachOptions
 from .errors import XdpflowError
 from .libbpf import Map, RingBuffer, ffi
@@ -158,7 +158,7 @@ def status_rows(pin_root: str) -> list[dict[str, Any]]:
     if pins.interfaces():
         monitor = bool(controller.get_config(pin_root) & abi.C.XF_CFG_MONITOR)
         with blocklist_of(pin_root) as bl:
-            nrules = len(bl.entries())
+            nrules = len(bl)
             _per_trie, total = bl.capacity()
     for ifname in pins.interfaces():
         st = controller.iface_status(ifname, pin_root)
@@ -351,7 +351,7 @@ def cmd_block(args: argparse.Namespace) -> int:
         rules = _parse_cidrs(args.cidrs, direction)
     elif args.block_cmd == "sync":
         try:
-            rules = read_file(args.file, direction)
+            keys = read_file_keys(args.file, direction)
         except BlocklistFileError as e:
             errs = getattr(e, "errors", None) or [e]
             for err in errs[:20]:
@@ -365,8 +365,7 @@ def cmd_block(args: argparse.Namespace) -> int:
         if args.block_cmd == "add":
             ch = bl.add(rules)
         elif args.block_cmd == "del":
-            current = bl.entries()
-            missing = [r for r in rules if r not in current]
+            missing = bl.missing(rules)
             if missing:
                 raise BadInput(
                     "not in the blocklist: "
@@ -378,14 +377,13 @@ def cmd_block(args: argparse.Namespace) -> int:
             ch = bl.flush()
         else:
             # a file names one direction's rules; the other direction's stay
-            keep = [r for r in bl.entries() if r.direction != direction]
-            ch = bl.sync(list(rules) + keep, dry_run=args.dry_run)
+            ch = bl.sync_keys(keys, dry_run=args.dry_run, direction=direction)
     if args.json:
-        emit_json({"added": [str(r.net) for r in ch.added], "deleted": [str(r.net) for r in ch.deleted]})
+        emit_json({"added": ch.added_cidrs(), "deleted": ch.deleted_cidrs()})
     else:
         what = "would add" if getattr(args, "dry_run", False) else "added"
         gone = "would delete" if getattr(args, "dry_run", False) else "deleted"
-        print(f"{what} {len(ch.added)}, {gone} {len(ch.deleted)} rules")
+        print(f"{what} {len(ch.added_keys)}, {gone} {len(ch.deleted_keys)} rules")
     return 0
 
 
@@ -433,7 +431,7 @@ def decode_event(data: bytes, rules: dict[int, Rule], clock: Any) -> dict[str, A
 def cmd_events(args: argparse.Namespace) -> int:
     pins = PinRoot(args.pin_root)
     with blocklist_of(pins.root) as bl:
-        rules = {i: r for r, i in bl.entries().items()}
+        rules = bl.rule_indices()
     clock = controller.open_clock(pins.root)
     m = controller.open_events_fd(pins.root)
     count = [0]
@@ -442,7 +440,7 @@ def cmd_events(args: argparse.Namespace) -> int:
         ev = decode_event(data, rules, clock)
         if ev.get("rule", "") is None:  # a rule added after we started
             with blocklist_of(pins.root) as bl2:
-                rules.update({i: r for r, i in bl2.entries().items()})
+                rules.update(bl2.rule_indices())
             ev = decode_event(data, rules, clock)
         if args.json:
             print(json.dumps(ev), flush=True)

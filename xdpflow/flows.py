@@ -16,34 +16,14 @@ from typing import Any
 import numpy as np
 
 from . import abi
+from .abi import np_dtype
 from .clock import JiffiesClock
 from .controller import open_clock, open_iface_map
 from .libbpf import Map, ffi
 
-# fields the program stores in network byte order
-_NET_ORDER = {"saddr", "daddr", "sport", "dport"}
 _TCP_FLAG_LETTERS = "FSRPAUEC"  # bit 0 (FIN) .. bit 7 (CWR)
 
 SORT_KEYS = ("packets", "bytes", "last-seen")
-
-
-def np_dtype(ctype: str, itemsize: int | None = None) -> np.dtype:
-    """A numpy dtype laid out exactly like the cffi struct ``ctype``."""
-    t = ffi.typeof(ctype)
-    names, formats, offsets = [], [], []
-    for name, field in t.fields:
-        ft = field.type
-        order = ">" if name in _NET_ORDER else "<"
-        if ft.kind == "array":
-            fmt: Any = (f"{order}u{ffi.sizeof(ft.item)}", ft.length)
-        else:
-            fmt = f"{order}u{ffi.sizeof(ft)}"
-        names.append(name)
-        formats.append(fmt)
-        offsets.append(field.offset)
-    return np.dtype(
-        {"names": names, "formats": formats, "offsets": offsets, "itemsize": itemsize or ffi.sizeof(t)}
-    )
 
 
 def tcp_flags_str(flags: int) -> str:
