@@ -179,4 +179,15 @@ struct xf_ratelimit {
 	__u64 count;
 };
 
+/* the traffic generator's knobs (bpf/baseline.bpf.c .rodata): each copy
+ * xdp_tx sends gets the big-endian 16-bit field at vary_offset set to
+ * vary_base + (copy number % vary_count), so one test run makes many flows
+ */
+struct xf_gen_knobs {
+	__u32 vary_offset; /* 0: send copies unchanged */
+	__u32 vary_count;
+	__u32 vary_base;
+	__u32 pad;
+};
+
 #endif /* XDPFLOW_H */

@@ -49,7 +49,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
@@ -324,6 +324,21 @@ def build_frames(mix: FlowMix) -> list[bytes]:
     return frames
 
 
+def vary_frame(mix: FlowMix) -> tuple[bytes, int]:
+    """For ``blast(vary=...)``: flow 0's frame and the offset of its source
+    port. Copies of it with ports PORT_BASE .. PORT_BASE + n_flows - 1 are
+    exactly the flows of a one-group mix with as many source hosts as flows
+    are not needed: the port alone tells flows apart (n_flows <= 64512).
+    Raises XdpflowError(EINVAL) for a mix of several groups or ICMP.
+    """
+    if len(mix.groups) != 1 or mix.groups[0][1] == "icmp":
+        raise XdpflowError(errno.EINVAL, "vary: needs a mix of one family and one of udp/tcp")
+    if mix.n_flows > PORT_SPAN:
+        raise XdpflowError(errno.EINVAL, f"vary: at most {PORT_SPAN} flows (one per source port)")
+    lay = _template(mix, *mix.groups[0])
+    return build_frames(replace(mix, n_flows=1))[0], lay.port_off
+
+
 # --------------------------------------------------------------------------
 # sending
 
@@ -470,6 +485,7 @@ def blast(
     batch_size: int = 64,
     *,
     burst: int | None = None,
+    vary: tuple[int, int] | None = None,
 ) -> Result:
     """Send ``total`` frames out of ``ifname`` at XDP speed: every frame of
     ``frames`` total // len(frames) times, the first total % len(frames)
@@ -492,6 +508,12 @@ def blast(
     On other drivers ``sent`` is what was handed to the driver (``counted``
     False) and nothing is re-sent.
 
+    With ``vary=(offset, count)`` the kernel rewrites the big-endian 16-bit
+    field at ``offset`` of every copy to its value in the frame plus (copy
+    number % count): one frame makes ``count`` flows at full speed (see
+    ``vary_frame``). Copies a full ring refused are re-sent with the next
+    values, so per-flow counts may differ by those few; the total is exact.
+
     Raises XdpflowError: ENOENT (no such netns), ENODEV (no such interface),
     EPERM (not root), EINVAL (bad arguments, or a frame longer than the
     kernel allows in one page), ENXIO (the veth silently dropped the frames:
@@ -513,6 +535,16 @@ def blast(
     with Object(abi.object_path("baseline")) as obj:
         obj.set_autoload("xdp_pass", False)
         obj.set_autoload("xdp_drop", False)
+        if vary is not None:
+            offset, count = vary
+            if len(frames) != 1 or not 0 < offset <= len(frames[0]) - 2 or count < 1:
+                raise XdpflowError(errno.EINVAL, "blast: vary needs one frame, a field inside it and a count")
+            knobs = obj.map_spec(next(n for n in obj.maps if n.endswith(".rodata"))).initial_value(
+                "struct xf_gen_knobs"
+            )
+            knobs.vary_offset = offset
+            knobs.vary_count = count
+            knobs.vary_base = struct.unpack_from("!H", frames[0], offset)[0]
         obj.load()
         prog = obj.program("xdp_tx")
         try:
@@ -647,6 +679,12 @@ def send_exact(
     ring is full; it was not sent) the same frame is sent again after a
     short pause, so nothing is lost or duplicated: ``Result.sent`` == count
     on return, and ``Result.refused`` counts the refusals.
+
+    With ``vary=(offset, count)`` the kernel rewrites the big-endian 16-bit
+    field at ``offset`` of every copy to its value in the frame plus (copy
+    number % count): one frame makes ``count`` flows at full speed (see
+    ``vary_frame``). Copies a full ring refused are re-sent with the next
+    values, so per-flow counts may differ by those few; the total is exact.
 
     Raises XdpflowError: ENOENT (no such netns), ENODEV (no such
     interface), EMSGSIZE (a frame longer than the MTU), ETIMEDOUT (the
