@@ -10,7 +10,9 @@ Used by scripts/bench.py; runnable alone for quick checks:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
+import json
 import os
 import random
 import statistics
@@ -57,22 +59,16 @@ class Figure:
 def frames() -> dict[str, bytes]:
     eth = Ether(src=MAC_A, dst=MAC_B)
     return {
-        "udp4": bytes(
-            eth / IP(src="198.18.0.1", dst="198.18.0.2") / UDP(sport=1024, dport=2048) / Raw(b"\0" * 18)
-        ),
+        "udp4": bytes(eth / IP(src="198.18.0.1", dst="198.18.0.2") / UDP(sport=1024, dport=2048) / Raw(b"\0" * 18)),
         "tcp6": bytes(eth / IPv6(src="2001:2::1", dst="2001:2::2") / TCP(sport=1024, dport=80, flags="A")),
-        "blocked4": bytes(
-            eth / IP(src=BLOCKED_SRC, dst="198.18.0.2") / UDP(sport=1024, dport=53) / Raw(b"\0" * 18)
-        ),
+        "blocked4": bytes(eth / IP(src=BLOCKED_SRC, dst="198.18.0.2") / UDP(sport=1024, dport=53) / Raw(b"\0" * 18)),
     }
 
 
 def random_prefixes(n4: int, n6: int, seed: int = 7) -> list[Rule]:
     """Feed-like prefixes that none of the benchmark frames fall into."""
     rnd = random.Random(seed)
-    avoid4 = [
-        ipaddress.ip_network(c) for c in ("198.18.0.0/15", "203.0.113.0/24", "0.0.0.0/8", "224.0.0.0/3")
-    ]
+    avoid4 = [ipaddress.ip_network(c) for c in ("198.18.0.0/15", "203.0.113.0/24", "0.0.0.0/8", "224.0.0.0/3")]
     avoid6 = [ipaddress.ip_network("2001:2::/48")]
     rules: set[Rule] = set()
     lens4 = [16] * 3 + [20] * 5 + [22] * 10 + [24] * 60 + [32] * 22
@@ -140,18 +136,28 @@ def distinct_udp4(n: int) -> list[bytes]:
 
 def xdp_filter_prog() -> tuple[Program, Callable[[], None]] | None:
     """xdp-filter (xdp-tools) loaded on a throw-away veth with a few addresses;
-    returns its dispatcher program, run by id, and a cleanup function."""
+    returns its program, run by id, and a cleanup function that unloads it
+    and removes every pin libxdp made.
+
+    nsenter, not `ip netns exec`: the latter remounts /sys, and libxdp needs
+    the host's bpffs.
+    """
     ns = f"xfbench-{os.getpid()}"
+    made_xdp_dir = not os.path.exists("/sys/fs/bpf/xdp")
     try:
         subprocess.run(["ip", "netns", "add", ns], check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
 
-    def cleanup() -> None:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
     def sh(*a: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ip", "netns", "exec", ns, *a], check=True, capture_output=True, text=True)
+        return subprocess.run(["nsenter", f"--net=/run/netns/{ns}", *a], check=True, capture_output=True, text=True)
+
+    def cleanup() -> None:
+        subprocess.run(["nsenter", f"--net=/run/netns/{ns}", "xdp-filter", "unload", "xfa"], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        if made_xdp_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir("/sys/fs/bpf/xdp")
 
     try:
         sh("ip", "link", "add", "xfa", "type", "veth", "peer", "name", "xfb")
@@ -161,8 +167,6 @@ def xdp_filter_prog() -> tuple[Program, Callable[[], None]] | None:
         for a in ("203.0.113.5", "203.0.113.6", "198.51.100.1", "2001:db8::1"):
             sh("xdp-filter", "ip", "--mode", "src", a)
         out = sh("ip", "-j", "link", "show", "xfa").stdout
-        import json
-
         prog_id = json.loads(out)[0]["xdp"]["prog"]["id"]
         return Program.from_id(prog_id), cleanup
     except (OSError, subprocess.CalledProcessError, KeyError, ValueError) as e:
@@ -209,13 +213,9 @@ def measure(runs: int, repeat: int, n_prefixes: int = 10000, new_flows: int = 65
                 figs[name].base.append(base)
             if filt:
                 fprog = filt[0]
-                figs["xdp-filter, UDP/IPv4 pass"].samples.append(
-                    per_frame_ns(fprog, fr["udp4"], repeat) - base4
-                )
+                figs["xdp-filter, UDP/IPv4 pass"].samples.append(per_frame_ns(fprog, fr["udp4"], repeat) - base4)
                 figs["xdp-filter, UDP/IPv4 pass"].base.append(base4)
-                figs["xdp-filter, blocked source"].samples.append(
-                    per_frame_ns(fprog, fr["blocked4"], repeat) - base4
-                )
+                figs["xdp-filter, blocked source"].samples.append(per_frame_ns(fprog, fr["blocked4"], repeat) - base4)
                 figs["xdp-filter, blocked source"].base.append(base4)
             # new flows: the table must not hold them yet
             dut.map("flows_v4").clear()
