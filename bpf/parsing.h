@@ -143,10 +143,14 @@ static __always_inline int parse_ip6hdr(struct hdr_cursor *nh, void *data_end,
 
 			if ((void *)(fh + 1) > data_end || (void *)(fh + 1) > nh->end)
 				return -1;
-			if (fh->frag_off & bpf_htons(0xfff8))
-				*l4_ok = 0;
 			nexthdr = fh->nexthdr;
 			pos = fh + 1;
+			/* a later fragment's payload holds no headers: its
+			 * protocol is what the fragment header names */
+			if (fh->frag_off & bpf_htons(0xfff8)) {
+				*l4_ok = 0;
+				goto done;
+			}
 		} else {
 			struct ipv6_opt_hdr_min *oh = pos;
 
@@ -158,7 +162,7 @@ static __always_inline int parse_ip6hdr(struct hdr_cursor *nh, void *data_end,
 	}
 	if (ipv6_is_ext(nexthdr) || pos > nh->end)
 		return -1;
-
+done:
 	nh->pos = pos;
 	*ip6hp = ip6h;
 	return nexthdr;

@@ -179,6 +179,16 @@ struct xf_ratelimit {
 	__u64 count;
 };
 
+/* What the flow exporter has sent of a flow, kept by the controller in a
+ * pinned hash next to each flow table (same key), so a restarted exporter
+ * sends only what it had not sent yet.
+ */
+struct xf_exported {
+	__u64 packets;
+	__u64 bytes;
+	__u64 at; /* jiffies of the last export */
+};
+
 /* the traffic generator's knobs (bpf/baseline.bpf.c .rodata): each copy
  * xdp_tx sends gets the big-endian 16-bit field at vary_offset set to
  * vary_base + (copy number % vary_count), so one test run makes many flows

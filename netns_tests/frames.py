@@ -8,8 +8,8 @@ and events the program should end up with, so hostile-frame runs can compare
 every counter and every flow exactly instead of checking "> 0".
 
 The ``prog``/``make_prog`` fixtures here replace conftest's in the modules
-that import them: same harness, but loaded once per module and option set and
-reset between tests, which keeps the suite fast.
+that import them: same harness, but loaded once per session and option set
+and reset between tests, which keeps the suite fast.
 
 Only addresses from the documentation/benchmark ranges are used:
 198.18.0.0/15, 198.51.100.0/24, 203.0.113.0/24, 2001:2::/48, 2001:db8::/32.
@@ -47,7 +47,6 @@ from xdpflow.flows import read_table
 from xdpflow.libbpf import RingBuffer, ffi, lib
 
 MAC_SRC = "02:00:00:00:00:01"
-CLOCK_MONOTONIC_COARSE = 6  # linux/time.h; the time module does not name it
 MAC_DST = "02:00:00:00:00:02"
 
 COUNTERS = tuple(abi.COUNTER_NAMES.values())
@@ -146,13 +145,19 @@ def _l4_class(proto: int) -> str:
     return {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}.get(proto, "other")
 
 
-def classify(frame: bytes, bound: str = "ip") -> Parsed:
+def classify(frame: bytes, bound: str = "ip", frag_stop: bool = True) -> Parsed:
     """Parse ``frame`` as the program specifies.
 
     ``bound`` says where extension and L4 headers must end: "ip" at the end of
     the IP packet (IPv4 total length, IPv6 40 + payload length), "frame" at
-    the end of the frame (the program today, which reads Ethernet padding as
-    L4 header; see test_prog_parse.py::test_l4_header_must_lie_within_ip_packet).
+    the end of the frame (the program before it was fixed, which read Ethernet
+    padding as L4 header; test_prog_parse.py::test_l4_header_must_lie_within_ip_packet).
+
+    ``frag_stop``: the header chain ends at the fragment header of a non-first
+    IPv6 fragment, whose next header names the first header of the original
+    packet's fragmentable part, not something in this fragment. False walks
+    on into the payload as the program does today (see
+    test_prog_flows.py::test_ipv6_later_fragment_payload_is_not_parsed).
     """
     n = len(frame)
     perr = Parsed("parse_errors", n)
@@ -196,6 +201,7 @@ def classify(frame: bytes, bound: str = "ip") -> Parsed:
         family, iplen = 6, 40 + plen
         src, dst = frame[off + 8 : off + 24], frame[off + 24 : off + 40]
         ipproto, pos, l4_ok = frame[off + 6], off + 40, True
+        stopped = False
         for _ in range(IPV6_EXT_MAX):
             if ipproto not in IPV6_EXT:
                 break
@@ -206,12 +212,15 @@ def classify(frame: bytes, bound: str = "ip") -> Parsed:
                     l4_ok = False
                 ipproto = frame[pos]
                 pos += 8
+                if not l4_ok and frag_stop:
+                    stopped = True
+                    break
             else:
                 if pos + 2 > end:
                     return perr
                 ipproto = frame[pos]
                 pos += (frame[pos + 1] + 1) * 8
-        if ipproto in IPV6_EXT or (bound == "ip" and pos > end):
+        if not stopped and (ipproto in IPV6_EXT or (bound == "ip" and pos > end)):
             return perr  # too many, or the last one ends past the packet
     else:
         return Parsed("non_ip", n)
@@ -315,6 +324,27 @@ class Model:
         return verdict
 
 
+EVENT_COUNTERS = ("events_suppressed", "events_lost")
+
+
+def without_events(c: dict[str, int]) -> dict[str, int]:
+    """Counters minus the event side counters, which depend on timing."""
+    return {k: v for k, v in c.items() if k.removesuffix("_bytes") not in EVENT_COUNTERS}
+
+
+def check_model(prog: Any, model: Model, before: dict[str, int] | None = None) -> None:
+    """Counters (since ``before``) and flows equal the model's exactly, and
+    every event the model says was sent was delivered, suppressed or lost."""
+    c = prog.counters()
+    if before is not None:
+        c = {k: c[k] - before[k] for k in c}
+    assert without_events(c) == without_events(model.counters)
+    delivered = len(prog.events.drain())
+    assert delivered + c["events_suppressed"] + c["events_lost"] == model.emits
+    check_invariants(c)
+    assert read_flows(prog) == model.flows
+
+
 def read_flows(prog: Any) -> dict[FlowKey, list[int]]:
     """The harness's flow tables as {key: [packets, bytes, tcp_flags]}."""
     out: dict[FlowKey, list[int]] = {}
@@ -347,6 +377,18 @@ class Template:
     frame: bytes
     l3: int  # offset of the IP header (or of what follows Ethernet/VLAN)
     l4: int  # offset of the L4 header (== len when there is none)
+
+
+def raw_udp4(src: int, dst: int, sport: int, dport: int, payload: bytes = b"") -> bytes:
+    """Ethernet/IPv4/UDP by struct packing: ~100x faster than scapy, for
+    building thousands of frames. Checksums are zero (the program ignores
+    them)."""
+    n = 28 + len(payload)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, n, 0, 0, 64, 17, 0, src.to_bytes(4, "big"), dst.to_bytes(4, "big"))
+    return _ETH_V4 + ip + struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+
+
+_ETH_V4 = bytes.fromhex(MAC_DST.replace(":", "") + MAC_SRC.replace(":", "")) + b"\x08\x00"
 
 
 def _template(name: str, pkt: Any) -> Template:
@@ -386,23 +428,15 @@ def templates() -> list[Template]:
             / IPv6ExtHdrFragment(offset=0, m=1, id=7)
             / UDP(sport=9, dport=10),
         ),
-        _template(
-            "v6-frag-later", ether() / v6 / IPv6ExtHdrFragment(offset=100, id=7, nh=17) / Raw(b"f" * 24)
-        ),
+        _template("v6-frag-later", ether() / v6 / IPv6ExtHdrFragment(offset=100, id=7, nh=17) / Raw(b"f" * 24)),
         _template(
             "v4-frag-later",
             ether() / IP(src="198.18.0.3", dst="198.18.0.4", frag=64, proto=17) / Raw(b"f" * 24),
         ),
         _template("v6-icmp", ether() / v6 / ICMPv6EchoRequest(id=1, seq=2)),
-        _template(
-            "v4-gre", ether() / IP(src="203.0.113.1", dst="203.0.113.2", proto=47) / Raw(b"\0\0\x08\0")
-        ),
-        _template(
-            "blocked-v4-udp", ether() / IP(src="198.51.100.7", dst="198.18.0.2") / UDP(sport=3, dport=4)
-        ),
-        _template(
-            "blocked-v6-tcp", ether() / IPv6(src="2001:2::9", dst="2001:db8:bad::1") / TCP(sport=3, dport=4)
-        ),
+        _template("v4-gre", ether() / IP(src="203.0.113.1", dst="203.0.113.2", proto=47) / Raw(b"\0\0\x08\0")),
+        _template("blocked-v4-udp", ether() / IP(src="198.51.100.7", dst="198.18.0.2") / UDP(sport=3, dport=4)),
+        _template("blocked-v6-tcp", ether() / IPv6(src="2001:2::9", dst="2001:db8:bad::1") / TCP(sport=3, dport=4)),
         _template("arp", Ether(arp())),
     ]
     padded = pad(bytes(ether() / IP(src="198.18.0.5", dst="198.18.0.6") / UDP(sport=11, dport=12)))
@@ -476,17 +510,13 @@ class Mutator:
                     "!H",
                     b,
                     12,
-                    r.choice(
-                        [ETH_P_IP, ETH_P_IPV6, ETH_P_8021Q, ETH_P_8021AD, 0x0806, 0x88CC, r.randrange(65536)]
-                    ),
+                    r.choice([ETH_P_IP, ETH_P_IPV6, ETH_P_8021Q, ETH_P_8021AD, 0x0806, 0x88CC, r.randrange(65536)]),
                 )
             elif op == 9 and len(b) > l3 + 9:  # IP protocol / IPv6 next header
                 at = l3 + (9 if is_v4 else 6)
                 b[at] = r.choice([0, 1, 6, 17, 43, 44, 47, 58, 59, 60, r.randrange(256)])
             elif op == 10 and len(b) > l3 + 8:  # IPv4 fragment field
-                struct.pack_into(
-                    "!H", b, l3 + 6, r.choice([0x2000, 0x0001, 0x1FFF, 0x4000, r.randrange(65536)])
-                )
+                struct.pack_into("!H", b, l3 + 6, r.choice([0x2000, 0x0001, 0x1FFF, 0x4000, r.randrange(65536)]))
             elif op == 11 and len(b) > l3 + 42:  # IPv6: first extension header's next header / length
                 b[l3 + 40 + r.randrange(2)] = r.choice([0, 6, 17, 43, 44, 60, r.randrange(256)])
         if len(b) < 14:
@@ -542,14 +572,17 @@ class Events:
         fd = lib.bpf_map__fd(prog.obj.map_spec("events")._p)
         assert fd >= 0
         self._records: list[bytes] = []
-        self._rb = RingBuffer(fd, self._records.append)
+        self._rb = RingBuffer(fd, lambda rec: self._records.append(rec))
 
-    def drain(self) -> list[Event]:
+    def drain_raw(self) -> list[bytes]:
+        """Every record written since the last drain, as bytes."""
         while self._rb.poll(0) > 0:
             pass
-        out = [decode_event(r) for r in self._records]
-        self._records.clear()
+        out, self._records = self._records, []
         return out
+
+    def drain(self) -> list[Event]:
+        return [decode_event(r) for r in self.drain_raw()]
 
     def close(self) -> None:
         self._rb.close()
@@ -567,19 +600,15 @@ def on_cpu(cpu: int) -> Iterator[None]:
         os.sched_setaffinity(0, old)
 
 
-def mono_coarse_ns() -> int:
-    """CLOCK_MONOTONIC_COARSE, the clock bpf_ktime_get_coarse_ns() reads."""
-    return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
-
-
 # --------------------------------------------------------------------------
 # a pool of loaded programs
 
 
 def reset(prog: Any, config: bytes) -> None:
     """Bring a loaded program back to the state of a fresh load: zero
-    counters, empty flow tables and blocklist (prefilters, trie flags),
-    ``config`` as it was after loading, event budget 0, event ring drained."""
+    counters, empty flow tables, an empty blocklist (tries, IPv4 table, IPv6
+    prefilters, config flags), ``config`` as it was after loading (with the
+    controller's HZ), event budget 0, event ring drained."""
     # flush() rewrites every lookup-table and prefilter word that is not
     # zero, which takes a while; skip it when no rule was ever touched
     if prog.blocklist.entries() or bytes(ffi.buffer(prog.map("config")[0])) != config:
@@ -601,8 +630,8 @@ def reset(prog: Any, config: bytes) -> None:
 class ProgPool:
     """Loaded programs by load-time options, reset before each reuse.
 
-    Loading xdpflow takes most of a second (the verifier and half a million
-    per-CPU rule counters); resetting its maps takes milliseconds.
+    Loading xdpflow takes about a second; resetting its maps takes
+    milliseconds (a tenth of a second after blocklist changes).
     """
 
     def __init__(self) -> None:
@@ -627,23 +656,25 @@ class ProgPool:
         self._progs.clear()
 
 
-# Test modules import these three by their function names; pytest knows them
-# by their fixture names (prog_pool, prog, make_prog).
+# One pool for the whole session. Test modules import the three fixtures
+# below by their function names; pytest knows them by their fixture names
+# (prog_pool, prog, make_prog). Each importing module gets its own copy of the
+# session fixture, all handing out the same pool; the first teardown closes it.
+_POOL = ProgPool()
 
 
-@pytest.fixture(scope="module", name="prog_pool")
+@pytest.fixture(scope="session", name="prog_pool")
 def prog_pool_fixture() -> Iterator[ProgPool]:
-    pool = ProgPool()
     try:
-        yield pool
+        yield _POOL
     finally:
-        pool.close()
+        _POOL.close()
 
 
 @pytest.fixture(name="prog")
 def prog_fixture(prog_pool: ProgPool) -> Any:
     """Like conftest's ``prog`` (a ProgHarness with all-zero state), served
-    from the module's pool; ``prog.events`` reads its event ring buffer."""
+    from the pool; ``prog.events`` reads its event ring buffer."""
     return prog_pool.get()
 
 
@@ -651,3 +682,22 @@ def prog_fixture(prog_pool: ProgPool) -> Any:
 def make_prog_fixture(prog_pool: ProgPool) -> Any:
     """Like conftest's ``make_prog(**AttachOptions)``, from the pool."""
     return prog_pool.get
+
+
+def kernel_hz(prog: Any, seconds: float = 0.4) -> int:
+    """The kernel's HZ, measured long enough to be unambiguous: over 0.4 s
+    a one-tick error is under 1% at HZ=250, where the known values are 17%
+    apart."""
+    from xdpflow.clock import CLOCK_PROG, KNOWN_HZ, sample
+
+    clock = prog.obj.program(CLOCK_PROG)
+    try:
+        j0, t0 = sample(clock)
+        time.sleep(seconds)
+        j1, t1 = sample(clock)
+    finally:
+        clock.close()
+    rate = (j1 - j0) * 1e9 / (t1 - t0)
+    best = min(KNOWN_HZ, key=lambda hz: abs(hz - rate))
+    assert abs(best - rate) < 0.03 * best, f"jiffies advance at {rate:.1f}/s, no known HZ"
+    return best

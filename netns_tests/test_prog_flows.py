@@ -17,6 +17,7 @@ from scapy.layers.inet6 import (
     IPv6ExtHdrFragment,
     IPv6ExtHdrHopByHop,
     IPv6ExtHdrRouting,
+    PadN,
 )
 from scapy.packet import Raw
 
@@ -38,7 +39,7 @@ from .frames import (
 )
 from .progtest import XDP_DROP, XDP_PASS
 
-# programs from a per-module pool, reset between tests (see frames.py)
+# loaded programs from a pool shared by the session, reset before each test (frames.py)
 prog_pool_fixture = frames.prog_pool_fixture
 prog_fixture = frames.prog_fixture
 make_prog_fixture = frames.make_prog_fixture
@@ -81,11 +82,7 @@ def test_each_five_tuple_is_its_own_flow(prog):
     want = {}
     for v in variants:
         k = {**base, **v}
-        l4 = (
-            UDP(sport=k["sport"], dport=k["dport"])
-            if k["proto"] == 17
-            else TCP(sport=k["sport"], dport=k["dport"])
-        )
+        l4 = UDP(sport=k["sport"], dport=k["dport"]) if k["proto"] == 17 else TCP(sport=k["sport"], dport=k["dport"])
         frame = bytes(ether() / IP(src=k["src"], dst=k["dst"]) / l4)
         assert prog.run(frame) == XDP_PASS
         key = flow_key(k["src"], k["dst"], k["sport"], k["dport"], k["proto"])
@@ -95,9 +92,7 @@ def test_each_five_tuple_is_its_own_flow(prog):
 
 def test_flow_bytes_are_ip_bytes_not_frame_bytes(prog):
     f4 = pad(bytes(ether((ETH_P_8021Q, 7)) / IP(**V4) / UDP(sport=1, dport=2)), 64)  # 18 + 28 + padding
-    f6 = bytes(
-        ether((ETH_P_8021AD, 1), (ETH_P_8021Q, 2)) / IPv6(**V6) / UDP(sport=1, dport=2) / Raw(b"p" * 33)
-    )
+    f6 = bytes(ether((ETH_P_8021AD, 1), (ETH_P_8021Q, 2)) / IPv6(**V6) / UDP(sport=1, dport=2) / Raw(b"p" * 33))
     assert run_all(prog, [f4, f6]) == [XDP_PASS, XDP_PASS]
     assert read_flows(prog) == {
         flow_key(V4["src"], V4["dst"], 1, 2, 17): [1, 28, 0],
@@ -147,10 +142,7 @@ def test_tcp_flags_are_ored(prog):
     seq = [("S", 0x02), ("A", 0x10), ("F", 0x01)]
     for flags, _ in seq:
         assert prog.run(ether() / IP(**V4) / TCP(sport=40000, dport=443, flags=flags)) == XDP_PASS
-    assert (
-        prog.run(ether() / IP(src=V4["dst"], dst=V4["src"]) / TCP(sport=443, dport=40000, flags="SA"))
-        == XDP_PASS
-    )
+    assert prog.run(ether() / IP(src=V4["dst"], dst=V4["src"]) / TCP(sport=443, dport=40000, flags="SA")) == XDP_PASS
     assert read_flows(prog) == {
         flow_key(V4["src"], V4["dst"], 40000, 443, 6): [3, 120, 0x13],
         flow_key(V4["dst"], V4["src"], 443, 40000, 6): [1, 40, 0x12],
@@ -266,50 +258,33 @@ def test_ipv4_options_ports(prog, ihl):
         [IPv6ExtHdrFragment(offset=0, m=1, id=1)],
         [IPv6ExtHdrHopByHop(options=[]), IPv6ExtHdrDestOpt(), IPv6ExtHdrRouting(), IPv6ExtHdrDestOpt()],
         [IPv6ExtHdrHopByHop(), IPv6ExtHdrRouting(), IPv6ExtHdrFragment(offset=0, id=2), IPv6ExtHdrDestOpt()],
-        [IPv6ExtHdrDestOpt(len=3, autopad=0, options=[])],  # a 32-byte header
+        [IPv6ExtHdrDestOpt(options=[PadN(optdata=b"\0" * 28)])],  # a 32-byte header
+        [IPv6ExtHdrHopByHop(options=[PadN(optdata=b"\0" * 252)]), IPv6ExtHdrDestOpt()],  # 256 + 8
         [IPv6ExtHdrHopByHop(), IPv6ExtHdrDestOpt(), IPv6ExtHdrDestOpt(), IPv6ExtHdrRouting()]
         + [IPv6ExtHdrDestOpt(), IPv6ExtHdrFragment(offset=0, m=1)],
     ],
-    ids=["hbh", "routing", "dstopt", "frag0", "four", "frag-in-chain", "long-dstopt", "six"],
+    ids=["hbh", "routing", "dstopt", "frag0", "four", "frag-in-chain", "long-dstopt", "long-hbh", "six"],
 )
 @pytest.mark.parametrize("l4", ["udp", "tcp"])
 def test_ipv6_extension_headers_skipped(prog, exts, l4):
     pkt = IPv6(**V6)
     for e in exts:
         pkt = pkt / e
-    if exts[-1].__class__ is IPv6ExtHdrDestOpt and exts[-1].len == 3:
-        pkt = pkt / Raw(b"\x01\x00" * 0)  # the options are the zero pad
     pkt = pkt / (UDP(sport=4444, dport=5555) if l4 == "udp" else TCP(sport=4444, dport=5555, flags="S"))
-    frame = bytearray(bytes(ether() / pkt))
-    if exts[-1].__class__ is IPv6ExtHdrDestOpt and exts[-1].len == 3:
-        # scapy ignores len= when it builds the options; write a 32-byte
-        # PadN header by hand
-        frame = bytearray(bytes(ether() / IPv6(**V6, nh=60)))
-        l4hdr = bytes(UDP(sport=4444, dport=5555) if l4 == "udp" else TCP(sport=4444, dport=5555, flags="S"))
-        nh = 17 if l4 == "udp" else 6
-        frame += bytes([nh, 3, 1, 28]) + bytes(28) + l4hdr
-        frame[18:20] = (32 + len(l4hdr)).to_bytes(2, "big")
-    frame = bytes(frame)
+    frame = bytes(ether() / pkt)
+    assert len(frame) == 14 + 40 + sum(len(bytes(e)) for e in exts) + (8 if l4 == "udp" else 20)
     proto = 17 if l4 == "udp" else 6
     assert prog.run(frame) == XDP_PASS
     iplen = len(frame) - 14
-    assert read_flows(prog) == {
-        flow_key(V6["src"], V6["dst"], 4444, 5555, proto): [1, iplen, 0 if l4 == "udp" else 2]
-    }
+    assert read_flows(prog) == {flow_key(V6["src"], V6["dst"], 4444, 5555, proto): [1, iplen, 0 if l4 == "udp" else 2]}
     assert prog.counters() == expect((len(frame), "ipv6", "passed", l4))
 
 
 def test_ipv6_later_fragment_has_no_ports(prog):
-    first = (
-        ether() / IPv6(**V6) / IPv6ExtHdrFragment(offset=0, m=1, id=5) / UDP(sport=7, dport=8) / Raw(b"a" * 8)
-    )
+    first = ether() / IPv6(**V6) / IPv6ExtHdrFragment(offset=0, m=1, id=5) / UDP(sport=7, dport=8) / Raw(b"a" * 8)
     later = ether() / IPv6(**V6) / IPv6ExtHdrFragment(offset=2, m=0, id=5, nh=17) / Raw(b"b" * 5)
     later_hbh = (
-        ether()
-        / IPv6(**V6)
-        / IPv6ExtHdrHopByHop()
-        / IPv6ExtHdrFragment(offset=8191, m=1, id=6, nh=6)
-        / Raw(b"c")
+        ether() / IPv6(**V6) / IPv6ExtHdrHopByHop() / IPv6ExtHdrFragment(offset=8191, m=1, id=6, nh=6) / Raw(b"c")
     )
     fs = [bytes(p) for p in (first, later, later_hbh)]
     assert run_all(prog, fs) == [XDP_PASS] * 3
@@ -323,6 +298,18 @@ def test_ipv6_later_fragment_has_no_ports(prog):
         (len(fs[1]), "ipv6", "passed", "udp"),
         (len(fs[2]), "ipv6", "passed", "tcp"),
     )
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"\xff\xff" + b"x" * 30, b"\x11\x00" + b"x" * 30, b"\x3c\x00" * 16],
+    ids=["long-hdrlen", "reads-as-udp", "reads-as-chain"],
+)
+def test_ipv6_later_fragment_payload_is_not_parsed(prog, payload):
+    frame = bytes(ether() / IPv6(**V6) / IPv6ExtHdrFragment(offset=100, nh=60, id=1) / Raw(payload))
+    assert prog.run(frame) == XDP_PASS
+    assert read_flows(prog) == {flow_key(V6["src"], V6["dst"], 0, 0, 60): [1, 40 + 8 + 32, 0]}
+    assert prog.counters() == expect((len(frame), "ipv6", "passed", "other"))
 
 
 def test_v4_and_v6_flows_never_mix(prog):
@@ -405,15 +392,9 @@ def test_shared_table_keeps_first_seen_across_cpus(make_prog):
 def test_full_table_evicts(make_prog, shared, family):
     prog = make_prog(flows=64, shared_flows=shared)
     if family == 4:
-        fs = [
-            bytes(ether() / IP(src="198.18.0.1", dst=f"198.18.1.{i}") / UDP(sport=i, dport=7))
-            for i in range(200)
-        ]
+        fs = [bytes(ether() / IP(src="198.18.0.1", dst=f"198.18.1.{i}") / UDP(sport=i, dport=7)) for i in range(200)]
     else:
-        fs = [
-            bytes(ether() / IPv6(src="2001:2::1", dst=f"2001:2::{i:x}") / UDP(sport=i, dport=7))
-            for i in range(200)
-        ]
+        fs = [bytes(ether() / IPv6(src="2001:2::1", dst=f"2001:2::{i:x}") / UDP(sport=i, dport=7)) for i in range(200)]
     assert run_all(prog, fs) == [XDP_PASS] * 200
     table = read_flows(prog)
     assert 0 < len(table) <= 64

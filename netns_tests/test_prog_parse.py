@@ -41,7 +41,7 @@ from .frames import (
 )
 from .progtest import XDP_PASS
 
-# programs from a per-module pool, reset between tests (see frames.py)
+# loaded programs from a pool shared by the session, reset before each test (frames.py)
 prog_pool_fixture = frames.prog_pool_fixture
 prog_fixture = frames.prog_fixture
 
@@ -117,9 +117,7 @@ def test_counters_accumulate_over_many_frames(prog):
     for f in frames:
         assert prog.run(f) == XDP_PASS
     assert prog.prog.test_run(frames[0], repeat=50).retval == XDP_PASS
-    want = expect(
-        *[(len(f), "ipv4", "passed", "udp") for f in frames[:10]], *[(42, "non_ip", "passed", None)] * 3
-    )
+    want = expect(*[(len(f), "ipv4", "passed", "udp") for f in frames[:10]], *[(42, "non_ip", "passed", None)] * 3)
     for k in ("packets", "ipv4", "udp", "passed"):
         want[k] += 50
         want[f"{k}_bytes"] += 50 * len(frames[0])
@@ -134,14 +132,9 @@ def test_counters_accumulate_over_many_frames(prog):
     "frame",
     [
         arp(),
-        bytes(
-            Ether(src="02:00:00:00:00:01", dst="01:80:c2:00:00:0e", type=0x88CC)
-            / Raw(b"\x02\x07\x04" + b"x" * 20)
-        ),
+        bytes(Ether(src="02:00:00:00:00:01", dst="01:80:c2:00:00:0e", type=0x88CC) / Raw(b"\x02\x07\x04" + b"x" * 20)),
         bytes(ether(Q))[:12] + struct.pack("!HHH", ETH_P_8021Q, 5, 0x0806) + arp()[14:],
-        bytes(
-            Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02", type=46) / Raw(b"\0" * 46)
-        ),  # 802.3 length
+        bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02", type=46) / Raw(b"\0" * 46)),  # 802.3 length
         bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02", type=0x88CC)),  # header only
     ],
     ids=["arp", "lldp", "vlan-arp", "8023-length", "lldp-14-bytes"],
@@ -219,9 +212,7 @@ def test_ipv4_wrong_version_is_parse_error(prog, version):
 
 @pytest.mark.parametrize(("ihl", "tot_len"), [(5, 0), (5, 19), (6, 20), (6, 23), (15, 59)])
 def test_ipv4_total_length_below_header_is_parse_error(prog, ihl, tot_len):
-    frame = bytes(
-        ether() / IP(**V4, options=[IPOption_NOP()] * (4 * (ihl - 5)), len=tot_len) / Raw(b"x" * 40)
-    )
+    frame = bytes(ether() / IP(**V4, options=[IPOption_NOP()] * (4 * (ihl - 5)), len=tot_len) / Raw(b"x" * 40))
     assert frame[14] & 0xF == ihl
     run_expect(prog, frame, "parse_errors")
 
@@ -471,15 +462,9 @@ def _sweep_frames() -> dict[str, bytes]:
             / UDP(sport=9, dport=10)
         ),
         "v6-frag-first": bytes(
-            ether()
-            / IPv6(**V6)
-            / IPv6ExtHdrFragment(offset=0, m=1, id=3)
-            / UDP(sport=11, dport=12)
-            / Raw(b"f" * 8)
+            ether() / IPv6(**V6) / IPv6ExtHdrFragment(offset=0, m=1, id=3) / UDP(sport=11, dport=12) / Raw(b"f" * 8)
         ),
-        "v6-frag-later": bytes(
-            ether() / IPv6(**V6) / IPv6ExtHdrFragment(offset=2, id=3, nh=17) / Raw(b"f" * 16)
-        ),
+        "v6-frag-later": bytes(ether() / IPv6(**V6) / IPv6ExtHdrFragment(offset=2, id=3, nh=17) / Raw(b"f" * 16)),
         "v6-icmp": bytes(ether() / IPv6(**V6) / ICMPv6DestUnreach(code=4) / Raw(b"u" * 8)),
         "v4-udp-padded": pad(bytes(ether() / IP(**V4) / UDP(sport=13, dport=14))),
     }
@@ -505,7 +490,5 @@ def test_truncation_sweep(prog, name):
     assert c["parse_errors"] == n_cuts - whole_cuts
     assert c[whole.cls] == whole_cuts
     assert c["passed"] == c["packets"] == n_cuts
-    expected_flows = (
-        {whole.key: [whole_cuts, whole_cuts * whole.iplen, whole.tcp_flags]} if whole_cuts else {}
-    )
+    expected_flows = {whole.key: [whole_cuts, whole_cuts * whole.iplen, whole.tcp_flags]} if whole_cuts else {}
     assert read_flows(prog) == expected_flows == model.flows

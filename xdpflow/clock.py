@@ -25,17 +25,19 @@ def sample(prog: Program) -> tuple[int, int]:
     return int(clk.jiffies), int(clk.mono_ns)
 
 
-def measure_hz(prog: Program, ticks: int = 5) -> int:
-    """The kernel's HZ: jiffies counted over a few ticks against the clock."""
+def measure_hz(prog: Program, span: float = 0.2) -> int:
+    """The kernel's HZ: jiffies counted against the clock over ``span``
+    seconds. Either end may be off by one tick, so the answer is the known
+    HZ inside [(ticks - 1) / t, (ticks + 1) / t]; at 0.2 s only one fits."""
     j0, t0 = sample(prog)
     j1, t1 = j0, t0
-    deadline = time.monotonic() + 0.5
-    while j1 - j0 < ticks and time.monotonic() < deadline:
-        time.sleep(0.004)
+    while t1 - t0 < span * 1e9:
+        time.sleep(0.01)
         j1, t1 = sample(prog)
-    rate = (j1 - j0) * 1e9 / max(t1 - t0, 1)
-    best = min(KNOWN_HZ, key=lambda hz: abs(hz - rate))
-    return best if abs(best - rate) < 0.15 * best else max(1, round(rate))
+    seconds = (t1 - t0) / 1e9
+    lo, hi = (j1 - j0 - 1) / seconds, (j1 - j0 + 1) / seconds
+    fits = [hz for hz in KNOWN_HZ if lo <= hz <= hi]
+    return fits[0] if len(fits) == 1 else max(1, round((j1 - j0) / seconds))
 
 
 class JiffiesClock:
@@ -50,3 +52,7 @@ class JiffiesClock:
 
     def to_wall(self, jiffies: int) -> float:
         return self._epoch + jiffies / self.hz
+
+    def now_jiffies(self) -> int:
+        """The kernel's jiffies now, as this clock sees them."""
+        return int((time.time() - self._epoch) * self.hz)

@@ -157,6 +157,9 @@ ffi.cdef(
     int bpf_map_lookup_elem(int fd, const void *key, void *value);
     int bpf_map_update_elem(int fd, const void *key, const void *value, uint64_t flags);
     int bpf_map_delete_elem(int fd, const void *key);
+    int bpf_map_lookup_and_delete_elem(int fd, const void *key, void *value);
+    int bpf_map_create(int map_type, const char *map_name, uint32_t key_size, uint32_t value_size,
+                       uint32_t max_entries, const void *opts);
     int bpf_map_get_next_key(int fd, const void *key, void *next_key);
     int bpf_map_lookup_batch(int fd, void *in_batch, void *out_batch, void *keys,
                              void *values, uint32_t *count,
@@ -428,6 +431,31 @@ class Map(MutableMapping[Any, Any]):
             return None
         _check(ret, f"looking up a key in map {self.name}")
         return self._value_out(raw)
+
+    def lookup_and_delete(self, key: Any) -> Any:
+        """Remove key and return its value in one step (None when absent), so
+        no update between a read and a delete is lost. Raises XdpflowError.
+        """
+        raw = self._vbuf_new()
+        ret = lib.bpf_map_lookup_and_delete_elem(self.fd, self._kbuf(key), raw)
+        if ret == -errno.ENOENT:
+            return None
+        _check(ret, f"taking a key out of map {self.name}")
+        return self._value_out(raw)
+
+    @classmethod
+    def create(cls, map_type: int, name: str, key_type: str, value_type: str, max_entries: int) -> Map:
+        """A new map made from user space (not by a BPF object). Raises XdpflowError."""
+        fd = lib.bpf_map_create(
+            map_type, name.encode(), ffi.sizeof(key_type), ffi.sizeof(value_type), max_entries, ffi.NULL
+        )
+        if fd < 0:
+            raise os_error(-fd, f"creating map {name}")
+        try:
+            return cls(fd, key_type, value_type, name=name)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def __getitem__(self, key: Any) -> Any:
         v = self.lookup(key)
