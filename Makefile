@@ -7,7 +7,7 @@ BPF_CFLAGS := -O2 -g -target bpf -mcpu=v3 -Wall -Werror -I/usr/include/$(ARCH)-l
 PIP      := $(PYTHON) -m pip install -q --disable-pip-version-check --break-system-packages --root-user-action=ignore
 
 APT_PKGS := clang llvm libbpf-dev libbpf1 bpftool iproute2 xdp-tools linux-libc-dev \
-            python3 python3-pip python3-dev make mount
+            python3 python3-pip python3-dev make mount util-linux nfdump prometheus
 BPF_SRCS := $(wildcard bpf/*.bpf.c)
 BPF_OBJS := $(patsubst bpf/%.c,xdpflow/bpf/%.o,$(BPF_SRCS))
 
@@ -35,15 +35,22 @@ help:
 	@echo "V=1          show commands and verbose test output"
 
 # Only touches apt when something is missing, so a second run changes nothing.
+# nfdump (nfcapd) and prometheus (promtool) are test tools: a policy-rc.d
+# keeps their packages from starting services on this machine.
 apt:
 	$(Q)if ! dpkg -s $(APT_PKGS) >/dev/null 2>&1; then \
 		echo "installing apt packages"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS) >/dev/null; \
+		made_policy=; \
+		if [ ! -e /usr/sbin/policy-rc.d ]; then \
+			printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && made_policy=1; \
+		fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PKGS) >/dev/null; \
+		rc=$$?; [ -n "$$made_policy" ] && rm -f /usr/sbin/policy-rc.d; exit $$rc; \
 	fi
 
 pip: apt
 	$(Q)if ! $(PYTHON) -m pip show -q xdpflow >/dev/null 2>&1 || \
-	     ! $(PYTHON) -c "import cffi, pyroute2, scapy, numpy, pytest" >/dev/null 2>&1; then \
+	     ! $(PYTHON) -c "import cffi, pyroute2, scapy, numpy, prometheus_client, pytest" >/dev/null 2>&1; then \
 		echo "installing python packages"; \
 		$(PIP) -e '.[test]'; \
 	fi

@@ -101,10 +101,7 @@ def _link_state(ifname: str) -> dict[str, object]:
             for a in ipr.get_addr(index=link["index"])
             if a["scope"] == 0  # global, i.e. not the fe80:: one
         }
-        neigh = {
-            (n.get("NDA_DST"), n.get("NDA_LLADDR"), n["state"])
-            for n in ipr.get_neighbours(ifindex=link["index"])
-        }
+        neigh = {(n.get("NDA_DST"), n.get("NDA_LLADDR"), n["state"]) for n in ipr.get_neighbours(ifindex=link["index"])}
         return {
             "index": link["index"],
             "up": link.get("IFLA_OPERSTATE"),

@@ -54,9 +54,7 @@ def probe_addresses(rnd: random.Random, rules: list[Rule], n: int) -> list[int]:
     for _ in range(n):
         r = rnd.choice(rules).net
         lo, hi = int(r.network_address), int(r.broadcast_address)
-        out.append(
-            rnd.choice([lo, hi, rnd.randint(lo, hi), lo - 1, hi + 1, rnd.getrandbits(17) | 0xC6120000])
-        )
+        out.append(rnd.choice([lo, hi, rnd.randint(lo, hi), lo - 1, hi + 1, rnd.getrandbits(17) | 0xC6120000]))
     return [a & 0xFFFFFFFF for a in out]
 
 
@@ -110,9 +108,7 @@ def test_sync_between_random_sets_equals_a_fresh_build(prog, make_prog):
     # the same rules may hold other indices; compare the tables' shapes
     for names in V4_LEVELS.values():
         for name in names[1:]:
-            assert sorted(k for k, _ in prog.map(name).items()) == sorted(
-                k for k, _ in fresh.map(name).items()
-            ), name
+            assert sorted(k for k, _ in prog.map(name).items()) == sorted(k for k, _ in fresh.map(name).items()), name
     prog.blocklist.flush()
     for names in V4_LEVELS.values():
         assert len(prog.map(names[1])) == 0 and len(prog.map(names[2])) == 0

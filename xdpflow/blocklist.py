@@ -385,9 +385,9 @@ class Blocklist:
         arr = np.zeros(len(keys), dtype=np_dtype(m.key_type))
         arr["prefixlen"] = [_plen(k) for k in keys]
         width = 4 if kind[0] == 4 else 16
-        arr["addr"] = np.frombuffer(
-            b"".join(_addr(k).to_bytes(width, "big") for k in keys), dtype=np.uint8
-        ).reshape(len(keys), width)
+        arr["addr"] = np.frombuffer(b"".join(_addr(k).to_bytes(width, "big") for k in keys), dtype=np.uint8).reshape(
+            len(keys), width
+        )
         return arr
 
     def _write_trie(self, kind: tuple[int, str], keys: list[int], idx: list[int]) -> None:

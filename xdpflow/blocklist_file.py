@@ -440,9 +440,7 @@ def parse_lines(lines: Iterable[str], path: str = "-", direction: str = "src") -
     net4 = _net4
     with _gc_paused():
         rules = [new(Rule, (net4(key >> 9, (key >> 1) & 0xFF), direction)) for key in keys[:n4]]
-        rules += [
-            new(Rule, (IPv6Network(((key >> 9) & _U128, (key >> 1) & 0xFF)), direction)) for key in keys[n4:]
-        ]
+        rules += [new(Rule, (IPv6Network(((key >> 9) & _U128, (key >> 1) & 0xFF)), direction)) for key in keys[n4:]]
     return rules
 
 

@@ -82,9 +82,7 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = []
     for r in cells:
-        lines.append(
-            "  ".join(c.rjust(w) if _NUMBER.match(c) else c.ljust(w) for c, w in zip(r, widths)).rstrip()
-        )
+        lines.append("  ".join(c.rjust(w) if _NUMBER.match(c) else c.ljust(w) for c, w in zip(r, widths)).rstrip())
     return "\n".join(lines)
 
 
@@ -105,9 +103,7 @@ def _ifaces(args: argparse.Namespace) -> list[str]:
             raise XdpflowError(errno.ENOENT, f"xdpflow is not attached to {wanted} (pin root {pins.root})")
         return [wanted]
     if not names:
-        raise XdpflowError(
-            errno.ENOENT, f"nothing is attached under {pins.root}; run `xdpflow attach IFACE` first"
-        )
+        raise XdpflowError(errno.ENOENT, f"nothing is attached under {pins.root}; run `xdpflow attach IFACE` first")
     return names
 
 
@@ -131,12 +127,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
             verb = "upgraded" if r.replaced else "attached"
             print(f"{verb} xdpflow on {ifname}: program id {r.prog_id}, {r.mode} mode")
     if args.json:
-        emit_json(
-            [
-                {"ifname": r.ifname, "prog_id": r.prog_id, "mode": r.mode, "replaced": r.replaced}
-                for r in results
-            ]
-        )
+        emit_json([{"ifname": r.ifname, "prog_id": r.prog_id, "mode": r.mode, "replaced": r.replaced} for r in results])
     return 0
 
 
@@ -191,9 +182,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     out = []
     for r in rows:
-        when = (
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["attached_at"])) if r["attached_at"] else "-"
-        )
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["attached_at"])) if r["attached_at"] else "-"
         state = (r["mode"] or "?") if r["attached"] else "NOT ATTACHED (interface gone or program replaced)"
         if r["sink"]:
             state += " sink"
@@ -285,9 +274,7 @@ def cmd_flows(args: argparse.Namespace) -> int:
     flows = []
     for ifname in _ifaces(args):
         flows.extend(top_flows(ifname, args.pin_root, top=args.top, sort=args.sort, cidr=cidr))
-    key = {"packets": lambda f: f.packets, "bytes": lambda f: f.bytes, "last-seen": lambda f: f.last_seen}[
-        args.sort
-    ]
+    key = {"packets": lambda f: f.packets, "bytes": lambda f: f.bytes, "last-seen": lambda f: f.last_seen}[args.sort]
     flows.sort(key=key, reverse=True)
     if args.top is not None:
         flows = flows[: args.top]
@@ -474,18 +461,14 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
-    )
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     common.add_argument(
         "--pin-root",
         default=argparse.SUPPRESS,
         help="bpffs directory of this instance's state (default $XDPFLOW_PIN_ROOT or /sys/fs/bpf/xdpflow)",
     )
     common.add_argument("--netns", default=argparse.SUPPRESS, help="act inside this named network namespace")
-    common.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="tracebacks on errors"
-    )
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="tracebacks on errors")
 
     p = argparse.ArgumentParser(
         prog="xdpflow",
@@ -554,7 +537,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--count", type=_positive, default=None, help="stop after N events")
     e.add_argument("--duration", type=_positive_float, default=None, help="stop after SECONDS")
     e.set_defaults(func=cmd_events)
+
+    r = sub.add_parser("run", parents=[common], help="the daemon: attach, export IPFIX, serve metrics, sync feeds")
+    from .daemon import add_arguments
+
+    add_arguments(r)
+    r.set_defaults(func=cmd_run)
     return p
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import main as run_daemon
+
+    return run_daemon(args)
 
 
 def _positive(text: str) -> int:
@@ -581,11 +576,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.json = getattr(args, "json", False)
     args.debug = getattr(args, "debug", False) or bool(os.environ.get("XDPFLOW_DEBUG"))
-    args.pin_root = PinRoot(getattr(args, "pin_root", None) or default_root()).root
+    args.pin_root_given = getattr(args, "pin_root", None)
+    args.pin_root = PinRoot(args.pin_root_given or default_root()).root
     args.netns = getattr(args, "netns", None)
     # a closed pipe (xdpflow ... | head) is not an error worth a traceback
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
+        if args.func is cmd_run:  # the daemon enters its (configured) namespace itself
+            return int(args.func(args))
         with netlink.in_netns(args.netns):
             return int(args.func(args))
     except BadInput as e:
@@ -595,9 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         msg = (
-            str(e)
-            if isinstance(e, XdpflowError)
-            else f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+            str(e) if isinstance(e, XdpflowError) else f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
         )
         print(f"xdpflow: {msg}", file=sys.stderr)
         return EXIT_FAIL

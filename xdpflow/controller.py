@@ -135,8 +135,7 @@ def _prepare(obj: Object, opts: AttachOptions, pins: PinRoot | None, ifname: str
         if pinned is not None and opts.flows is not None and pinned != opts.flows:
             raise XdpflowError(
                 errno.EINVAL,
-                f"{ifname} already has a {pinned}-entry flow table; "
-                f"detach it first to resize it to {opts.flows}",
+                f"{ifname} already has a {pinned}-entry flow table; detach it first to resize it to {opts.flows}",
             )
         size = pinned or opts.flows or abi.C.XF_FLOWS_DEFAULT
         spec.set_max_entries(size)
@@ -247,9 +246,7 @@ def attach(ifname: str, opts: AttachOptions | None = None, pin_root: str | None 
         clock.close()
         if opts.monitor is not None:
             set_monitor(opts.monitor, pins.root)
-        result = AttachResult(
-            ifname=ifname, prog_id=prog.id, mode=netlink.xdp_state(ifname).mode, replaced=ours
-        )
+        result = AttachResult(ifname=ifname, prog_id=prog.id, mode=netlink.xdp_state(ifname).mode, replaced=ours)
         prog.close()
         return result
     except BaseException:

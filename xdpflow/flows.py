@@ -88,8 +88,7 @@ def read_table(m: Map, family: int) -> FlowArrays:
         items = m.items()
         kb = b"".join(bytes(ffi.buffer(k)) for k, _ in items)
         vb = b"".join(
-            b"".join(bytes(ffi.buffer(x)).ljust(m._vstride, b"\0") for x in (v if m.percpu else [v]))
-            for _, v in items
+            b"".join(bytes(ffi.buffer(x)).ljust(m._vstride, b"\0") for x in (v if m.percpu else [v])) for _, v in items
         )
         raw = (kb, vb, len(items))
     kbytes, vbytes, n = raw

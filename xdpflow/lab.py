@@ -419,9 +419,7 @@ class Receiver:
         finally:
             self.close(kill=payload is None)
         if payload is None:
-            raise TimeoutError(
-                errno.ETIMEDOUT, f"receiver on {self.ifname} did not stop within {self.timeout} s"
-            )
+            raise TimeoutError(errno.ETIMEDOUT, f"receiver on {self.ifname} did not stop within {self.timeout} s")
         if not payload:
             raise ChildProcessError(f"receiver on {self.ifname} died without an answer")
         frames, self.dropped = pickle.loads(payload)
@@ -744,9 +742,7 @@ class Lab:
             first_error: BaseException | None = None
             if self._namespaces:
                 ns, ifname = (
-                    (self.dut_ns, self.dut_if)
-                    if self.dut_ns in self._namespaces
-                    else (self.gen_ns, self.gen_if)
+                    (self.dut_ns, self.dut_if) if self.dut_ns in self._namespaces else (self.gen_ns, self.gen_if)
                 )
                 try:
                     run_in_netns(ns, _delete_link, ifname, timeout=10)

@@ -413,11 +413,7 @@ class Map(MutableMapping[Any, Any]):
         raw = self._vbuf_new()
         vs = ffi.sizeof(self.value_type)
         for cpu, v in enumerate(values):
-            src = (
-                ffi.new(f"{self.value_type} *", v)
-                if self._value_int
-                else self._as_buf(v, self.value_type, "value")
-            )
+            src = ffi.new(f"{self.value_type} *", v) if self._value_int else self._as_buf(v, self.value_type, "value")
             ffi.memmove(raw + cpu * self._vstride, src, vs)
         return raw
 
@@ -641,9 +637,7 @@ class Map(MutableMapping[Any, Any]):
                 if ret < 0:
                     break
         if ret == -errno.E2BIG:
-            raise os_error(
-                errno.E2BIG, f"adding to map {self.name}", f"it is full ({self.info.max_entries} entries)"
-            )
+            raise os_error(errno.E2BIG, f"adding to map {self.name}", f"it is full ({self.info.max_entries} entries)")
         _check(ret, f"batch-updating map {self.name}")
 
     def delete_batch(self, keys: Sequence[Any]) -> None:
@@ -980,9 +974,7 @@ class Object:
                     log,
                 )
             hint = None
-            if err == errno.EINVAL and any(
-                lib.bpf_map__pin_path(s._p) != ffi.NULL for s in self.maps.values()
-            ):
+            if err == errno.EINVAL and any(lib.bpf_map__pin_path(s._p) != ffi.NULL for s in self.maps.values()):
                 hint = (
                     "a pinned map may not match this program's definition (size or type); "
                     "detach the interface and attach again"

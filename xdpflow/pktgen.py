@@ -165,9 +165,7 @@ class FlowMix:
                 _bad(f"destination {dst}: give one address, not a prefix")
             per_group = -(-self.n_flows // len(self.groups))
             if version in self.versions and per_group > math.lcm(_host_count(src), PORT_SPAN):
-                _bad(
-                    f"{per_group} flows per family and protocol from {src} would repeat: use a larger prefix"
-                )
+                _bad(f"{per_group} flows per family and protocol from {src} would repeat: use a larger prefix")
 
     @property
     def versions(self) -> tuple[int, ...]:
@@ -390,9 +388,7 @@ class _XmitCounters:
         """Raises XdpflowError if the counters exist but cannot be read."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            info = ctypes.create_string_buffer(
-                struct.pack("IIQI", _ETHTOOL_GSSET_INFO, 0, 1 << _ETH_SS_STATS, 0)
-            )
+            info = ctypes.create_string_buffer(struct.pack("IIQI", _ETHTOOL_GSSET_INFO, 0, 1 << _ETH_SS_STATS, 0))
             cls._ioctl(sock, ifname, info)
             (n,) = struct.unpack_from("I", info.raw, 16)
             strings = ctypes.create_string_buffer(
@@ -403,9 +399,7 @@ class _XmitCounters:
             sock.close()
             if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                 return None
-            raise XdpflowError(
-                e.errno or errno.EIO, f"reading the counters of {ifname}: {e.strerror}"
-            ) from None
+            raise XdpflowError(e.errno or errno.EIO, f"reading the counters of {ifname}: {e.strerror}") from None
         names = [
             strings.raw[12 + _ETH_GSTRING_LEN * i : 12 + _ETH_GSTRING_LEN * (i + 1)].split(b"\0")[0].decode()
             for i in range(n)
@@ -424,9 +418,7 @@ class _XmitCounters:
         try:
             fcntl.ioctl(self._sock.fileno(), _SIOCETHTOOL, self._ifr)
         except OSError as e:
-            raise XdpflowError(
-                e.errno or errno.EIO, f"reading the counters of {self.ifname}: {e.strerror}"
-            ) from None
+            raise XdpflowError(e.errno or errno.EIO, f"reading the counters of {self.ifname}: {e.strerror}") from None
         values = struct.unpack_from(self._fmt, self._stats.raw)
         return sum(values[i] for i in self._xmit), sum(values[i] for i in self._errors)
 
@@ -458,9 +450,7 @@ def _in_xdp_dispatcher(prog: Program) -> Iterator[None]:
     fd = -1
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-        ifr = fcntl.ioctl(
-            fd, _TUNSETIFF, struct.pack("16sH", b"xfpgen%d", _IFF_TAP | _IFF_NO_PI).ljust(40, b"\0")
-        )
+        ifr = fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", b"xfpgen%d", _IFF_TAP | _IFF_NO_PI).ljust(40, b"\0"))
         name = ifr[:16].split(b"\0")[0].decode()
         netlink.attach(name, prog.fd, "native")
     except OSError as e:
@@ -736,9 +726,7 @@ def _send_one(sock: socket.socket, frame: bytes, ifname: str, k: int, timeout: f
         except OSError as e:
             if e.errno not in (errno.ENOBUFS, errno.EAGAIN):
                 hint = "; is it longer than the MTU?" if e.errno == errno.EMSGSIZE else ""
-                raise XdpflowError(
-                    e.errno or errno.EIO, f"sending frame {k} on {ifname}: {e.strerror}{hint}"
-                ) from None
+                raise XdpflowError(e.errno or errno.EIO, f"sending frame {k} on {ifname}: {e.strerror}{hint}") from None
             now = time.monotonic()
             deadline = deadline or now + timeout
             if now > deadline:
@@ -751,9 +739,7 @@ def _send_one(sock: socket.socket, frame: bytes, ifname: str, k: int, timeout: f
             pause = min(pause * 2, 0.01)
             continue
         if sent != len(frame):
-            raise XdpflowError(
-                errno.EMSGSIZE, f"sending frame {k} on {ifname}: sent {sent} of {len(frame)} bytes"
-            )
+            raise XdpflowError(errno.EMSGSIZE, f"sending frame {k} on {ifname}: sent {sent} of {len(frame)} bytes")
         return attempts
 
 
@@ -771,14 +757,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flows", type=int, default=1, help="distinct flows, one frame each (default 1)")
     p.add_argument("--family", default="4", choices=FAMILIES, help="IP versions: 4, 6 or 46 (default 4)")
     p.add_argument("--proto", default="udp", help="comma-separated: udp,tcp,icmp (default udp)")
-    p.add_argument(
-        "--size", type=int, default=MIN_SIZE, help="frame bytes, Ethernet header on, no FCS (default 64)"
-    )
+    p.add_argument("--size", type=int, default=MIN_SIZE, help="frame bytes, Ethernet header on, no FCS (default 64)")
     p.add_argument("--count", type=int, default=1_000_000, help="frames to send in all (default 1000000)")
     p.add_argument("--vlan", type=int, help="put frames in this 802.1Q VLAN")
-    p.add_argument(
-        "--exact", action="store_true", help="send through a packet socket, each frame once, in order"
-    )
+    p.add_argument("--exact", action="store_true", help="send through a packet socket, each frame once, in order")
     p.add_argument("--batch-size", type=int, default=64, help="live-frames batch, 1-256 (default 64)")
     p.add_argument("--burst", type=int, help="at most this many copies of a frame back to back")
     return p
@@ -811,9 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    line = (
-        f"sent {r.sent} frames in {r.seconds:.3f} s: {r.pps:,.0f} pps ({mix.n_flows} flows, {r.calls} calls)"
-    )
+    line = f"sent {r.sent} frames in {r.seconds:.3f} s: {r.pps:,.0f} pps ({mix.n_flows} flows, {r.calls} calls)"
     if r.refused:
         line += f"; {r.refused} copies refused (queue full) and sent again"
     if not args.exact and not r.counted:

@@ -1,0 +1,231 @@
+"""Flow expiry: turning the kernel's flow tables into exported flow records.
+
+Per scan, for each flow of an interface:
+- idle longer than ``idle_timeout``, or a TCP FIN/RST seen: the entry is
+  taken out of the table with one lookup-and-delete (so no packet counted
+  between a read and a delete is lost) and exported with what it had not
+  exported yet; a later packet of the same 5-tuple starts a new flow;
+- alive for ``active_timeout`` since its last export: the delta since then is
+  exported and the entry stays.
+
+What was exported of each live flow is kept in a pinned hash next to its
+table (``exported_v4``/``exported_v6``, struct xf_exported), written right
+after the records went out, so a restarted exporter resumes where the last
+one stopped. The guarantee is at least once: a crash between sending records
+and writing that state sends those deltas again (one scan's worth at most).
+A flow the LRU table evicted before it expired loses its last delta; the
+table's size is the knob for that.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import abi
+from .clock import JiffiesClock
+from .controller import open_iface_map
+from .errors import XdpflowError
+from .flows import read_table
+from .ipfix import FlowRecord
+from .libbpf import BPF_MAP_TYPE_HASH, Map, ffi
+from .pins import PinRoot
+
+TCP_FIN, TCP_RST = 0x01, 0x04
+
+# RFC 5102 flowEndReason
+END_IDLE, END_ACTIVE, END_OF_FLOW, END_FORCED = 1, 2, 3, 4
+
+FAMILIES = ((4, "flows_v4", "exported_v4", "struct xf_flow4"), (6, "flows_v6", "exported_v6", "struct xf_flow6"))
+
+
+@dataclass
+class _Pending:
+    """Export state to write once the records of a scan went out."""
+
+    put: dict[bytes, tuple[int, int, int]] = field(default_factory=dict)
+    drop: list[bytes] = field(default_factory=list)
+
+
+def _open_exported(pins: PinRoot, ifname: str, name: str, key_type: str, size: int) -> Map:
+    path = pins.iface(ifname, name)
+    try:
+        return Map.from_pin(path, key_type, "struct xf_exported")
+    except XdpflowError as e:
+        if e.errno != errno.ENOENT:
+            raise
+    m = Map.create(BPF_MAP_TYPE_HASH, name, key_type, "struct xf_exported", size)
+    m.pin(path)
+    return m
+
+
+def _fold(value: Any) -> tuple[int, int, int, int, int]:
+    """(packets, bytes, first_seen, last_seen, tcp_flags) of a flow value,
+    per-CPU lists folded like flows.read_table does."""
+    vals = value if isinstance(value, list) else [value]
+    firsts = [int(v.first_seen) for v in vals if v.first_seen]
+    return (
+        sum(int(v.packets) for v in vals),
+        sum(int(v.bytes) for v in vals),
+        min(firsts) if firsts else 0,
+        max(int(v.last_seen) for v in vals),
+        int(np.bitwise_or.reduce([int(v.tcp_flags) for v in vals])),
+    )
+
+
+class FlowExpirer:
+    """Expires and exports the flows of one interface. Use ``scan()`` then,
+    once its records are sent, ``commit()``; ``flush()`` at shutdown.
+    """
+
+    def __init__(
+        self,
+        ifname: str,
+        ifindex: int,
+        pin_root: str | None,
+        clock: JiffiesClock,
+        idle_timeout: float = 15.0,
+        active_timeout: float = 60.0,
+    ) -> None:
+        self.ifname = ifname
+        self.ifindex = ifindex
+        self.clock = clock
+        self.idle = int(idle_timeout * clock.hz)
+        self.active = int(active_timeout * clock.hz)
+        pins = PinRoot(pin_root)
+        self.tables: list[tuple[int, Map, Map, str]] = []
+        try:
+            for family, flows_name, exp_name, key_type in FAMILIES:
+                flows = open_iface_map(ifname, flows_name, pin_root)
+                exported = _open_exported(pins, ifname, exp_name, key_type, flows.info.max_entries)
+                self.tables.append((family, flows, exported, key_type))
+        except BaseException:
+            self.close()
+            raise
+        self._pending: list[tuple[Map, _Pending]] = []
+
+    def close(self) -> None:
+        for _family, flows, exported, _kt in self.tables:
+            flows.close()
+            exported.close()
+        self.tables = []
+
+    def _now(self) -> int:
+        return self.clock.now_jiffies()
+
+    def _record(
+        self,
+        family: int,
+        key: bytes,
+        key_type: str,
+        delta_p: int,
+        delta_b: int,
+        first: int,
+        last: int,
+        flags: int,
+        reason: int,
+    ) -> FlowRecord:
+        alen = 4 if family == 4 else 16
+        so, do = ffi.offsetof(key_type, "saddr"), ffi.offsetof(key_type, "daddr")
+        po, qo = ffi.offsetof(key_type, "sport"), ffi.offsetof(key_type, "dport")
+        return FlowRecord(
+            family=family,
+            src=key[so : so + alen],
+            dst=key[do : do + alen],
+            sport=int.from_bytes(key[po : po + 2], "big"),
+            dport=int.from_bytes(key[qo : qo + 2], "big"),
+            proto=key[ffi.offsetof(key_type, "proto")],
+            packets=delta_p,
+            octets=delta_b,
+            start_ms=int(self.clock.to_wall(first) * 1000),
+            end_ms=int(self.clock.to_wall(last) * 1000),
+            tcp_flags=flags,
+            ingress_ifindex=self.ifindex,
+            end_reason=reason,
+        )
+
+    def _exported(self, m: Map) -> dict[bytes, tuple[int, int, int]]:
+        raw = m.lookup_batch_raw()
+        if raw is None:
+            return {bytes(ffi.buffer(k)): (int(v.packets), int(v.bytes), int(v.at)) for k, v in m.items()}
+        keys, vals, n = raw
+        ks = m.info.key_size
+        arr = np.frombuffer(vals, dtype=abi.np_dtype("struct xf_exported"), count=n)
+        return {
+            keys[i * ks : (i + 1) * ks]: (int(a["packets"]), int(a["bytes"]), int(a["at"])) for i, a in enumerate(arr)
+        }
+
+    def scan(self, force: bool = False) -> list[FlowRecord]:
+        """Records for every flow that expired or is due an active export
+        (every flow with ``force``: shutdown). Raises XdpflowError."""
+        if self._pending:
+            raise XdpflowError(errno.EBUSY, "scan() before commit() of the previous scan")
+        now = self._now()
+        out: list[FlowRecord] = []
+        for family, flows, exported, key_type in self.tables:
+            pend = _Pending()
+            self._pending.append((exported, pend))
+            done = self._exported(exported)
+            fa = read_table(flows, family)
+            ks = flows.info.key_size
+            keys = fa.keys.tobytes()
+            ended = (fa.tcp_flags & (TCP_FIN | TCP_RST)) != 0
+            idle = (now - fa.last_seen.astype(np.int64)) > self.idle
+            live: set[bytes] = set()
+            for i in range(len(fa)):
+                key = keys[i * ks : (i + 1) * ks]
+                prev_p, prev_b, prev_at = done.get(key, (0, 0, 0))
+                if force or ended[i] or idle[i]:
+                    value = flows.lookup_and_delete(key)
+                    if value is None:  # evicted meanwhile
+                        continue
+                    p, b, first, last, flags = _fold(value)
+                    first = prev_at or first  # an active export sent what came before
+                    reason = END_FORCED if force else END_OF_FLOW if ended[i] else END_IDLE
+                    if p > prev_p:
+                        out.append(
+                            self._record(family, key, key_type, p - prev_p, b - prev_b, first, last, flags, reason)
+                        )
+                    if key in done:
+                        pend.drop.append(key)
+                    continue
+                live.add(key)
+                since = prev_at or int(fa.first_seen[i])
+                p, b = int(fa.packets[i]), int(fa.bytes[i])
+                if now - since >= self.active and p > prev_p:
+                    first = prev_at or int(fa.first_seen[i])
+                    out.append(
+                        self._record(
+                            family,
+                            key,
+                            key_type,
+                            p - prev_p,
+                            b - prev_b,
+                            first,
+                            int(fa.last_seen[i]),
+                            int(fa.tcp_flags[i]),
+                            END_ACTIVE,
+                        )
+                    )
+                    pend.put[key] = (p, b, now)
+            # state of flows the table no longer has (LRU-evicted) is stale
+            pend.drop.extend(k for k in done if k not in live and k not in pend.drop)
+        return out
+
+    def commit(self) -> None:
+        """Record that the last scan's records were sent."""
+        for exported, pend in self._pending:
+            for key, (p, b, at) in pend.put.items():
+                v = ffi.new("struct xf_exported *", {"packets": p, "bytes": b, "at": at})
+                exported[key] = v
+            for key in pend.drop:
+                exported.pop(key, None)
+        self._pending = []
+
+    def flush(self) -> list[FlowRecord]:
+        """Every flow, taken out of the table: for a clean shutdown, so the
+        next exporter starts from empty tables and nothing is sent twice."""
+        return self.scan(force=True)

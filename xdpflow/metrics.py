@@ -1,0 +1,431 @@
+"""Prometheus metrics: the pinned maps, read afresh on every scrape.
+
+``XdpflowCollector`` reads one pin root each time Prometheus asks: counters
+per interface, flow-table and blocklist occupancy, monitor mode, whether the
+pinned program is the one running, the rules with the most hits (at most
+``top_n`` of them, so a 10^5-rule feed does not become 10^5 series), and the
+daemon's own export counters when it hands them over in an ``ExporterStats``.
+Nothing is cached: a scrape shows what the maps hold at that moment.
+
+An interface whose pins vanish between listing the pin root and reading them
+(a detach running at that moment) is left out of that scrape; so are the
+blocklist metrics while the shared maps are gone. Any other failure fails
+the scrape (an HTTP 500, which Prometheus records as ``up == 0``).
+
+Pins are visible from every network namespace, interfaces are not: whether
+the program is attached is asked over netlink in the namespace the scraping
+thread is in. ``netns`` makes each scrape enter a named namespace for that.
+Threads inherit the namespace of the thread that starts them, so a process
+that calls ``serve()`` from inside ``netlink.in_netns()`` (the daemon) needs
+no ``netns``; its listening socket is then in that namespace too.
+
+``serve()`` runs prometheus-client's threaded HTTP server on its own registry
+(these metrics plus the usual ``process_*``/``python_*`` ones of the exporter
+process), on loopback unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import socket
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector
+
+from . import abi, controller, netlink
+from .blocklist import Blocklist, key_cidr
+from .cli import PinnedMaps
+from .errors import XdpflowError, os_error
+from .flows import count_flows
+from .libbpf import Map, Program, ffi, lib, possible_cpus, round_up8
+from .pins import PinRoot
+
+__all__ = [
+    "DEFAULT_LISTEN",
+    "DEFAULT_TOP_N",
+    "ExporterStats",
+    "MetricsServer",
+    "XdpflowCollector",
+    "parse_listen",
+    "serve",
+]
+
+DEFAULT_LISTEN = "127.0.0.1:9437"
+DEFAULT_TOP_N = 20
+PREFIX = "xdpflow"
+_ENOTSUPP = 524  # the kernel's internal "operation not supported", as libbpf passes it on
+
+_COUNTER_HELP = {
+    "packets": "seen by the XDP program",
+    "passed": "passed on to the kernel stack",
+    "dropped": "dropped by a blocklist rule",
+    "sunk": "dropped after accounting (sink mode)",
+    "monitored": "a blocklist rule would have dropped, passed in monitor mode",
+    "parse_errors": "with headers too short or malformed to parse",
+    "non_ip": "neither IPv4 nor IPv6",
+    "ipv4": "IPv4",
+    "ipv6": "IPv6",
+    "tcp": "TCP",
+    "udp": "UDP",
+    "icmp": "ICMP or ICMPv6",
+    "other": "IP with another transport protocol",
+    "flow_insert_failed": "whose new flow could not be added to the flow table",
+    "events_suppressed": "whose event was not sent: over the per-CPU event budget",
+    "events_lost": "whose event was lost: the events ring buffer was full",
+}
+
+# ExporterStats field -> help of its metric, xdpflow_<field>_total
+_EXPORTER_COUNTERS = {
+    "flows_exported": "Flows exported as IPFIX records by the daemon",
+    "records_exported": "IPFIX data records sent by the daemon",
+    "export_errors": "IPFIX messages the daemon failed to send",
+    "blocklist_syncs": "Blocklist syncs from files and feeds that succeeded",
+    "blocklist_sync_errors": "Blocklist syncs from files and feeds that failed",
+}
+
+
+@dataclass
+class ExporterStats:
+    """The daemon's own counters, shown as ``xdpflow_*_total`` metrics.
+
+    Plain ints: the daemon's one thread adds to them (``stats.flows_exported
+    += n``) and a scrape reads them; a read never sees a torn int. Counters
+    only grow; a restarted daemon starts from 0, which Prometheus reads as a
+    counter reset.
+    """
+
+    flows_exported: int = 0
+    records_exported: int = 0
+    export_errors: int = 0
+    blocklist_syncs: int = 0
+    blocklist_sync_errors: int = 0
+
+
+@dataclass
+class _Iface:
+    ifname: str
+    counters: dict[str, int]
+    flows: int
+    flows_max: int
+    attached: bool
+
+
+@dataclass
+class _Shared:
+    monitor: bool
+    rules: int
+    rules_max: int
+    top: list[tuple[str, str, int]]  # (cidr, direction, hits), most hits first
+
+
+def _vanished(e: OSError) -> bool:
+    return e.errno == errno.ENOENT
+
+
+class XdpflowCollector(Collector):
+    """Reads the maps under ``pin_root`` on every ``collect()``.
+
+    ``top_n`` bounds the per-rule hit series (0: none). ``stats`` adds the
+    daemon's export counters. ``netns`` names the network namespace the
+    interfaces live in (None: the calling thread's own); each collect enters
+    it and leaves it again, in the calling thread only.
+    """
+
+    def __init__(
+        self,
+        pin_root: str | None = None,
+        stats: ExporterStats | None = None,
+        top_n: int = DEFAULT_TOP_N,
+        netns: str | None = None,
+    ) -> None:
+        if top_n < 0:
+            raise ValueError(f"top_n must be 0 or more, not {top_n}")
+        self.pins = PinRoot(pin_root)
+        self.stats = stats
+        self.top_n = top_n
+        self.netns = netns
+
+    # reading the maps -------------------------------------------------------
+
+    def _attached(self, ifname: str) -> bool:
+        """Whether the pinned program is the one running on ``ifname``."""
+        try:
+            prog = Program.from_pin(self.pins.iface(ifname, "prog"))
+        except XdpflowError as e:
+            if _vanished(e):  # not pinned yet (mid-attach) or gone: not ours
+                return False
+            raise
+        try:
+            prog_id = prog.id
+        finally:
+            prog.close()
+        try:
+            return netlink.xdp_state(ifname).prog_id == prog_id
+        except XdpflowError as e:
+            if e.errno == errno.ENODEV:
+                return False
+            raise
+
+    def _iface(self, ifname: str) -> _Iface | None:
+        """One interface's maps; None when its pins vanished meanwhile.
+        Reads pins only, so any thread in any namespace may call it."""
+        root = self.pins.root
+        try:
+            counters = controller.read_counters(ifname, root)
+            flows, flows_max = count_flows(ifname, root)
+        except OSError as e:
+            if _vanished(e):
+                return None
+            raise
+        return _Iface(ifname, counters, flows, flows_max, attached=False)
+
+    def _shared(self) -> _Shared | None:
+        """Monitor mode and the blocklist; None while the shared maps are gone."""
+        root = self.pins.root
+        maps = PinnedMaps(root)
+        try:
+            monitor = bool(controller.get_config(root) & abi.C.XF_CFG_MONITOR)
+            bl = Blocklist(maps)
+            # rule key -> rule index, decoded in bulk: listing() would build
+            # an ipaddress object for each of 10^5 rules
+            entries = bl._entries()
+            _per_trie, rules_max = bl.capacity()
+            hits = None
+            if entries and self.top_n:
+                hits = _rule_hits(maps("rule_hits"), max(entries.values()) + 1)
+                if hits is None:
+                    hits = bl.hit_counts()
+        except OSError as e:
+            if _vanished(e):
+                return None
+            raise
+        finally:
+            maps.close()
+        top = _top_rules(entries, hits, self.top_n) if hits is not None else []
+        return _Shared(monitor, len(entries), rules_max, top)
+
+    # the metrics --------------------------------------------------------------
+
+    def describe(self) -> Iterable[Metric]:
+        """The metric families, reading no map (for the registry's name checks)."""
+        return self._families([], None)
+
+    def collect(self) -> Iterable[Metric]:
+        """Every metric, read now. Raises OSError for anything but vanished pins.
+
+        Returns a list, not a generator: the namespace switch is over by the
+        time the caller sees the first metric.
+        """
+        names = self.pins.interfaces()
+        # A full flow table is 10^5-10^6 entries to read; the kernel copies
+        # them with the GIL released, so the tables of several interfaces (and
+        # the blocklist) are read on as many CPUs while this thread asks
+        # netlink which programs run.
+        workers = min(len(names) + 1, os.cpu_count() or 1)
+        with ThreadPoolExecutor(workers, thread_name_prefix="xdpflow-scrape") as pool:
+            shared_f = pool.submit(self._shared)
+            iface_fs = [pool.submit(self._iface, n) for n in names]
+            with netlink.in_netns(self.netns):
+                attached = {n: self._attached(n) for n in names}
+            shared = shared_f.result()
+            ifaces = [i for i in (f.result() for f in iface_fs) if i is not None]
+        for i in ifaces:
+            i.attached = attached[i.ifname]
+        return self._families(ifaces, shared)
+
+    def _families(self, ifaces: list[_Iface], shared: _Shared | None) -> list[Metric]:
+        out: list[Metric] = []
+        for name in abi.COUNTER_NAMES.values():
+            what = _COUNTER_HELP.get(name, f"counted as {name}")
+            packets = CounterMetricFamily(f"{PREFIX}_{name}_packets", f"Frames {what}", labels=["interface"])
+            nbytes = CounterMetricFamily(f"{PREFIX}_{name}_bytes", f"Bytes of the frames {what}", labels=["interface"])
+            for i in ifaces:
+                packets.add_metric([i.ifname], i.counters[name])
+                nbytes.add_metric([i.ifname], i.counters[f"{name}_bytes"])
+            out += [packets, nbytes]
+
+        flows = GaugeMetricFamily(f"{PREFIX}_flows", "Entries in the flow tables (IPv4 and IPv6)", labels=["interface"])
+        flows_max = GaugeMetricFamily(
+            f"{PREFIX}_flows_max", "Capacity of the flow tables (IPv4 and IPv6)", labels=["interface"]
+        )
+        attached = GaugeMetricFamily(
+            f"{PREFIX}_attached",
+            "1 if the pinned xdpflow program is the one running on the interface, else 0",
+            labels=["interface"],
+        )
+        for i in ifaces:
+            flows.add_metric([i.ifname], i.flows)
+            flows_max.add_metric([i.ifname], i.flows_max)
+            attached.add_metric([i.ifname], int(i.attached))
+        out += [flows, flows_max, attached]
+
+        rules = GaugeMetricFamily(f"{PREFIX}_blocklist_rules", "Rules in the blocklist")
+        rules_max = GaugeMetricFamily(f"{PREFIX}_blocklist_rules_max", "Rules the blocklist can hold")
+        monitor = GaugeMetricFamily(
+            f"{PREFIX}_monitor_mode", "1 if blocklist matches are counted and passed instead of dropped"
+        )
+        hits = CounterMetricFamily(
+            f"{PREFIX}_blocklist_rule_hits",
+            f"Frames matched by a blocklist rule (shown only for the up to {self.top_n} rules with the most)",
+            labels=["cidr", "direction"],
+        )
+        if shared is not None:
+            rules.add_metric([], shared.rules)
+            rules_max.add_metric([], shared.rules_max)
+            monitor.add_metric([], int(shared.monitor))
+            for cidr, direction, n in shared.top:
+                hits.add_metric([cidr, direction], n)
+        out += [rules, rules_max, monitor, hits]
+
+        if self.stats is not None:
+            for field, text in _EXPORTER_COUNTERS.items():
+                c = CounterMetricFamily(f"{PREFIX}_{field}", text)
+                c.add_metric([], int(getattr(self.stats, field)))
+                out.append(c)
+        return out
+
+
+def _rule_hits(m: Map, n: int) -> np.ndarray | None:
+    """Hits of rule indices 0..n-1 summed over CPUs, in one batch read; None
+    where the kernel has no batch lookup for arrays. Raises XdpflowError.
+
+    Indices are handed out lowest first, so the rules in use sit at the start
+    of the array; reading only up to the highest one spares copying the whole
+    XF_RULES_MAX x CPUs array (256 MiB on a 64-CPU machine) on every scrape.
+    """
+    ncpu = possible_cpus()
+    stride = ncpu * round_up8(ffi.sizeof(m.value_type))
+    keys = ffi.new("__u32[]", n)
+    vals = ffi.new("char[]", n * stride)
+    cursor = ffi.new("__u32 *")
+    count = ffi.new("__u32 *", n)
+    opts = ffi.new("struct bpf_map_batch_opts *", {"sz": ffi.sizeof("struct bpf_map_batch_opts")})
+    ret = lib.bpf_map_lookup_batch(m.fd, ffi.NULL, cursor, keys, vals, count, opts)
+    if ret < 0 and -ret in (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP):
+        return None
+    if ret < 0 and -ret != errno.ENOENT:  # ENOENT: the array ended there
+        raise os_error(-ret, f"batch-reading map {m.name}")
+    got = int(count[0])
+    per_cpu = np.frombuffer(ffi.buffer(vals, got * stride), dtype="<u8").reshape(got, ncpu)
+    return per_cpu.sum(axis=1, dtype=np.uint64)
+
+
+def _top_rules(entries: dict[int, int], hits: np.ndarray, n: int) -> list[tuple[str, str, int]]:
+    """The ``n`` rules with the most hits (none without hits), as (cidr,
+    direction, hits); equal hits in rule order, so the choice is stable."""
+    keys = list(entries)
+    idx = np.fromiter(entries.values(), dtype=np.int64, count=len(keys))
+    h = hits[idx]
+    rows = np.flatnonzero(h)
+    if len(rows) > n:
+        # the n-th largest count; every rule above it is in, ties fill the rest
+        cut = np.partition(h[rows], len(rows) - n)[len(rows) - n]
+        above = rows[h[rows] > cut]
+        ties = sorted(rows[h[rows] == cut].tolist(), key=keys.__getitem__)
+        rows = np.concatenate([above, np.array(ties[: n - len(above)], dtype=np.int64)])
+    picked = sorted(rows.tolist(), key=lambda r: (-int(h[r]), keys[r]))
+    return [(key_cidr(keys[r]), "dst" if keys[r] & 1 else "src", int(h[r])) for r in picked]
+
+
+# serving ----------------------------------------------------------------------
+
+_BRACKETED = re.compile(r"^\[([0-9A-Fa-f:.]+)\]:(\d{1,5})$")
+_PLAIN = re.compile(r"^([^:\[\]\s]+):(\d{1,5})$")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6addr]:port"`` as (host, port); port 0 picks a
+    free one. Raises ValueError naming the accepted forms.
+    """
+    m = _BRACKETED.match(text) or _PLAIN.match(text)
+    if m is None or int(m.group(2)) > 65535:
+        raise ValueError(
+            f"listen address {text!r}: give HOST:PORT or [IPV6]:PORT, e.g. 127.0.0.1:9437, [::1]:9437, "
+            "or 0.0.0.0:9437 for every interface"
+        )
+    return m.group(1), int(m.group(2))
+
+
+class MetricsServer:
+    """A running metrics HTTP server; ``shutdown()`` (or ``close()``, or
+    leaving a ``with`` block) stops it and closes its socket."""
+
+    def __init__(self, httpd: Any, thread: threading.Thread, registry: CollectorRegistry) -> None:
+        self._httpd = httpd
+        self._thread = thread
+        self.registry = registry
+        addr = httpd.socket.getsockname()
+        self.host: str = addr[0]
+        self.port: int = addr[1]
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) the socket is bound to: the real port when 0 was asked."""
+        return self.host, self.port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def shutdown(self) -> None:
+        """Stop serving, wait for the server thread, close the socket. Idempotent."""
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+            self._thread.join()
+        self._httpd.server_close()
+
+    close = shutdown
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.shutdown()
+
+
+_LISTEN_HINTS = {
+    errno.EADDRINUSE: "another process listens there; choose another port",
+    errno.EADDRNOTAVAIL: "no interface in this network namespace has that address",
+}
+
+
+def serve(
+    listen: str = DEFAULT_LISTEN,
+    pin_root: str | None = None,
+    stats: ExporterStats | None = None,
+    top_n: int = DEFAULT_TOP_N,
+    netns: str | None = None,
+) -> MetricsServer:
+    """Serve ``/metrics`` for ``pin_root`` on ``listen`` (loopback by default)
+    from a background thread, until ``shutdown()`` on the returned server.
+
+    Raises ValueError for a malformed ``listen``, XdpflowError when the
+    address cannot be resolved or bound.
+    """
+    host, port = parse_listen(listen)
+    registry = CollectorRegistry()
+    registry.register(XdpflowCollector(pin_root, stats, top_n, netns))
+    for c in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(c)
+    try:
+        httpd, thread = start_http_server(port, addr=host, registry=registry)
+    except socket.gaierror as e:
+        raise XdpflowError(errno.EINVAL, f"listening on {listen}: cannot resolve {host!r}: {e.strerror}") from None
+    except OSError as e:
+        raise os_error(e.errno or errno.EIO, f"listening on {listen}", _LISTEN_HINTS.get(e.errno or 0)) from None
+    thread.name = f"xdpflow-metrics-{port}"
+    return MetricsServer(httpd, thread, registry)
