@@ -178,7 +178,7 @@ class Blocklist:
 
     # reading ------------------------------------------------------------
 
-    def _entries(self) -> dict[int, int]:
+    def entry_keys(self) -> dict[int, int]:
         """Every rule as rule_key -> rule index."""
         out: dict[int, int] = {}
         for (family, direction), (trie, _flag) in TRIES.items():
@@ -206,27 +206,29 @@ class Blocklist:
 
     def entries(self) -> dict[Rule, int]:
         """Every rule with its rule index."""
-        return {rule_from_key(k): i for k, i in self._entries().items()}
+        return {rule_from_key(k): i for k, i in self.entry_keys().items()}
 
     def rules(self) -> list[Rule]:
-        return [rule_from_key(k) for k in sorted(self._entries())]
+        return [rule_from_key(k) for k in sorted(self.entry_keys())]
 
     def __len__(self) -> int:
-        return len(self._entries())
+        return len(self.entry_keys())
 
     def rule_indices(self) -> dict[int, Rule]:
         """Rule index -> rule, for naming the rule an event carries."""
-        return {i: rule_from_key(k) for k, i in self._entries().items()}
+        return {i: rule_from_key(k) for k, i in self.entry_keys().items()}
 
     def missing(self, rules: Iterable[Rule]) -> list[Rule]:
         """The rules that are not in the blocklist."""
-        current = self._entries()
+        current = self.entry_keys()
         return [r for r in rules if rule_key(r) not in current]
 
-    def hit_counts(self) -> np.ndarray:
-        """Hits per rule index, summed over CPUs."""
+    def hit_counts(self, limit: int | None = None) -> np.ndarray:
+        """Hits per rule index, summed over CPUs; only the first ``limit``
+        indices (they are handed out lowest first) when given: the whole
+        per-CPU array is 512k x CPUs counters."""
         m = self._map("rule_hits")
-        raw = m.lookup_batch_raw(chunk=65536)
+        raw = m.lookup_batch_raw(chunk=65536, limit=limit)
         if raw is None:
             return np.array([sum(v) for _, v in m.items()], dtype=np.uint64)
         _keys, vals, n = raw
@@ -235,10 +237,10 @@ class Blocklist:
 
     def listing(self) -> list[tuple[Rule, int]]:
         """(rule, hits) for every rule, in rule order."""
-        entries = self._entries()
+        entries = self.entry_keys()
         if not entries:
             return []
-        hits = self.hit_counts()
+        hits = self.hit_counts(limit=max(entries.values()) + 1)
         return [(rule_from_key(k), int(hits[entries[k]])) for k in sorted(entries)]
 
     def capacity(self) -> tuple[int, int]:
@@ -248,11 +250,11 @@ class Blocklist:
     # writing ------------------------------------------------------------
 
     def add(self, rules: Iterable[Rule]) -> Change:
-        current = self._entries()
+        current = self.entry_keys()
         return self._apply(current, sorted({rule_key(r) for r in rules} - current.keys()), [])
 
     def delete(self, rules: Iterable[Rule]) -> Change:
-        current = self._entries()
+        current = self.entry_keys()
         return self._apply(current, [], sorted({rule_key(r) for r in rules} & current.keys()))
 
     def sync(self, wanted: Iterable[Rule], dry_run: bool = False, direction: str | None = None) -> Change:
@@ -264,7 +266,7 @@ class Blocklist:
 
     def sync_keys(self, wanted: Iterable[int], dry_run: bool = False, direction: str | None = None) -> Change:
         """sync() for rule keys (blocklist_file.read_file_keys gives them)."""
-        current = self._entries()
+        current = self.entry_keys()
         want = set(wanted)
         if direction is not None:
             other = 1 - _DIRS.index(direction)
@@ -276,7 +278,7 @@ class Blocklist:
         return self._apply(current, to_add, to_delete)
 
     def flush(self) -> Change:
-        current = self._entries()
+        current = self.entry_keys()
         return self._apply(current, [], sorted(current))
 
     def _counts(self, keys: Iterable[int]) -> dict[tuple[int, str], int]:
@@ -318,7 +320,7 @@ class Blocklist:
             if first:
                 self._apply(current, [], first)
                 firsts = set(first)
-                rest = self._apply(self._entries(), to_add, [k for k in to_delete if k not in firsts])
+                rest = self._apply(self.entry_keys(), to_add, [k for k in to_delete if k not in firsts])
                 return Change(rest.added_keys, rest.deleted_keys + first)
 
         gone = set(to_delete)

@@ -394,12 +394,12 @@ class IfaceStatus:
     prog_id: int
     attached: bool  # the pinned program is the one running on the interface
     attached_at: float | None
-    flows: int
-    flows_max: int
     sink: bool
 
 
 def iface_status(ifname: str, pin_root: str | None = None) -> IfaceStatus:
+    """Program, mode and attach time of ``ifname`` (flows.count_flows counts
+    its flow tables). Raises XdpflowError."""
     pins = PinRoot(pin_root)
     prog = _pinned_prog(pins, ifname)
     prog_id, attached_at, sink = 0, None, False
@@ -419,9 +419,4 @@ def iface_status(ifname: str, pin_root: str | None = None) -> IfaceStatus:
     except XdpflowError as e:
         if e.errno != errno.ENODEV:
             raise
-    flows = flows_max = 0
-    for name in ("flows_v4", "flows_v6"):
-        with open_iface_map(ifname, name, pin_root) as m:
-            flows += len(m)
-            flows_max += m.info.max_entries
-    return IfaceStatus(ifname, mode, prog_id, attached, attached_at, flows, flows_max, sink)
+    return IfaceStatus(ifname, mode, prog_id, attached, attached_at, sink)

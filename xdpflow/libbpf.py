@@ -543,16 +543,22 @@ class Map(MutableMapping[Any, Any]):
             for i in range(n)
         ]
 
-    def lookup_batch_raw(self, chunk: int = 8192, delete: bool = False) -> tuple[bytes, bytes, int] | None:
+    def lookup_batch_raw(
+        self, chunk: int = 8192, delete: bool = False, limit: int | None = None
+    ) -> tuple[bytes, bytes, int] | None:
         """All entries as two packed buffers: ``n`` keys of key_size bytes and
         ``n`` values of ``possible_cpus x round_up(value_size, 8)`` bytes
         (per-CPU maps) or value_size bytes. For decoding in bulk (numpy).
+        With ``limit``, stops after that many entries (the first ones of an
+        array).
 
         Returns None where the kernel has no batch op for this map type
         (EINVAL/ENOTSUPP on the first call). Raises XdpflowError.
         """
         ks = self.info.key_size
         stride = self._ncpu * self._vstride
+        if limit is not None:
+            chunk = max(1, min(chunk, limit))
         keys = ffi.new("char[]", chunk * ks)
         vals = ffi.new("char[]", chunk * stride)
         # the batch cursor is opaque: a key for arrays, a bucket for hashes
@@ -567,13 +573,15 @@ class Map(MutableMapping[Any, Any]):
         vparts: list[bytes] = []
         n = 0
         while True:
-            count[0] = chunk
+            count[0] = chunk if limit is None else min(chunk, limit - n)
+            if count[0] == 0:
+                return b"".join(kparts), b"".join(vparts), n
             ret = fn(self.fd, ffi.NULL if first else in_b, out_b, keys, vals, count, opts)
             if ret < 0 and -ret in _BATCH_UNSUPPORTED and first:
                 return None
             if ret < 0 and -ret == errno.ENOSPC and not delete:
                 # one hash bucket holds more entries than chunk: start over, bigger
-                return self.lookup_batch_raw(chunk * 4, delete)
+                return self.lookup_batch_raw(chunk * 4, delete, limit)
             if ret < 0 and -ret != errno.ENOENT:
                 _check(ret, f"batch-reading map {self.name}")
             got = count[0]

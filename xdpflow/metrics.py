@@ -48,7 +48,7 @@ from .blocklist import Blocklist, key_cidr
 from .cli import PinnedMaps
 from .errors import XdpflowError, os_error
 from .flows import count_flows
-from .libbpf import Map, Program, ffi, lib, possible_cpus, round_up8
+from .libbpf import Program
 from .pins import PinRoot
 
 __all__ = [
@@ -199,13 +199,11 @@ class XdpflowCollector(Collector):
             bl = Blocklist(maps)
             # rule key -> rule index, decoded in bulk: listing() would build
             # an ipaddress object for each of 10^5 rules
-            entries = bl._entries()
+            entries = bl.entry_keys()
             _per_trie, rules_max = bl.capacity()
             hits = None
             if entries and self.top_n:
-                hits = _rule_hits(maps("rule_hits"), max(entries.values()) + 1)
-                if hits is None:
-                    hits = bl.hit_counts()
+                hits = bl.hit_counts(limit=max(entries.values()) + 1)
         except OSError as e:
             if _vanished(e):
                 return None
@@ -294,31 +292,6 @@ class XdpflowCollector(Collector):
                 c.add_metric([], int(getattr(self.stats, field)))
                 out.append(c)
         return out
-
-
-def _rule_hits(m: Map, n: int) -> np.ndarray | None:
-    """Hits of rule indices 0..n-1 summed over CPUs, in one batch read; None
-    where the kernel has no batch lookup for arrays. Raises XdpflowError.
-
-    Indices are handed out lowest first, so the rules in use sit at the start
-    of the array; reading only up to the highest one spares copying the whole
-    XF_RULES_MAX x CPUs array (256 MiB on a 64-CPU machine) on every scrape.
-    """
-    ncpu = possible_cpus()
-    stride = ncpu * round_up8(ffi.sizeof(m.value_type))
-    keys = ffi.new("__u32[]", n)
-    vals = ffi.new("char[]", n * stride)
-    cursor = ffi.new("__u32 *")
-    count = ffi.new("__u32 *", n)
-    opts = ffi.new("struct bpf_map_batch_opts *", {"sz": ffi.sizeof("struct bpf_map_batch_opts")})
-    ret = lib.bpf_map_lookup_batch(m.fd, ffi.NULL, cursor, keys, vals, count, opts)
-    if ret < 0 and -ret in (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP):
-        return None
-    if ret < 0 and -ret != errno.ENOENT:  # ENOENT: the array ended there
-        raise os_error(-ret, f"batch-reading map {m.name}")
-    got = int(count[0])
-    per_cpu = np.frombuffer(ffi.buffer(vals, got * stride), dtype="<u8").reshape(got, ncpu)
-    return per_cpu.sum(axis=1, dtype=np.uint64)
 
 
 def _top_rules(entries: dict[int, int], hits: np.ndarray, n: int) -> list[tuple[str, str, int]]:
