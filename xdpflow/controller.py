@@ -287,45 +287,39 @@ def detach(ifname: str, pin_root: str | None = None) -> None:
         pins.remove_shared()
 
 
+def _nothing_attached(pins: PinRoot) -> NotAttachedError:
+    return NotAttachedError(errno.ENOENT, f"nothing is attached under {pins.root}; run `xdpflow attach IFACE` first")
+
+
+def _open_pin(path: str, opener: Any, missing: NotAttachedError) -> Any:
+    """opener(path), with a missing pin reported as ``missing``."""
+    try:
+        return opener(path)
+    except XdpflowError as e:
+        if e.errno == errno.ENOENT:
+            raise missing from None
+        raise
+
+
 def open_iface_map(ifname: str, name: str, pin_root: str | None = None) -> Map:
     """Open one of an interface's pinned maps with its header types."""
     pins = PinRoot(pin_root)
     key, value = abi.MAP_TYPES[name]
-    try:
-        return Map.from_pin(pins.iface(ifname, name), key, value)
-    except XdpflowError as e:
-        if e.errno == errno.ENOENT:
-            raise NotAttachedError(
-                errno.ENOENT, f"xdpflow is not attached to {ifname} (pin root {pins.root})"
-            ) from None
-        raise
+    missing = NotAttachedError(errno.ENOENT, f"xdpflow is not attached to {ifname} (pin root {pins.root})")
+    return _open_pin(pins.iface(ifname, name), lambda p: Map.from_pin(p, key, value), missing)
 
 
 def open_shared_map(name: str, pin_root: str | None = None) -> Map:
     """Open one of the shared pinned maps with its header types."""
     pins = PinRoot(pin_root)
     key, value = abi.MAP_TYPES[name]
-    try:
-        return Map.from_pin(pins.shared(name), key, value)
-    except XdpflowError as e:
-        if e.errno == errno.ENOENT:
-            raise NotAttachedError(
-                errno.ENOENT, f"nothing is attached under {pins.root}; run `xdpflow attach IFACE` first"
-            ) from None
-        raise
+    return _open_pin(pins.shared(name), lambda p: Map.from_pin(p, key, value), _nothing_attached(pins))
 
 
 def open_events_fd(pin_root: str | None = None) -> int:
     """A new fd for the shared events ring buffer; the caller closes it."""
     pins = PinRoot(pin_root)
-    try:
-        return obj_get(pins.shared("events"))
-    except XdpflowError as e:
-        if e.errno == errno.ENOENT:
-            raise NotAttachedError(
-                errno.ENOENT, f"nothing is attached under {pins.root}; run `xdpflow attach IFACE` first"
-            ) from None
-        raise
+    return int(_open_pin(pins.shared("events"), obj_get, _nothing_attached(pins)))
 
 
 def read_counters(ifname: str, pin_root: str | None = None) -> dict[str, int]:
@@ -366,14 +360,7 @@ def set_monitor(on: bool, pin_root: str | None = None) -> None:
 def open_clock(pin_root: str | None = None) -> JiffiesClock:
     """A jiffies-to-Unix-time converter for this instance's stamps."""
     pins = PinRoot(pin_root)
-    try:
-        prog = Program.from_pin(pins.shared("clock"))
-    except XdpflowError as e:
-        if e.errno == errno.ENOENT:
-            raise NotAttachedError(
-                errno.ENOENT, f"nothing is attached under {pins.root}; run `xdpflow attach IFACE` first"
-            ) from None
-        raise
+    prog = _open_pin(pins.shared("clock"), Program.from_pin, _nothing_attached(pins))
     try:
         with open_shared_map("config", pin_root) as m:
             hz = int(m[0].hz) or measure_hz(prog)

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from . import controller, netlink
@@ -375,26 +375,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feed", action="append", dest="feeds", metavar="URL")
 
 
-OVERRIDES = (
-    "interfaces",
-    "mode",
-    "flows",
-    "sink",
-    "monitor",
-    "detach_on_exit",
-    "collectors",
-    "idle_timeout",
-    "active_timeout",
-    "scan_interval",
-    "template_refresh",
-    "observation_domain",
-    "mtu",
-    "listen",
-    "top_rules",
-    "blocklist_files",
-    "blocklist_direction",
-    "feeds",
-)
+# every Config field but these two comes from `xdpflow run` flags of its name
+OVERRIDES = tuple(f.name for f in fields(Config) if f.name not in ("pin_root", "netns"))
 
 
 def main(args: argparse.Namespace) -> int:
