@@ -285,26 +285,32 @@ static __always_inline __u32 *bl6_match(__u32 flags, struct xf_flow6 *k)
  * second, so a flood cannot turn into a flood of events. A full ring skips
  * the event; the frame is never held back for it.
  */
-static __always_inline void emit(struct xf_counters *c, struct xdp_md *ctx,
-				 struct pkt *p, __u8 type, __u32 rule, __u64 now,
-				 __u32 hz)
+static __always_inline int event_allowed(struct xf_counters *c, struct pkt *p,
+					 __u64 now, struct xf_config *cfg)
 {
 	__u32 zero = 0;
 	struct xf_ratelimit *rl = bpf_map_lookup_elem(&event_budget, &zero);
-	struct xf_event *e;
 
-	if (!rl)
-		return;
+	if (!rl || !cfg)
+		return 0;
 	/* hz is 0 only between load and the controller's first config write */
-	if (now - rl->window >= hz) {
+	if (now - rl->window >= cfg->hz) {
 		rl->window = now;
 		rl->count = 0;
 	}
 	if (rl->count >= knobs.events_per_sec) {
 		count(c, XF_CNT_EVENTS_SUPPRESSED, p->len);
-		return;
+		return 0;
 	}
 	rl->count++;
+	return 1;
+}
+
+static __always_inline void emit(struct xf_counters *c, struct xdp_md *ctx,
+				 struct pkt *p, __u8 type, __u32 rule, __u64 now,
+				 struct xf_config *cfg)
+{
+	struct xf_event *e;
 
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
@@ -318,7 +324,7 @@ static __always_inline void emit(struct xf_counters *c, struct xdp_md *ctx,
 	e->type = type;
 	e->family = p->family;
 	e->pad = 0;
-	e->pad2 = 0;
+	e->generation = cfg->generation;
 	if (p->family == 4) {
 		e->proto = p->k4.proto;
 		e->sport = p->k4.sport;
@@ -356,7 +362,7 @@ static __always_inline void flow_add(struct xf_flow_val *v, struct pkt *p,
 
 static __always_inline void track(void *flows, void *key,
 				  struct xf_counters *c, struct xdp_md *ctx,
-				  struct pkt *p, __u32 hz)
+				  struct pkt *p, struct xf_config *cfg)
 {
 	__u64 now = bpf_jiffies64();
 	struct xf_flow_val *v = bpf_map_lookup_elem(flows, key);
@@ -376,7 +382,8 @@ static __always_inline void track(void *flows, void *key,
 	nv.pad = 0;
 	err = bpf_map_update_elem(flows, key, &nv, BPF_NOEXIST);
 	if (!err) {
-		emit(c, ctx, p, XF_EV_NEW_FLOW, 0, now, hz);
+		if (event_allowed(c, p, now, cfg))
+			emit(c, ctx, p, XF_EV_NEW_FLOW, 0, now, cfg);
 		return;
 	}
 	/* another CPU created it between our lookup and update */
@@ -390,18 +397,32 @@ static __always_inline void track(void *flows, void *key,
 	count(c, XF_CNT_FLOW_INSERT_FAILED, p->len);
 }
 
-/* A blocklist match: hit counter, event, and drop unless monitoring. */
+/* A blocklist match: hit counter, event, and drop unless monitoring. The
+ * drop needs no L4 header; an event that gets through the budget parses the
+ * ports for itself.
+ */
 static __always_inline int blocked(struct xf_counters *c, struct xdp_md *ctx,
-				   struct pkt *p, __u32 rule, __u32 flags,
-				   __u32 hz, __u32 *act)
+				   struct pkt *p, __u32 rule,
+				   struct xf_config *cfg, __u32 *act,
+				   struct hdr_cursor *nh, void *data_end,
+				   int ipproto, int l4_ok)
 {
 	__u64 *hits = bpf_map_lookup_elem(&rule_hits, &rule);
-	int monitor = flags & XF_CFG_MONITOR;
+	int monitor = cfg && (cfg->flags & XF_CFG_MONITOR);
+	__u64 now = bpf_jiffies64();
 
 	if (hits)
 		*hits += 1;
-	emit(c, ctx, p, monitor ? XF_EV_MONITORED : XF_EV_BLOCKED, rule,
-	     bpf_jiffies64(), hz);
+	if (event_allowed(c, p, now, cfg)) {
+		if (p->family == 4)
+			parse_l4(nh, data_end, ipproto, l4_ok, &p->k4.sport,
+				 &p->k4.dport, &p->tcp_flags);
+		else
+			parse_l4(nh, data_end, ipproto, l4_ok, &p->k6.sport,
+				 &p->k6.dport, &p->tcp_flags);
+		emit(c, ctx, p, monitor ? XF_EV_MONITORED : XF_EV_BLOCKED,
+		     rule, now, cfg);
+	}
 	if (monitor) {
 		count(c, XF_CNT_MONITORED, p->len);
 		return XDP_PASS;
@@ -417,7 +438,7 @@ int xdpflow(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data;
 	struct hdr_cursor nh = { .pos = data, .end = data_end };
 	__u32 cls = XF_CNT_PARSE_ERRORS, l4cnt = XF_CNT_MAX;
-	__u32 act = XF_CNT_PASSED, flags = 0, hz = 0, zero = 0;
+	__u32 act = XF_CNT_PASSED, flags = 0, zero = 0;
 	int action = XDP_PASS, ethproto, ipproto, l4_ok = 0;
 	struct xf_counters *c;
 	struct xf_config *cfg;
@@ -428,10 +449,8 @@ int xdpflow(struct xdp_md *ctx)
 	if (!c)
 		return XDP_PASS;
 	cfg = bpf_map_lookup_elem(&config, &zero);
-	if (cfg) {
+	if (cfg)
 		flags = cfg->flags;
-		hz = cfg->hz;
-	}
 
 	p.len = data_end - data;
 	p.tcp_flags = 0;
@@ -458,14 +477,15 @@ int xdpflow(struct xdp_md *ctx)
 			__u32 r = bl4_match(flags, &p.k4);
 
 			if (r) {
-				action = blocked(c, ctx, &p, r - 1, flags, hz, &act);
+				action = blocked(c, ctx, &p, r - 1, cfg, &act,
+						 &nh, data_end, ipproto, l4_ok);
 				goto out;
 			}
 		}
 		if (parse_l4(&nh, data_end, ipproto, l4_ok, &p.k4.sport,
 			     &p.k4.dport, &p.tcp_flags) < 0)
 			goto l4_error;
-		track(&flows_v4, &p.k4, c, ctx, &p, hz);
+		track(&flows_v4, &p.k4, c, ctx, &p, cfg);
 	} else if (ethproto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6h;
 
@@ -486,14 +506,15 @@ int xdpflow(struct xdp_md *ctx)
 		if (flags & (XF_CFG_BL6_SRC | XF_CFG_BL6_DST)) {
 			rule = bl6_match(flags, &p.k6);
 			if (rule) {
-				action = blocked(c, ctx, &p, *rule, flags, hz, &act);
+				action = blocked(c, ctx, &p, *rule, cfg, &act,
+						 &nh, data_end, ipproto, l4_ok);
 				goto out;
 			}
 		}
 		if (parse_l4(&nh, data_end, ipproto, l4_ok, &p.k6.sport,
 			     &p.k6.dport, &p.tcp_flags) < 0)
 			goto l4_error;
-		track(&flows_v6, &p.k6, c, ctx, &p, hz);
+		track(&flows_v6, &p.k6, c, ctx, &p, cfg);
 	} else if (ethproto >= 0) {
 		cls = XF_CNT_NON_IP;
 	}

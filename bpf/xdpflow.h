@@ -130,7 +130,10 @@ enum xf_config_flags {
 
 struct xf_config {
 	__u32 flags;
-	__u32 hz; /* jiffies per second, measured by the controller */
+	__u32 hz;         /* jiffies per second, measured by the controller */
+	__u32 generation; /* bumped by every blocklist change: names the rule
+			   * index assignment an event's rule refers to */
+	__u32 pad;
 };
 
 /* load-time knobs: the program's whole .rodata, set before load */
@@ -170,7 +173,7 @@ struct xf_event {
 	__be16 dport;
 	__u8 saddr[16]; /* IPv4 in the first 4 bytes */
 	__u8 daddr[16];
-	__u32 pad2;
+	__u32 generation; /* config generation the rule index belongs to */
 };
 
 /* per-CPU event budget state */

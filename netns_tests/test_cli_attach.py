@@ -238,13 +238,6 @@ def test_reattach_upgrades_in_place_and_keeps_state(lab: Lab, cli: Cli) -> None:
     assert (st["prog_id"], st["attached"], st["mode"]) == (second["prog_id"], True, "native")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an upgrade in place drops sink mode: sink is a load-time knob and `attach` without "
-    "--sink loads the new program with sink=0 (AttachOptions.sink defaults to False, unlike monitor, "
-    "which None leaves as it is), so `xdpflow attach IF` on a --sink interface silently starts passing "
-    "every frame to the host (`status` then says sink false); there is no way to say 'keep'",
-)
 def test_upgrade_keeps_sink_mode(lab: Lab, cli: Cli) -> None:
     cli("attach", lab.dut_if, "--sink", "--flows", "1024")
     frame = udp4()

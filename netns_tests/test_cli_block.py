@@ -284,16 +284,6 @@ def test_more_rules_than_capacity_change_nothing(lab: Lab, cli: Cli, tmp_path: P
     assert send_and_receive(lab, [udp("198.51.100.1", DUT_V4, 5001, 53)]) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: block sync checks capacity for the final set only, then writes every add before any "
-    "delete unless the deleted rules share no address with the rest; replacing 198.19.0.0/16 by a file "
-    "of the 131072 /32s of 198.18.0.0/15 passes the check and --dry-run ('would add 131072, would "
-    "delete 1 rules'), then the kernel refuses the 131073rd trie entry: exit 1, 'xdpflow: "
-    "batch-updating map bl4_src: No space left on device', and 131071 of the new rules stay in the trie "
-    "beside the old one (listed by `block list`, not enforced: a frame from listed 198.18.0.1 passes); "
-    "running the same sync again fails the same way",
-)
 def test_sync_to_exactly_capacity_is_all_or_nothing(lab: Lab, cli: Cli, tmp_path: Path) -> None:
     # the file covers the rule it replaces, so that rule cannot simply go first
     cli("block", "add", "198.19.0.0/16")

@@ -112,12 +112,6 @@ def test_events_stream_new_flows_and_blocked_frames(lab: Lab, cli: Cli) -> None:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: blocked events report sport 0 and dport 0: the program matches the blocklist and "
-    "emits the event before parse_l4() fills in the ports (and the text view prints "
-    "'198.51.100.9:0 -> 198.18.0.2:0')",
-)
 def test_blocked_events_carry_the_frames_ports(lab: Lab, cli: Cli) -> None:
     cli("block", "add", "198.51.100.0/24")
     proc = cli.popen("events", "--json", "--count", "1", "--duration", "5")
@@ -132,12 +126,6 @@ def test_blocked_events_carry_the_frames_ports(lab: Lab, cli: Cli) -> None:
     assert e == event("blocked", blocked, lab.dut_if, "198.51.100.0/24")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `events` maps rule indices to CIDRs once at start and refreshes only for unknown "
-    "indices; a rule deleted and another added while it runs reuses the freed index, so blocks by "
-    "the new rule are reported under the deleted rule's CIDR",
-)
 def test_events_name_the_rule_that_matched_after_a_change(lab: Lab, cli: Cli) -> None:
     cli("block", "add", "198.51.100.0/24")
     proc = cli.popen("events", "--json", "--count", "1", "--duration", "5")
@@ -153,12 +141,6 @@ def test_events_name_the_rule_that_matched_after_a_change(lab: Lab, cli: Cli) ->
     assert (e["type"], e["src"], e["rule"]) == ("blocked", "203.0.113.7", "203.0.113.0/24")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `events` starts reading the shared ring buffer where the last reader stopped (or at "
-    "its start), so a new stream first replays every event from before it started, e.g. the new "
-    "flows of traffic long gone, with their old times",
-)
 def test_events_start_with_what_happens_next(lab: Lab, cli: Cli) -> None:
     mix = traffic_mix(lab)
     assert send_and_receive(lab, mix) == raw(mix)

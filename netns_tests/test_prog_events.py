@@ -120,7 +120,7 @@ def test_ipv4_event_addresses_are_zero_padded(prog):
         e = ffi.cast("struct xf_event *", ffi.from_buffer(r))
         assert e.family == 4
         assert bytes(e.saddr)[4:] == bytes(12) and bytes(e.daddr)[4:] == bytes(12)
-        assert e.pad == 0 and e.pad2 == 0
+        assert e.pad == 0 and e.generation == prog.map("config")[0].generation
 
 
 def test_no_event_for_non_ip_parse_errors_or_known_flows(prog):

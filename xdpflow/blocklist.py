@@ -237,11 +237,16 @@ class Blocklist:
 
     def listing(self) -> list[tuple[Rule, int]]:
         """(rule, hits) for every rule, in rule order."""
+        return [(rule_from_key(k), h) for k, h in self.listing_keys()]
+
+    def listing_keys(self) -> list[tuple[int, int]]:
+        """(rule key, hits) for every rule, in rule order: listing() without
+        building 10^5 ipaddress objects (key_cidr() formats a key)."""
         entries = self.entry_keys()
         if not entries:
             return []
-        hits = self.hit_counts(limit=max(entries.values()) + 1)
-        return [(rule_from_key(k), int(hits[entries[k]])) for k in sorted(entries)]
+        hits = self.hit_counts(limit=max(entries.values()) + 1).tolist()
+        return [(k, hits[entries[k]]) for k in sorted(entries)]
 
     def capacity(self) -> tuple[int, int]:
         """(rules per family and direction, rules in all)."""
@@ -273,7 +278,7 @@ class Blocklist:
             want |= {k for k in current if k & 1 == other}
         to_add, to_delete = sorted(want - current.keys()), sorted(current.keys() - want)
         if dry_run:
-            self._check_capacity(current, to_add, to_delete)
+            self._deletes_first(current, to_add, to_delete)
             return Change(to_add, to_delete)
         return self._apply(current, to_add, to_delete)
 
@@ -309,19 +314,39 @@ class Blocklist:
             return False
         return max(self._counts(list(current) + to_add).values()) <= per_trie
 
-    def _apply(self, current: dict[int, int], to_add: list[int], to_delete: list[int]) -> Change:
+    def _deletes_first(self, current: dict[int, int], to_add: list[int], to_delete: list[int]) -> list[int]:
+        """The deletions to make before the additions, so the tries never hold
+        more than they can: none when old and new fit side by side; else the
+        rules that share no address with any rule that stays or comes
+        (whatever they unblock is unblocked by this change anyway). Raises
+        MapFullError when even that does not make room: deleting anything
+        else first could unblock, for a moment, an address listed before and
+        after.
+        """
         self._check_capacity(current, to_add, to_delete)
-        if to_add and to_delete and not self._fits(current, to_add):
-            # Adding first would overflow a trie. Rules that share no address
-            # with any rule that stays or comes can go first: whatever they
-            # unblock is unblocked by this change anyway.
-            gone = set(to_delete)
-            first = _disjoint_from(to_delete, [k for k in current if k not in gone] + to_add)
-            if first:
-                self._apply(current, [], first)
-                firsts = set(first)
-                rest = self._apply(self.entry_keys(), to_add, [k for k in to_delete if k not in firsts])
-                return Change(rest.added_keys, rest.deleted_keys + first)
+        if not to_add or self._fits(current, to_add):
+            return []
+        gone = set(to_delete)
+        first = _disjoint_from(to_delete, [k for k in current if k not in gone] + to_add)
+        firsts = set(first)
+        if not self._fits({k: i for k, i in current.items() if k not in firsts}, to_add):
+            per_trie, total = self.capacity()
+            raise MapFullError(
+                errno.E2BIG,
+                f"this change adds {len(to_add)} rules before it may delete {len(to_delete) - len(first)} that "
+                f"overlap them, which needs more than the {per_trie} rules per family and direction "
+                f"({total} in all) the blocklist holds; apply it in two steps (first a list without the "
+                "overlapping rules); nothing was changed",
+            )
+        return first
+
+    def _apply(self, current: dict[int, int], to_add: list[int], to_delete: list[int]) -> Change:
+        first = self._deletes_first(current, to_add, to_delete)
+        if first:
+            self._apply(current, [], first)
+            firsts = set(first)
+            rest = self._apply(self.entry_keys(), to_add, [k for k in to_delete if k not in firsts])
+            return Change(rest.added_keys, rest.deleted_keys + first)
 
         gone = set(to_delete)
         final = {k: i for k, i in current.items() if k not in gone}
@@ -355,7 +380,7 @@ class Blocklist:
                 self._delete_trie(kind, keys)
         for kind in PREFILTERS:
             self._write_bits(kind, pf_final[kind])
-        self._set_flags(list(final))
+        self._set_flags(list(final), bump=bool(to_add or to_delete))
         return Change(to_add, to_delete)
 
     def _v4_tables(self, rules: dict[int, int], direction: str) -> V4Tables:
@@ -441,7 +466,9 @@ class Blocklist:
         vals = ffi.new("__u64[]", want[changed].tolist())
         m.update_batch_raw(keys, vals, len(changed))
 
-    def _set_flags(self, keys: Iterable[int]) -> None:
+    def _set_flags(self, keys: Iterable[int], bump: bool = False) -> None:
+        """Set the non-empty flags for the tries ``keys`` occupy; ``bump``
+        also starts a new generation: rule indices may mean other rules now."""
         flags = 0
         for kind, ks in _by_kind(keys).items():
             if ks:
@@ -449,9 +476,13 @@ class Blocklist:
         m = self._map("config")
         cfg = m[0]
         new = (cfg.flags & ~ALL_TRIE_FLAGS) | flags
-        if new != cfg.flags:
+        if new != cfg.flags or bump:
             cfg.flags = new
+            cfg.generation = (cfg.generation + int(bump)) & 0xFFFFFFFF
             m[0] = cfg
+
+    def generation(self) -> int:
+        return int(self._map("config")[0].generation)
 
 
 def _pf6(rules: dict[int, int]) -> dict[tuple[int, str], set[int] | None]:

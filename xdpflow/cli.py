@@ -326,12 +326,15 @@ def cmd_block(args: argparse.Namespace) -> int:
     pins = PinRoot(args.pin_root)
     direction = "dst" if getattr(args, "dst", False) else "src"
     if args.block_cmd == "list":
+        from .blocklist import key_cidr
+
         with blocklist_of(pins.root) as bl:
-            listing = bl.listing()
+            listing = bl.listing_keys()
+        rows = [(key_cidr(k), "dst" if k & 1 else "src", h) for k, h in listing]
         if args.json:
-            emit_json([{"cidr": str(r.net), "direction": r.direction, "hits": h} for r, h in listing])
+            emit_json([{"cidr": c, "direction": d, "hits": h} for c, d, h in rows])
         else:
-            print(table([[str(r.net), r.direction, h] for r, h in listing], ["cidr", "direction", "hits"]))
+            print(table(rows, ["cidr", "direction", "hits"]))
         return 0
 
     if args.block_cmd in ("add", "del"):
@@ -388,7 +391,39 @@ EVENT_TYPES = {
 }
 
 
-def decode_event(data: bytes, rules: dict[int, Rule], clock: Any) -> dict[str, Any]:
+class RuleNames:
+    """Rule index -> CIDR per blocklist generation. An event carries the
+    generation it was made in; indices freed by a change may name another
+    rule after it. During a change both the old rules and the new ones (with
+    indices no old rule had) are live, so generation g's index may also be
+    one of g + 1's."""
+
+    def __init__(self, pin_root: str) -> None:
+        self.pin_root = pin_root
+        self.by_gen: dict[int, dict[int, Rule]] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        with blocklist_of(self.pin_root) as bl:
+            # read the generation around the rules: equal twice means no change in between
+            for _ in range(5):
+                g = bl.generation()
+                rules = bl.rule_indices()
+                if bl.generation() == g:
+                    self.by_gen[g] = rules
+                    return
+
+    def name(self, generation: int, index: int) -> Rule | None:
+        for g in (generation, generation + 1):
+            if g not in self.by_gen:
+                self.refresh()
+            r = self.by_gen.get(g, {}).get(index)
+            if r is not None:
+                return r
+        return None
+
+
+def decode_event(data: bytes, rules: RuleNames, clock: Any) -> dict[str, Any]:
     e = ffi.cast("struct xf_event *", ffi.from_buffer(data))
     fam = int(e.family)
     alen = 4 if fam == 4 else 16
@@ -410,25 +445,26 @@ def decode_event(data: bytes, rules: dict[int, Rule], clock: Any) -> dict[str, A
         "len": int(e.len),
     }
     if int(e.type) != abi.C.XF_EV_NEW_FLOW:
-        r = rules.get(int(e.rule))
+        r = rules.name(int(e.generation), int(e.rule))
         out["rule"] = str(r.net) if r else None
     return out
 
 
 def cmd_events(args: argparse.Namespace) -> int:
     pins = PinRoot(args.pin_root)
-    with blocklist_of(pins.root) as bl:
-        rules = bl.rule_indices()
+    rules = RuleNames(pins.root)
     clock = controller.open_clock(pins.root)
     m = controller.open_events_fd(pins.root)
     count = [0]
 
+    # The ring keeps what no reader took yet: stream what happens from now on.
+    # (A ring buffer has one consumer position: run one `events` at a time.)
+    stale = RingBuffer(m, lambda data: None)
+    stale.consume()
+    stale.close()
+
     def on_event(data: bytes) -> None:
         ev = decode_event(data, rules, clock)
-        if ev.get("rule", "") is None:  # a rule added after we started
-            with blocklist_of(pins.root) as bl2:
-                rules.update(bl2.rule_indices())
-            ev = decode_event(data, rules, clock)
         if args.json:
             print(json.dumps(ev), flush=True)
         else:
@@ -487,7 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"flow-table entries per family (default {abi.C.XF_FLOWS_DEFAULT})",
     )
     a.add_argument("--monitor", action="store_true", help="switch monitor mode on")
-    a.add_argument("--sink", action="store_true", help="drop every frame after accounting it (SPAN ports)")
+    a.add_argument(
+        "--sink",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="drop every frame after accounting it (SPAN ports); an upgrade keeps the current setting",
+    )
     a.add_argument("--force", action="store_true", help="replace a foreign XDP program")
     a.add_argument(
         "--percpu-flows",

@@ -37,7 +37,7 @@ PROG_NAME = "xdpflow"
 class AttachOptions:
     mode: str = "auto"
     flows: int | None = None  # flow-table size per family; None: keep/default
-    sink: bool = False
+    sink: bool | None = None  # None: keep what an upgraded program had (else off)
     monitor: bool | None = None  # None: leave as it is
     force: bool = False
     shared_flows: bool = True  # LRU_HASH with atomic adds; False: per-CPU LRU
@@ -114,6 +114,13 @@ def _prepare(obj: Object, opts: AttachOptions, pins: PinRoot | None, ifname: str
         pinned_type = _pinned_type(pins.iface(ifname, "flows_v4"))
         if pinned_type is not None:
             opts.shared_flows = pinned_type == BPF_MAP_TYPE_LRU_HASH
+    if opts.sink is None:
+        opts.sink = False
+        old = _pinned_prog(pins, ifname) if pins is not None and ifname is not None else None
+        if old is not None:
+            old_knobs = _knobs_of(old.info.map_ids)
+            old.close()
+            opts.sink = bool(old_knobs is not None and old_knobs.sink)
     knobs = _rodata(obj)
     knobs.sink = int(opts.sink)
     knobs.shared_flows = int(opts.shared_flows)

@@ -1044,6 +1044,14 @@ class RingBuffer:
             return 0
         return _check(ret, "polling the event ring buffer")
 
+    def consume(self) -> int:
+        """Handle every record available now, without waiting."""
+        ret = lib.ring_buffer__consume(self._rb)
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+        return _check(ret, "reading the event ring buffer")
+
     def close(self) -> None:
         if self._rb is not None:
             lib.ring_buffer__free(self._rb)
