@@ -23,7 +23,6 @@ import pytest
 
 from xdpflow import blocklist_file as bf
 from xdpflow.blocklist_file import (
-    PF4_BITS,
     PF6_BITS,
     BlocklistFileError,
     Rule,
@@ -709,7 +708,6 @@ def test_prefilter_constants_match_the_header() -> None:
     if not HEADER.exists():
         pytest.skip(f"{HEADER} not found")
     defines = dict(re.findall(r"^#define\s+(XF_\w+)\s+(\d+)", HEADER.read_text(), re.M))
-    assert PF4_BITS == int(defines["XF_BL4_L1_SIZE"])
     assert PF6_BITS == 64 * int(defines["XF_PF6_WORDS"])
     assert bf.PF6_HASH_MUL == int(defines["XF_PF6_MULT"])
     assert bf.PF6_HASH_SHIFT == int(defines["XF_PF6_SHIFT"])
@@ -724,23 +722,8 @@ def test_pf6_hash_pinned_values() -> None:
     assert c_pf6_bit("ffff:ffff::/32") == 400520
 
 
-@pytest.mark.parametrize(
-    "net, bits",
-    [
-        ("0.0.0.0/0", set(range(65536))),
-        ("10.0.0.0/8", set(range(0x0A00, 0x0B00))),
-        ("198.18.0.0/15", {0xC612, 0xC613}),
-        ("198.18.0.0/16", {0xC612}),
-        ("198.51.100.0/24", {0xC633}),
-        ("198.51.100.128/25", {0xC633}),
-        ("203.0.113.7/32", {0xCB00}),
-        ("255.255.255.255/32", {0xFFFF}),
-    ],
-)
-def test_prefilter_bits_v4(net: str, bits: set[int]) -> None:
-    out = prefilter_bits([v4(net, "dst")])
-    assert out[(4, "dst")] == bits
-    assert out[(4, "src")] == set() and out[(6, "src")] == set() and out[(6, "dst")] == set()
+def test_prefilter_bits_ignore_ipv4() -> None:
+    assert prefilter_bits([v4("198.51.100.0/24", "dst"), v4("0.0.0.0/0")]) == {(6, "src"): set(), (6, "dst"): set()}
 
 
 @pytest.mark.parametrize(
@@ -759,7 +742,7 @@ def test_prefilter_bits_v4(net: str, bits: set[int]) -> None:
 def test_prefilter_bits_v6(net: str, bits: set[int]) -> None:
     out = prefilter_bits([v6(net)])
     assert out[(6, "src")] == bits
-    assert out[(6, "dst")] == set() and out[(4, "src")] == set()
+    assert out[(6, "dst")] == set()
 
 
 def test_prefilter_bits_v6_slash16_and_29_by_enumeration() -> None:
@@ -779,7 +762,7 @@ def test_prefilter_bits_v6_short_prefix_means_all_bits(net: str) -> None:
 
 
 def test_prefilter_bits_keys_and_directions() -> None:
-    assert prefilter_bits([]) == {(4, "src"): set(), (4, "dst"): set(), (6, "src"): set(), (6, "dst"): set()}
+    assert prefilter_bits([]) == {(6, "src"): set(), (6, "dst"): set()}
     out = prefilter_bits(
         [
             v4("198.51.100.0/24", "src"),
@@ -788,7 +771,7 @@ def test_prefilter_bits_keys_and_directions() -> None:
             v6("::/0", "src"),
         ]
     )
-    assert out == {(4, "src"): {0xC633}, (4, "dst"): {0xCB00}, (6, "src"): None, (6, "dst"): {142311}}
+    assert out == {(6, "src"): None, (6, "dst"): {142311}}
     with pytest.raises(ValueError, match="direction"):
         prefilter_bits([v4("198.51.100.0/24", "out")])
 
@@ -796,25 +779,21 @@ def test_prefilter_bits_keys_and_directions() -> None:
 def test_prefilter_bits_in_range_for_random_rules() -> None:
     rules = parse_lines(_random_feed(random.Random(4), 3000))
     out = prefilter_bits(rules)
-    for (family, _direction), bits in out.items():
+    for bits in out.values():
         if bits is not None:
-            assert all(0 <= b < (PF4_BITS if family == 4 else PF6_BITS) for b in bits)
-    # every v4 rule's own /16 bit is set; every long v6 rule's hashed bit is set
+            assert all(0 <= b < PF6_BITS for b in bits)
+    # every long v6 rule's hashed bit is set
     for r in rules:
-        bits = out[(r.net.version, r.direction)]
-        if bits is None:
-            continue
-        if r.net.version == 4:
-            assert int(r.net.network_address) >> 16 in bits
-        elif r.net.prefixlen >= 32:
-            assert c_pf6_bit(str(r.net.supernet(new_prefix=32))) in bits
+        if r.net.version == 6 and r.net.prefixlen >= 32:
+            bits = out[(6, r.direction)]
+            assert bits is None or c_pf6_bit(str(r.net.supernet(new_prefix=32))) in bits
 
 
 # --- bitmap_words -----------------------------------------------------------------------
 
 
 def test_bitmap_words_layout() -> None:
-    words = bitmap_words({0, 1, 63, 64, 127, 130, 65535}, PF4_BITS)
+    words = bitmap_words({0, 1, 63, 64, 127, 130, 65535}, 65536)
     assert len(words) == 1024
     assert words[0] == (1 << 0) | (1 << 1) | (1 << 63)
     assert words[1] == (1 << 0) | (1 << 63)
@@ -883,7 +862,7 @@ def test_100k_rules(tmp_path: Path) -> None:
     cpu3 = time.process_time()
     bits = prefilter_bits(wanted)
     cpu4 = time.process_time()
-    words = {key: bitmap_words(b, PF4_BITS if key[0] == 4 else PF6_BITS) for key, b in bits.items()}
+    words = {key: bitmap_words(b, PF6_BITS) for key, b in bits.items()}
     cpu5, wall5 = time.process_time(), time.perf_counter()
     cpu = (cpu1 - cpu0) + (cpu5 - cpu2)
     wall = (wall1 - wall0) + (wall5 - wall2)
@@ -894,6 +873,6 @@ def test_100k_rules(tmp_path: Path) -> None:
     )
     assert len(wanted) > 95_000
     assert len(to_add) == len(wanted) - len(current) + 1 and to_delete == [v4("192.0.2.0/24")]
-    assert len(words[(4, "src")]) == 1024 and len(words[(6, "src")]) == 16384
+    assert len(words[(6, "src")]) == 16384
     # speed is measured by `make bench` (block sync of 100k prefixes), not asserted here:
     # a shared machine makes wall-clock assertions flaky

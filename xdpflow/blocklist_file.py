@@ -37,7 +37,6 @@ from typing import NamedTuple, NoReturn
 
 __all__ = [
     "DIRECTIONS",
-    "PF4_BITS",
     "PF6_BITS",
     "PF6_HASH_MUL",
     "PF6_HASH_SHIFT",
@@ -60,8 +59,7 @@ KEY6 = 1 << 136  # set in a net key for IPv6
 DIRECTIONS = ("src", "dst")
 _DIRECTION_BIT = {"src": 0, "dst": 1}
 
-# prefilter geometry: XF_PF4_WORDS, XF_PF6_WORDS, XF_PF6_MULT, XF_PF6_SHIFT in xdpflow.h
-PF4_BITS = 65536  # one bit per IPv4 /16
+# prefilter geometry: XF_PF6_WORDS, XF_PF6_MULT, XF_PF6_SHIFT in xdpflow.h
 PF6_BITS = 1 << 20  # one bit per hashed top 32 bits of an IPv6 address
 PF6_HASH_MUL = 2654435761  # Knuth's multiplicative hash, 32-bit
 PF6_HASH_SHIFT = 12  # 32 - log2(PF6_BITS)
@@ -608,49 +606,38 @@ def _pf6_index(top: int) -> int:
 
 
 def prefilter_bits(rules: Iterable[Rule]) -> dict[tuple[int, str], set[int] | None]:
-    """Compute the prefilter bits the kernel tests before walking a blocklist trie.
+    """Compute the bits of the IPv6 prefilter the kernel tests before walking
+    a blocklist trie (IPv4 goes through an exact table instead: blocklist.py).
 
-    Keys are (4 or 6, "src" or "dst"); all four keys are always present, with an empty
-    set when there are no such rules (so stale bitmaps get cleared). None means every
-    bit must be set (an IPv6 rule shorter than /16).
-
-    IPv4: one bit per /16, index ``addr >> 16``; a rule shorter than /16 sets the bit of
-    every /16 it covers. IPv6: keyed by the top 32 bits ``t`` of the address, index
-    ``((t * PF6_HASH_MUL) & 0xFFFFFFFF) >> PF6_HASH_SHIFT``; a /16../31 rule sets the
-    bit of every /32 it covers (up to 65536 hashes).
+    Keys are (6, "src") and (6, "dst"), both always present, with an empty
+    set when there are no such rules (so stale bitmaps get cleared). None
+    means every bit must be set (a rule shorter than /16). Bits are keyed by
+    the top 32 bits ``t`` of the address, index
+    ``((t * PF6_HASH_MUL) & 0xFFFFFFFF) >> PF6_HASH_SHIFT``; a /16../31 rule
+    sets the bit of every /32 it covers (up to 65536 hashes). IPv4 rules are
+    ignored.
 
     Raises ValueError for a rule whose direction is not "src" or "dst".
     """
-    out: dict[tuple[int, str], set[int] | None] = {
-        (4, "src"): set(),
-        (4, "dst"): set(),
-        (6, "src"): set(),
-        (6, "dst"): set(),
-    }
+    out: dict[tuple[int, str], set[int] | None] = {(6, "src"): set(), (6, "dst"): set()}
     for net, direction in rules:
-        key = (6 if isinstance(net, IPv6Network) else 4, direction)
-        try:
-            bits = out[key]
-        except KeyError:
-            raise ValueError(f"rule {net} has direction {direction!r}; must be 'src' or 'dst'") from None
+        if direction not in _DIRECTION_BIT:
+            raise ValueError(f"rule {net} has direction {direction!r}; must be 'src' or 'dst'")
+        if not isinstance(net, IPv6Network):
+            continue
+        key = (6, direction)
+        bits = out[key]
         if bits is None:
             continue
         value = int(net.network_address)
         plen = net.prefixlen
-        if key[0] == 4:
-            if plen >= 16:
-                bits.add(value >> 16)
-            else:
-                first = value >> 16
-                bits.update(range(first, first + (1 << (16 - plen))))
+        top = value >> 96
+        if plen >= 32:
+            bits.add(((top * PF6_HASH_MUL) & _U32) >> PF6_HASH_SHIFT)
+        elif plen >= 16:
+            bits.update(map(_pf6_index, range(top, top + (1 << (32 - plen)))))
         else:
-            top = value >> 96
-            if plen >= 32:
-                bits.add(((top * PF6_HASH_MUL) & _U32) >> PF6_HASH_SHIFT)
-            elif plen >= 16:
-                bits.update(map(_pf6_index, range(top, top + (1 << (32 - plen)))))
-            else:
-                out[key] = None
+            out[key] = None
     return out
 
 
