@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from . import abi, controller, netlink
 from .blocklist_file import BlocklistFileError, Rule, parse_cidr, read_file_keys
 from .controller import AttachOptions
-from .errors import XdpflowError
+from .errors import InputError, NotAttachedError, XdpflowError
 from .libbpf import Map, RingBuffer, ffi
 from .pins import PinRoot, default_root
 
@@ -133,8 +133,15 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 def cmd_detach(args: argparse.Namespace) -> int:
     for ifname in args.ifaces:
-        controller.detach(ifname, args.pin_root)
-        if not args.json:
+        r = controller.detach(ifname, args.pin_root)
+        if args.json:
+            continue
+        if r.found_as is None:
+            print(f"{ifname} runs no xdpflow program any more (gone?); removed its pins")
+        elif r.found_as != ifname or r.netns:
+            where = f" in namespace {r.netns}" if r.netns else ""
+            print(f"detached xdpflow from {ifname} (now {r.found_as}{where})")
+        else:
             print(f"detached xdpflow from {ifname}")
     return 0
 
@@ -153,7 +160,10 @@ def status_rows(pin_root: str) -> list[dict[str, Any]]:
             _per_trie, total = bl.capacity()
     for ifname in pins.interfaces():
         st = controller.iface_status(ifname, pin_root)
-        flows, flows_max = count_flows(ifname, pin_root)
+        try:
+            flows, flows_max = count_flows(ifname, pin_root)
+        except NotAttachedError:  # an attach that died half-way: show it, as not attached
+            flows, flows_max = 0, 0
         rows.append(
             {
                 "ifname": ifname,
@@ -195,7 +205,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def read_stats(args: argparse.Namespace) -> dict[str, dict[str, int]]:
-    return {ifname: controller.read_counters(ifname, args.pin_root) for ifname in _ifaces(args)}
+    out = {}
+    for ifname in _ifaces(args):
+        try:
+            out[ifname] = controller.read_counters(ifname, args.pin_root)
+        except NotAttachedError:
+            if args.iface:
+                raise
+            # an attach that died half-way left a directory without counters
+    return out
 
 
 STATS_ORDER = [n for n in abi.COUNTER_NAMES.values()]
@@ -273,7 +291,11 @@ def cmd_flows(args: argparse.Namespace) -> int:
             raise BadInput(f"--filter: {e}") from None
     flows = []
     for ifname in _ifaces(args):
-        flows.extend(top_flows(ifname, args.pin_root, top=args.top, sort=args.sort, cidr=cidr))
+        try:
+            flows.extend(top_flows(ifname, args.pin_root, top=args.top, sort=args.sort, cidr=cidr))
+        except NotAttachedError:
+            if args.iface:
+                raise
     key = {"packets": lambda f: f.packets, "bytes": lambda f: f.bytes, "last-seen": lambda f: f.last_seen}[args.sort]
     flows.sort(key=key, reverse=True)
     if args.top is not None:
@@ -633,11 +655,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         if args.debug:
             traceback.print_exc()
-        msg = (
-            str(e) if isinstance(e, XdpflowError) else f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
-        )
+        if isinstance(e, XdpflowError):
+            msg = str(e)
+        else:
+            msg = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+            if e.errno in (errno.EACCES, errno.EPERM):
+                msg += "; run as root (needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)"
         print(f"xdpflow: {msg}", file=sys.stderr)
-        return EXIT_FAIL
+        return EXIT_USAGE if isinstance(e, InputError) else EXIT_FAIL
     except KeyboardInterrupt:
         return 130
 

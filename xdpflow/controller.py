@@ -28,6 +28,7 @@ from .libbpf import (
     map_info,
     obj_get,
 )
+from .netlink import XdpState
 from .pins import IFACE_MAPS, SHARED_MAPS, PinRoot, ensure_bpffs
 
 PROG_NAME = "xdpflow"
@@ -73,6 +74,26 @@ def _pinned_info(path: str) -> MapInfo | None:
         return map_info(fd)
     finally:
         os.close(fd)
+
+
+def _settle_pins(pins: PinRoot, ifname: str, running_id: int) -> None:
+    """Finish what an attach killed mid-upgrade left: a "prog_new" pin is the
+    program that runs if the switch happened (it becomes "prog"), else a
+    leftover (removed)."""
+    path = pins.iface(ifname, "prog_new")
+    try:
+        new = Program.from_pin(path)
+    except XdpflowError as e:
+        if e.errno == errno.ENOENT:
+            return
+        raise
+    try:
+        if running_id and new.id == running_id:
+            os.replace(path, pins.iface(ifname, "prog"))
+        else:
+            os.unlink(path)
+    finally:
+        new.close()
 
 
 def _pinned_max_entries(path: str) -> int | None:
@@ -202,6 +223,7 @@ def attach(ifname: str, opts: AttachOptions | None = None, pin_root: str | None 
     pins = PinRoot(pin_root)
     ensure_bpffs(pins.root)
     state = netlink.xdp_state(ifname)
+    _settle_pins(pins, ifname, state.prog_id)
     old = _pinned_prog(pins, ifname)
     ours = old is not None and state.prog_id != 0 and old.id == state.prog_id
     if state.prog_id and not ours and not opts.force:
@@ -236,14 +258,16 @@ def attach(ifname: str, opts: AttachOptions | None = None, pin_root: str | None 
         elif state.prog_id:
             foreign = Program.from_id(state.prog_id)
             replace_fd = foreign.fd
-        netlink.attach(ifname, prog.fd, mode or "auto", replace_fd=replace_fd)
-        if foreign is not None:
-            foreign.close()
-        # rename keeps a pin at "prog" at every moment
+        # Pinned before the switch, renamed after it: killed anywhere in
+        # between, the program that runs is pinned under "prog" or
+        # "prog_new", and _settle_pins() finds it next time.
         tmp = pins.iface(ifname, "prog_new")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         prog.pin(tmp)
+        netlink.attach(ifname, prog.fd, mode or "auto", replace_fd=replace_fd)
+        if foreign is not None:
+            foreign.close()
         os.replace(tmp, pins.iface(ifname, "prog"))
         tmp = pins.shared("clock_new")
         with contextlib.suppress(FileNotFoundError):
@@ -267,31 +291,71 @@ def attach(ifname: str, opts: AttachOptions | None = None, pin_root: str | None 
             old.close()
 
 
-def detach(ifname: str, pin_root: str | None = None) -> None:
+@dataclass
+class DetachResult:
+    ifname: str  # the name it was attached under
+    found_as: str | None  # where the program ran: its current name, None if nowhere
+    netns: str | None  # the named namespace it had moved to, None: this one
+
+
+def _locate(prog_id: int, ifname: str) -> tuple[str | None, XdpState | None]:
+    """Where program ``prog_id`` runs: under ``ifname`` here, renamed here,
+    or moved to a named namespace. (None, None) when nowhere visible."""
+    try:
+        st = netlink.xdp_state(ifname)
+        if st.prog_id == prog_id:
+            return None, st
+    except XdpflowError as e:
+        if e.errno != errno.ENODEV:
+            raise
+    st2 = netlink.find_prog(prog_id)
+    if st2 is not None:
+        return None, st2
+    here = os.stat("/proc/thread-self/ns/net").st_ino
+    for ns in netlink.named_netns():
+        try:
+            if os.stat(f"/run/netns/{ns}").st_ino == here:
+                continue
+            with netlink.in_netns(ns):
+                st3 = netlink.find_prog(prog_id)
+        except OSError:
+            continue
+        if st3 is not None:
+            return ns, st3
+    return None, None
+
+
+def detach(ifname: str, pin_root: str | None = None) -> DetachResult:
     """Detach xdpflow from ``ifname`` and remove its pins; the shared maps go
-    with the last interface. An interface that no longer exists only loses
-    its pins. A foreign program attached there is left alone.
+    with the last interface. The program is found by its pinned id, so a
+    renamed interface, or one moved to a named namespace, is detached where
+    it is now. A foreign program attached there is left alone.
     Raises NotAttachedError when the interface has no state under the root.
     """
     pins = PinRoot(pin_root)
-    if not os.path.isdir(pins.iface_dir(ifname)):
+    if not pins.has_iface(ifname):
         raise NotAttachedError(errno.ENOENT, f"xdpflow is not attached to {ifname} (pin root {pins.root})")
-    old = _pinned_prog(pins, ifname)
     try:
-        try:
-            state = netlink.xdp_state(ifname)
-        except XdpflowError as e:
-            if e.errno != errno.ENODEV:
-                raise
-            state = None
-        if state is not None and old is not None and state.prog_id == old.id:
-            netlink.detach(ifname, state.mode)
+        _settle_pins(pins, ifname, netlink.xdp_state(ifname).prog_id)
+    except XdpflowError as e:
+        if e.errno != errno.ENODEV:
+            raise
+    old = _pinned_prog(pins, ifname)
+    result = DetachResult(ifname, None, None)
+    try:
+        if old is not None:
+            ns, st = _locate(old.id, ifname)
+            if st is not None:
+                with netlink.in_netns(ns):
+                    netlink.detach(st.ifname, st.mode)
+                result = DetachResult(ifname, st.ifname, ns)
     finally:
         if old is not None:
             old.close()
     pins.remove_iface(ifname)
     if not pins.interfaces():
         pins.remove_shared()
+    return result
 
 
 def _nothing_attached(pins: PinRoot) -> NotAttachedError:

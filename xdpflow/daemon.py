@@ -24,7 +24,7 @@ from typing import Any
 from . import controller, netlink
 from .clock import JiffiesClock
 from .controller import AttachOptions
-from .errors import XdpflowError
+from .errors import InputError, XdpflowError
 from .pins import default_root
 
 log = logging.getLogger("xdpflow")
@@ -83,9 +83,8 @@ _SECTIONS = {
 _RENAMES = {("blocklist", "files"): "blocklist_files", ("blocklist", "direction"): "blocklist_direction"}
 
 
-class ConfigError(XdpflowError):
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.EINVAL, message)
+class ConfigError(InputError):
+    """A configuration that cannot be right: the CLI exits 2."""
 
 
 def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
@@ -136,6 +135,13 @@ def _validate(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: blocklist direction must be src or dst")
     for c in cfg.collectors:
         parse_hostport(c, where)
+    for f in cfg.feeds:
+        if not f.url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}: feed {f.url!r}: a feed URL must start with http:// or https://")
+        for name in ("interval", "timeout", "max_bytes"):
+            v = getattr(f, name)
+            if not isinstance(v, (int, float)) or v <= 0:
+                raise ConfigError(f"{where}: feed {f.url!r}: {name} must be a positive number")
     parse_hostport(cfg.listen, where)
 
 
@@ -233,20 +239,42 @@ class Daemon:
         log.info("metrics listen=%s", self.cfg.listen)
 
     def _start_sources(self) -> None:
+        """(Re)build the blocklist sources; sources whose settings did not
+        change are kept, with their last good lists and fetch timers."""
         from .sources import FeedSource, FileSource, SourceSet
 
         cfg = self.cfg
-        if self.sources is not None:
-            self.sources.close()
-        self.sync_pending = False
-        srcs: list[Any] = [FileSource(p, direction=cfg.blocklist_direction) for p in cfg.blocklist_files]
-        srcs += [
-            FeedSource(
-                f.url, interval=f.interval, timeout=f.timeout, max_bytes=f.max_bytes, direction=cfg.blocklist_direction
+        kept = {self._source_key(src): src for src in (self.sources.sources if self.sources else [])}
+        wanted: list[tuple[Any, Any]] = [
+            (("file", p, cfg.blocklist_direction), lambda p=p: FileSource(p, direction=cfg.blocklist_direction))
+            for p in cfg.blocklist_files
+        ]
+        wanted += [
+            (
+                ("feed", f.url, f.interval, f.timeout, f.max_bytes, cfg.blocklist_direction),
+                lambda f=f: FeedSource(
+                    f.url,
+                    interval=f.interval,
+                    timeout=f.timeout,
+                    max_bytes=f.max_bytes,
+                    direction=cfg.blocklist_direction,
+                ),
             )
             for f in cfg.feeds
         ]
-        self.sources = SourceSet(srcs) if srcs else None
+        srcs = [kept.get(key) or make() for key, make in wanted]
+        for src, (key, _make) in zip(srcs, wanted):
+            src._xdpflow_key = key
+        old, self.sources = self.sources, (SourceSet(srcs) if srcs else None)
+        if old is not None:
+            if self.sources is not None:
+                self.sources.carry_over(old)
+            old.close()
+        self.sync_pending = False
+
+    @staticmethod
+    def _source_key(src: Any) -> Any:
+        return getattr(src, "_xdpflow_key", None)
 
     def loop(self) -> None:
         next_scan = time.monotonic()
@@ -289,6 +317,8 @@ class Daemon:
             log.error("blocklist sync failed, the previous list stays in force (retry in 10 s): %s", e)
 
     def scan(self, force: bool = False) -> None:
+        from .expiry import END_ACTIVE
+
         for ifname, exp in self.expirers.items():
             try:
                 records = exp.scan(force=force)
@@ -296,15 +326,18 @@ class Daemon:
                 log.error("flow scan failed iface=%s: %s", ifname, e)
                 continue
             if records and self.exporter is not None:
+                errors_before = self.exporter.errors
                 self.exporter.export(records)
-                self.stats.flows_exported += len(records)
-                self.stats.export_errors = self.exporter.errors
+                self.stats.records_exported += len(records)
+                self.stats.flows_exported += sum(1 for r in records if r.end_reason != END_ACTIVE)
+                # a counter: add this exporter's new errors (a reload starts a new exporter)
+                self.stats.export_errors += self.exporter.errors - errors_before
             exp.commit()
 
     def do_reload(self) -> None:
         try:
             new = load_config(self.config_path, self.overrides)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             log.error("reload failed, keeping the running config: %s", e)
             return
         old, self.cfg = self.cfg, new

@@ -21,6 +21,14 @@ class XdpflowError(OSError):
         return str(self.strerror)
 
 
+class InputError(XdpflowError):
+    """What the operator typed or wrote cannot be right (EINVAL): the CLI
+    exits 2, as for any input to correct; nothing was changed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_errno.EINVAL, message)
+
+
 class MapFullError(XdpflowError):
     """A map has no room for another entry (E2BIG)."""
 

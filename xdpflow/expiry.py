@@ -11,10 +11,11 @@ Per scan, for each flow of an interface:
 What was exported of each live flow is kept in a pinned hash next to its
 table (``exported_v4``/``exported_v6``, struct xf_exported), written right
 after the records went out, so a restarted exporter resumes where the last
-one stopped. The guarantee is at least once: a crash between sending records
-and writing that state sends those deltas again (one scan's worth at most).
-A flow the LRU table evicted before it expired loses its last delta; the
-table's size is the knob for that.
+one stopped. Crash windows, each at most one scan's records: between sending
+active-timeout deltas and writing that state, those deltas are sent again;
+between taking an ended flow out of its table and sending it, its last delta
+is lost. A flow the LRU table evicted before it expired loses its last
+delta; the table's size is the knob for that.
 """
 
 from __future__ import annotations

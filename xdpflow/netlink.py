@@ -104,6 +104,29 @@ def xdp_state(name: str) -> XdpState:
     return XdpState(ifindex=idx, ifname=name, prog_id=prog_id, mode=mode)
 
 
+def find_prog(prog_id: int) -> XdpState | None:
+    """The interface of this namespace that runs XDP program ``prog_id``
+    (it may have been renamed since it was attached), or None."""
+    try:
+        with ipr() as ip:
+            links = ip.get_links()
+    except _netlink_error() as e:
+        raise _nl_error(e, "listing interfaces") from None
+    for link in links:
+        xdp = link.get_attr("IFLA_XDP")
+        if xdp is not None and (xdp.get_attr("IFLA_XDP_PROG_ID") or 0) == prog_id:
+            return xdp_state(link.get_attr("IFLA_IFNAME"))
+    return None
+
+
+def named_netns() -> list[str]:
+    """The network namespaces `ip netns` knows by name."""
+    try:
+        return sorted(os.listdir("/run/netns"))
+    except FileNotFoundError:
+        return []
+
+
 def attach(name: str, prog_fd: int, mode: str = "auto", replace_fd: int | None = None) -> None:
     """Attach the program ``prog_fd`` to interface ``name``.
 

@@ -15,10 +15,11 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 import subprocess
 from collections.abc import Iterator
 
-from .errors import XdpflowError, os_error
+from .errors import InputError, XdpflowError, os_error
 
 DEFAULT_ROOT = "/sys/fs/bpf/xdpflow"
 BPF_FS_MAGIC = 0xCAFE4A11
@@ -50,8 +51,15 @@ def default_root() -> str:
     return os.environ.get("XDPFLOW_PIN_ROOT") or DEFAULT_ROOT
 
 
+def check_ifname(ifname: str) -> str:
+    """``ifname`` if it can be a Linux interface name. Raises XdpflowError(EINVAL)."""
+    if not ifname or len(ifname.encode()) > 15 or any(c in ifname for c in "/: \t\n") or ifname in (".", ".."):
+        raise InputError(f"{ifname!r} cannot be an interface name (1-15 bytes, no '/', ':' or spaces)")
+    return ifname
+
+
 def escape_ifname(ifname: str) -> str:
-    return IFACE_PREFIX + ifname.replace("%", "%25").replace(".", "%2e")
+    return IFACE_PREFIX + check_ifname(ifname).replace("%", "%25").replace(".", "%2e")
 
 
 def unescape_ifname(dirname: str) -> str:
@@ -77,10 +85,13 @@ def ensure_bpffs(root: str, mount: bool = True) -> None:
     Raises XdpflowError(ENOTSUP) when the path is not on bpffs and cannot be.
     """
     parent = os.path.dirname(os.path.abspath(root)) or "/"
-    probe = parent if os.path.isdir(parent) else "/sys/fs/bpf"
+    probe = parent
+    while not os.path.isdir(probe):  # the nearest directory that exists
+        probe = os.path.dirname(probe)
     if _is_bpffs(probe):
         return
-    if mount and os.path.abspath(probe) == "/sys/fs/bpf":
+    below_default = (parent + "/").startswith("/sys/fs/bpf/")
+    if mount and below_default and os.path.realpath(probe) in ("/sys/fs/bpf", "/sys/fs", "/sys"):
         r = subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], capture_output=True, text=True)
         if r.returncode == 0 and _is_bpffs(probe):
             return
@@ -110,22 +121,49 @@ class PinRoot:
         return os.path.isdir(self.root)
 
     def interfaces(self) -> list[str]:
-        """Names of interfaces that have state under this root, sorted."""
+        """Names of interfaces that have state under this root, sorted.
+        Raises XdpflowError (EACCES: not root)."""
         try:
             entries = os.listdir(self.root)
         except FileNotFoundError:
             return []
+        except OSError as e:
+            raise os_error(e.errno or errno.EIO, f"reading pin root {self.root}") from None
         return sorted(unescape_ifname(e) for e in entries if e.startswith(IFACE_PREFIX))
 
+    def has_iface(self, ifname: str) -> bool:
+        """Whether ``ifname`` has a directory here. Raises XdpflowError (EACCES)."""
+        try:
+            return stat.S_ISDIR(os.stat(self.iface_dir(ifname)).st_mode)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise os_error(e.errno or errno.EIO, f"reading pin root {self.root}") from None
+
     def make_dirs(self, ifname: str) -> None:
-        """Create the root and the interface directory, owner-only (0700)."""
+        """Create the root and the interface directory, owner-only (0700).
+        A root that exists must be a directory of ours that nobody else may
+        write (bpffs's own top is world-writable and sticky, so anyone could
+        have made it first). Raises XdpflowError."""
         for d in (self.root, self.iface_dir(ifname)):
             try:
                 os.mkdir(d, 0o700)
+                os.chmod(d, 0o700)  # whatever the umask
             except FileExistsError:
-                pass
+                self._check_owned(d)
             except OSError as e:
                 raise os_error(e.errno or errno.EIO, f"creating pin directory {d}") from None
+
+    @staticmethod
+    def _check_owned(d: str) -> None:
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise XdpflowError(
+                errno.EPERM,
+                f"{d} exists but is not a directory owned by uid {os.geteuid()} that only it may write "
+                f"(uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}): someone else may have made it; "
+                "remove it and attach again",
+            )
 
     def remove_iface(self, ifname: str) -> None:
         """Unpin everything of one interface and remove its directory."""

@@ -491,6 +491,15 @@ class SourceSet:
         name = self.sources[i].name
         return SourceResult(name, False, keys, f"{name}: internal error: {e!r}; {_kept(keys)}", e)
 
+    def carry_over(self, old: SourceSet) -> None:
+        """Take the last results of sources this set shares with ``old`` (the
+        same objects): a reload keeps a failing feed's last good list, and a
+        feed not due for an hour does not hold back the first update."""
+        for i, src in enumerate(self.sources):
+            for j, prev in enumerate(old.sources):
+                if src is prev and self._results[i] is None:
+                    self._results[i] = old._results[j]
+
     def snapshot(self) -> Update:
         """The current union, changed or not: to retry after a failed apply."""
         return self._update(())

@@ -1,0 +1,426 @@
+"""Helpers for the `xdpflow run` end-to-end tests: the daemon as a child
+process inside a lab's dut namespace, an IPFIX collector (nfcapd) and a
+blocklist feed server in that namespace, and /metrics scrapes from it.
+
+With ``--netns`` the daemon lives entirely in the dut namespace, so its
+collector address and its metrics listener are that namespace's loopback:
+nfcapd runs there under ``ip netns exec`` (it needs no bpffs), scrapes go
+through ``run_in_netns``, and the feed server's listening socket is opened
+inside the namespace (``netlink.in_netns``) and served from a thread here.
+Every helper is a context manager that leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from xdpflow import netlink
+from xdpflow.lab import Lab, run_in_netns
+
+NFCAPD = shutil.which("nfcapd")
+NFDUMP = shutil.which("nfdump")
+COLLECTOR_PORT = 4739  # every lab namespace is fresh: fixed ports are free
+METRICS_PORT = 9437
+_PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, every: float = 0.05, what: str = "condition") -> Any:
+    """Poll ``cond`` until it returns something true; return that. AssertionError on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not true within {timeout} s")
+        time.sleep(every)
+
+
+# --- the daemon ----------------------------------------------------------------
+
+
+class Daemon:
+    """``python -m xdpflow run --interface DUT --netns DUT_NS --pin-root ROOT ARGS``.
+
+    Its stderr is read by a thread into ``lines`` as (monotonic time, line).
+    ``stop()`` sends a signal and waits; leaving the ``with`` block kills
+    what is still running (SIGTERM, then SIGKILL after 10 s).
+    """
+
+    def __init__(self, lab: Lab, pin_root: str, *args: str) -> None:
+        self.argv = [
+            sys.executable, "-m", "xdpflow", "run",
+            "--interface", lab.dut_if, "--netns", lab.dut_ns, "--pin-root", pin_root, *args,
+        ]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k not in _PROXY_VARS}
+        self.lines: list[tuple[float, str]] = []
+        self._cond = threading.Condition()
+        self.proc = subprocess.Popen(
+            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+        )
+        self._reader = threading.Thread(target=self._read, name="daemon-stderr", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._cond:
+                self.lines.append((time.monotonic(), line.rstrip("\n")))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def log(self) -> str:
+        with self._cond:
+            return "\n".join(line for _, line in self.lines)
+
+    def mark(self) -> int:
+        """Index of the next log line: pass it to wait_log() to look only at what follows."""
+        with self._cond:
+            return len(self.lines)
+
+    def matching(self, pattern: str, since: int = 0) -> list[str]:
+        rx = re.compile(pattern)
+        with self._cond:
+            return [line for _, line in self.lines[since:] if rx.search(line)]
+
+    def wait_log(self, pattern: str, timeout: float = 10.0, since: int = 0) -> tuple[float, str]:
+        """(monotonic time it was read, line) of the first line from ``since`` on matching ``pattern``."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for t, line in self.lines[since:]:
+                    if rx.search(line):
+                        return t, line
+                if self.proc.poll() is not None and not self._reader.is_alive():
+                    raise AssertionError(f"daemon exited ({self.proc.returncode}) before {pattern!r}:\n{self.log()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no log line {pattern!r} within {timeout} s:\n{self.log()}")
+                self._cond.wait(min(left, 0.2))
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        self.wait_log(r"level=info metrics listen=", timeout)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Signal the daemon and wait for it; return its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"daemon did not exit within {timeout} s of signal {sig}:\n{self.log()}") from None
+        self._reader.join(5)
+        return rc
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+
+
+# --- metrics -------------------------------------------------------------------
+
+
+def _fetch(url: str) -> str:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=10) as r:
+        assert r.status == 200
+        return str(r.read().decode())
+
+
+def scrape(lab: Lab, port: int = METRICS_PORT) -> dict[tuple[str, frozenset[tuple[str, str]]], int]:
+    """The xdpflow_ samples of one scrape from inside the dut namespace, as exact ints."""
+    text = run_in_netns(lab.dut_ns, _fetch, f"http://127.0.0.1:{port}/metrics", timeout=20)
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name.startswith("xdpflow_"):
+                assert float(s.value).is_integer(), s
+                out[(s.name, frozenset(s.labels.items()))] = int(s.value)
+    return out
+
+
+def iface(ifname: str) -> frozenset[tuple[str, str]]:
+    return frozenset({("interface", ifname)})
+
+
+NONE: frozenset[tuple[str, str]] = frozenset()
+
+
+# --- the IPFIX collector ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Exported:
+    """One flow record as nfdump read it back; times in Unix ms."""
+
+    key: tuple[str, str, int, int, int]  # src, dst, sport, dport, proto; ICMP: type, code as ports
+    packets: int
+    bytes: int
+    first: int
+    last: int
+    received: int
+    end_reason: int
+
+
+def _udp_socket_state(pid: int, port: int) -> tuple[int, int] | None:
+    """(rx_queue bytes, drops) of the UDP socket bound to 127.0.0.1:port in pid's namespace."""
+    want = f"0100007F:{port:04X}"
+    try:
+        with open(f"/proc/{pid}/net/udp") as f:
+            next(f)
+            for line in f:
+                cols = line.split()
+                if cols[1] == want:
+                    return int(cols[4].split(":")[1], 16), int(cols[-1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+class Collector:
+    """nfcapd on 127.0.0.1:COLLECTOR_PORT inside ``ns``, writing to its own temp dir.
+
+    ``stop()`` waits until nfcapd has read every datagram, then SIGTERMs it so
+    it writes its file; ``records()`` reads the file back with nfdump.
+    """
+
+    def __init__(self, ns: str, port: int = COLLECTOR_PORT) -> None:
+        assert NFCAPD and NFDUMP, "nfcapd/nfdump not installed (apt-get install nfdump)"
+        self.port = port
+        self.dir = tempfile.mkdtemp(prefix="xf-daemon-nfcapd-")
+        self.flows = os.path.join(self.dir, "flows")
+        os.mkdir(self.flows)
+        self.logfile = os.path.join(self.dir, "nfcapd.log")
+        self.drops = 0
+        listen = ["-b", "127.0.0.1", "-p", str(port), "-B", str(8 << 20)]  # 8 MiB: no bursts dropped
+        args = ["ip", "netns", "exec", ns, NFCAPD, "-w", self.flows, *listen]
+        with open(self.logfile, "ab") as log:
+            # `ip netns exec` execs nfcapd: the pid is nfcapd's
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until(
+                lambda: self.proc.poll() is not None or _udp_socket_state(self.proc.pid, port) is not None,
+                10,
+                0.02,
+                "nfcapd bound",
+            )
+            assert self.proc.poll() is None, f"nfcapd exited: {self.output()}"
+        except BaseException:
+            self.close()
+            raise
+
+    def output(self) -> str:
+        with open(self.logfile, errors="replace") as f:
+            return f.read()
+
+    def __enter__(self) -> Collector:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def stop(self) -> None:
+        deadline = time.monotonic() + 10
+        while True:
+            state = _udp_socket_state(self.proc.pid, self.port)
+            assert state is not None, f"nfcapd went away: {self.output()}"
+            if state[0] == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        self.drops = state[1]
+        time.sleep(0.3)  # the last datagram read is processed, not just dequeued
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=20)
+        assert self.proc.returncode == 0, self.output()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def nfdump(self, *args: str) -> str:
+        env = dict(os.environ, TZ="UTC")
+        return subprocess.run(
+            [str(NFDUMP), "-R", self.flows, *args], env=env, check=True, capture_output=True, text=True
+        ).stdout
+
+    def _raw(self) -> list[dict[str, str]]:
+        out = []
+        for block in self.nfdump("-o", "raw").split("Flow Record:")[1:]:
+            fields = {}
+            for line in block.splitlines():
+                k, sep, v = line.partition("=")
+                if sep:
+                    fields[k.strip()] = v.strip()
+            out.append(fields)
+        return out
+
+    def records(self) -> list[Exported]:
+        """Every record, in file order: fields from ``-o json``, end reason and
+        exact times from ``-o raw`` (the same records in the same order)."""
+        text = self.nfdump("-o", "json")
+        js = json.loads(text) if text.strip() else []
+        raws = self._raw()
+        assert len(js) == len(raws), (js, raws)
+        out = []
+        for j, raw in zip(js, raws):
+            a = "4" if "src4_addr" in j else "6"
+            src, dst = j[f"src{a}_addr"], j[f"dst{a}_addr"]
+            assert raw["src addr"] == src and int(raw["in packets"]) == j["in_packets"], (j, raw)
+            if j["proto"] in (1, 58):
+                ports = (j["icmp_type"], j["icmp_code"])
+            else:
+                ports = (j["src_port"], j["dst_port"])
+            out.append(
+                Exported(
+                    key=(src, dst, *ports, j["proto"]),
+                    packets=j["in_packets"],
+                    bytes=j["in_bytes"],
+                    first=int(raw["first"].split()[0]),
+                    last=int(raw["last"].split()[0]),
+                    received=int(raw["received at"].split()[0]),
+                    end_reason=int(raw["end reason"].split()[0], 16),
+                )
+            )
+        return out
+
+
+def totals(records: list[Exported]) -> dict[tuple[str, str, int, int, int], tuple[int, int]]:
+    """(packets, bytes) per 5-tuple, summed over its records."""
+    out: dict[tuple[str, str, int, int, int], tuple[int, int]] = {}
+    for r in records:
+        p, b = out.get(r.key, (0, 0))
+        out[r.key] = (p + r.packets, b + r.bytes)
+    return out
+
+
+# --- a blocklist feed ------------------------------------------------------------
+
+
+class Feed:
+    """What the feed server answers; every request is logged as (monotonic time, headers, status)."""
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.body = b""
+        self.etag: str | None = None
+        self.delay = 0.0  # before the status line: a feed that times out
+        self.requests: list[tuple[float, dict[str, str], int]] = []
+        self.lock = threading.Lock()
+
+    def set(self, text: str, etag: str) -> None:
+        with self.lock:
+            self.status, self.body, self.etag, self.delay = 200, text.encode(), etag, 0.0
+
+    def answered(self, since: int = 0) -> list[int]:
+        """Statuses of the requests from index ``since`` on."""
+        with self.lock:
+            return [s for _, _, s in self.requests[since:]]
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.requests)
+
+
+class _FeedHandler(BaseHTTPRequestHandler):
+    server: _FeedServer
+
+    def do_GET(self) -> None:
+        feed = self.server.feed
+        with feed.lock:
+            status, body, etag, delay = feed.status, feed.body, feed.etag, feed.delay
+        if status == 200 and etag is not None and self.headers.get("If-None-Match") == etag:
+            status = 304
+        with feed.lock:
+            feed.requests.append((time.monotonic(), {k.lower(): v for k, v in self.headers.items()}, status))
+        try:
+            time.sleep(delay)
+            self.send_response(status)
+            if status == 200:
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("ETag", etag or '"none"')
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            elif status == 304:
+                self.send_header("ETag", etag or '"none"')
+                self.end_headers()
+            else:
+                self.send_header("Content-Length", "5")
+                self.end_headers()
+                self.wfile.write(b"oops\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (its timeout)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _FeedServer(ThreadingHTTPServer):
+    daemon_threads = True
+    feed: Feed
+
+
+class FeedServer:
+    """An HTTP server on 127.0.0.1 of namespace ``ns``, answering ``feed``."""
+
+    def __init__(self, ns: str) -> None:
+        self.feed = Feed()
+        # the listening socket belongs to the namespace it was opened in; the
+        # serving thread may run anywhere
+        with netlink.in_netns(ns):
+            self.httpd = _FeedServer(("127.0.0.1", 0), _FeedHandler)
+        self.httpd.feed = self.feed
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/drop.txt"
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="feed-server", daemon=True
+        )
+        self.thread.start()
+
+    def __enter__(self) -> FeedServer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
