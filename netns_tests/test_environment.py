@@ -654,11 +654,6 @@ def test_unknown_interface_and_namespace(lab: Lab, cli: Cli, pin_root: str, tmp_
     assert xdp_prog(lab.dut_ns, lab.dut_if) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: interface names are not validated: `detach IFACE/` resolves to IFACE's pin directory, "
-    "removes every pin and says 'detached', while the program stays attached to IFACE",
-)
 def test_detach_with_a_malformed_interface_name(lab: Lab, cli: Cli, pin_root: str) -> None:
     cli("attach", lab.dut_if)
     r = cli.run("detach", lab.dut_if + "/")

@@ -170,8 +170,8 @@ def main() -> int:
         f"One frame run {args.repeat:,} times per figure (the new-flow row: 65,536 distinct UDP/IPv4 "
         "5-tuples, one run each, against XDP_PASS run the same way). 10,000 IPv4 and 10,000 IPv6 "
         "feed-like prefixes loaded (/16–/32 and /32–/128), none covering the test frames; the blocked "
-        "source is an exact /32 rule. xdp-filter (xdp-tools) is loaded with four addresses and run by "
-        "program id through its dispatcher, where it could be loaded here.",
+        "source is an exact /32 rule. xdp-filter (xdp-tools, its all-features program) is loaded with four "
+        "source addresses and run by program id in the same rounds.",
         "",
         "| path | XDP_PASS ns | ns above XDP_PASS (median) | min–max |",
         "| --- | --- | --- | --- |",

@@ -173,6 +173,11 @@ ffi.cdef(
                              const struct bpf_map_batch_opts *opts);
     int bpf_obj_pin(int fd, const char *pathname);
     int bpf_obj_get(const char *pathname);
+    struct bpf_obj_get_opts {
+        size_t sz;
+        uint32_t file_flags;
+    };
+    int bpf_obj_get_opts(const char *pathname, const struct bpf_obj_get_opts *opts);
     int bpf_obj_get_info_by_fd(int bpf_fd, void *info, uint32_t *info_len);
     int bpf_prog_get_fd_by_id(uint32_t id);
     int bpf_map_get_fd_by_id(uint32_t id);
@@ -273,9 +278,17 @@ def map_info(fd: int) -> MapInfo:
     )
 
 
+BPF_F_RDONLY = 1 << 3
+
+
 def obj_get(path: str) -> int:
-    """Open a pinned object; returns a new fd. Raises XdpflowError."""
+    """Open a pinned object; returns a new fd. On a read-only bpffs the fd is
+    read-only (lookups work, updates fail with EPERM). Raises XdpflowError."""
     fd = lib.bpf_obj_get(path.encode())
+    if fd == -errno.EROFS:
+        opts = ffi.new("struct bpf_obj_get_opts *", {"sz": ffi.sizeof("struct bpf_obj_get_opts")})
+        opts.file_flags = BPF_F_RDONLY
+        fd = lib.bpf_obj_get_opts(path.encode(), opts)
     if fd < 0:
         err = -fd
         hint = None

@@ -132,9 +132,11 @@ class PinRoot:
         return sorted(unescape_ifname(e) for e in entries if e.startswith(IFACE_PREFIX))
 
     def has_iface(self, ifname: str) -> bool:
-        """Whether ``ifname`` has a directory here. Raises XdpflowError (EACCES)."""
+        """Whether ``ifname`` has a directory here. Raises InputError for a
+        name no interface can have, XdpflowError (EACCES)."""
+        path = self.iface_dir(ifname)
         try:
-            return stat.S_ISDIR(os.stat(self.iface_dir(ifname)).st_mode)
+            return stat.S_ISDIR(os.stat(path).st_mode)
         except FileNotFoundError:
             return False
         except OSError as e:
