@@ -416,11 +416,6 @@ def test_read_only_bpffs(lab: Lab, tmp_path: Path) -> None:
     assert xdp_prog(lab.dut_ns, lab.dut_if) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: read-only commands open every pin read-write (BPF_OBJ_GET without BPF_F_RDONLY), so on a "
-    "read-only bpffs status, stats, flows and block list all fail with EROFS",
-)
 def test_read_only_bpffs_still_answers_read_only_commands(lab: Lab, tmp_path: Path) -> None:
     mnt = tmp_path / "bpf"
     mnt.mkdir()
