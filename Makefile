@@ -48,9 +48,12 @@ apt:
 		rc=$$?; [ -n "$$made_policy" ] && rm -f /usr/sbin/policy-rc.d; exit $$rc; \
 	fi
 
+# Installs this checkout (editable, with test extras) unless it is already
+# the installed one and every import works: a second run changes nothing.
 pip: apt
-	$(Q)if ! $(PYTHON) -m pip show -q xdpflow >/dev/null 2>&1 || \
-	     ! $(PYTHON) -c "import cffi, pyroute2, scapy, numpy, prometheus_client, pytest" >/dev/null 2>&1; then \
+	$(Q)loc=$$($(PYTHON) -m pip show xdpflow 2>/dev/null | sed -n 's/^Editable project location: //p'); \
+	if [ "$$loc" != "$(CURDIR)" ] || \
+	   ! $(PYTHON) -c "import cffi, pyroute2, scapy, numpy, prometheus_client, pytest" >/dev/null 2>&1; then \
 		echo "installing python packages"; \
 		$(PIP) -e '.[test]'; \
 	fi
