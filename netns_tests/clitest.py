@@ -386,3 +386,17 @@ def send_and_receive(lab: Lab, frames: Sequence[Packet], inter: float = 0) -> li
 
 def raw(frames: Iterable[Packet]) -> list[bytes]:
     return [bytes(f) for f in frames]
+
+
+def metric_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], int]:
+    """{(sample name, labels): value} for the xdpflow_ samples of a /metrics
+    scrape, values as exact ints."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name.startswith("xdpflow_"):
+                assert float(s.value).is_integer(), s
+                out[(s.name, frozenset(s.labels.items()))] = int(s.value)
+    return out

@@ -12,10 +12,13 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from pyroute2.netns import listnetns
 
 from xdpflow import controller
+from xdpflow.lab import Lab
 from xdpflow.pins import PinRoot, ensure_bpffs
 
+from .clitest import Cli
 from .progtest import ProgHarness
 
 
@@ -57,6 +60,22 @@ def cleanup_pin_root(root: str) -> None:
     pins.remove_shared()
     if os.path.isdir(root):
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """A fresh namespace lab, its names prefixed with the test module's
+    LAB_PREFIX (default "xfcli"); the test fails if a namespace outlives it."""
+    with Lab(getattr(request.module, "LAB_PREFIX", "xfcli")) as lab:
+        yield lab
+    left = {lab.gen_ns, lab.dut_ns} & set(listnetns())
+    assert not left, f"namespaces left behind: {left}"
+
+
+@pytest.fixture
+def cli(lab: Lab, pin_root: str) -> Cli:
+    """The `xdpflow` command bound to the lab's dut namespace and the pin root."""
+    return Cli.of(lab, pin_root)
 
 
 @pytest.fixture

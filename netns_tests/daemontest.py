@@ -29,10 +29,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from xdpflow import netlink
 from xdpflow.lab import Lab, run_in_netns
+
+from .clitest import metric_samples
 
 NFCAPD = shutil.which("nfcapd")
 NFDUMP = shutil.which("nfdump")
@@ -164,14 +164,7 @@ def _fetch(url: str) -> str:
 
 def scrape(lab: Lab, port: int = METRICS_PORT) -> dict[tuple[str, frozenset[tuple[str, str]]], int]:
     """The xdpflow_ samples of one scrape from inside the dut namespace, as exact ints."""
-    text = run_in_netns(lab.dut_ns, _fetch, f"http://127.0.0.1:{port}/metrics", timeout=20)
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name.startswith("xdpflow_"):
-                assert float(s.value).is_integer(), s
-                out[(s.name, frozenset(s.labels.items()))] = int(s.value)
-    return out
+    return metric_samples(run_in_netns(lab.dut_ns, _fetch, f"http://127.0.0.1:{port}/metrics", timeout=20))
 
 
 def iface(ifname: str) -> frozenset[tuple[str, str]]:

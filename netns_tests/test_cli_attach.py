@@ -46,18 +46,8 @@ IFACE_PINS = ["counters", "flows_v4", "flows_v6", "prog"]
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
-    yield from fresh_lab()
-
-
-@pytest.fixture
 def lab2() -> Iterator[Lab]:
     yield from fresh_lab()
-
-
-@pytest.fixture
-def cli(lab: Lab, pin_root: str) -> Cli:
-    return Cli.of(lab, pin_root)
 
 
 @pytest.fixture

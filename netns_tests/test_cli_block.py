@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from .clitest import (
     assert_one_error_line,
     expect_counters,
     expect_flows,
-    fresh_lab,
     icmp,
     raw,
     send_and_receive,
@@ -31,11 +29,6 @@ from .clitest import (
     udp6,
     without_times,
 )
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    yield from fresh_lab()
 
 
 @pytest.fixture

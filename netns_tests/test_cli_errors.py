@@ -6,24 +6,11 @@ and nothing left behind.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from xdpflow.lab import Lab
 
-from .clitest import Cli, fresh_lab, xdp_prog
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    yield from fresh_lab()
-
-
-@pytest.fixture
-def cli(lab: Lab, pin_root: str) -> Cli:
-    return Cli.of(lab, pin_root)
+from .clitest import Cli, xdp_prog
 
 
 def test_unknown_interface(lab: Lab, cli: Cli, pin_root: str) -> None:

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,7 +21,6 @@ from .clitest import (
     Cli,
     expect_counters,
     flow_key,
-    fresh_lab,
     icmp,
     raw,
     send_and_receive,
@@ -33,11 +31,6 @@ from .clitest import (
 )
 
 READY = 1.0  # time the command gets to open the ring buffer before traffic starts
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    yield from fresh_lab()
 
 
 @pytest.fixture

@@ -14,11 +14,10 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
-from pyroute2 import netns as pyroute2_netns
 from scapy.packet import Packet
 
 from xdpflow import abi
@@ -65,14 +64,6 @@ CLOCK_SLACK_MS = 100  # jiffies -> wall time is good to a tick; the test's own c
 needs_nfdump = pytest.mark.skipif(
     NFCAPD is None or NFDUMP is None, reason="nfcapd/nfdump not installed (apt-get install nfdump)"
 )
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    with Lab(LAB_PREFIX) as lab:
-        yield lab
-    left = {lab.gen_ns, lab.dut_ns} & set(pyroute2_netns.listnetns())
-    assert not left, f"namespaces left behind: {left}"
 
 
 def sent(frames: Iterable[Packet]) -> dict[tuple[str, str, int, int, int], tuple[int, int]]:

@@ -61,19 +61,6 @@ BPFFS_HINT = (
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
-    with Lab(LAB_PREFIX) as lab:
-        yield lab
-    left = {lab.gen_ns, lab.dut_ns} & set(pyroute2_netns.listnetns())
-    assert not left, f"namespaces left behind: {left}"
-
-
-@pytest.fixture
-def cli(lab: Lab, pin_root: str) -> Cli:
-    return Cli.of(lab, pin_root)
-
-
-@pytest.fixture
 def other_ns() -> Iterator[str]:
     """A third, empty network namespace; whatever was moved into it is deleted with it."""
     name = f"{LAB_PREFIX}-oth-{uuid.uuid4().hex[:6]}"

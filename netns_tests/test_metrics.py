@@ -16,16 +16,12 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from pyroute2 import netns as pyroute2_netns
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
@@ -34,6 +30,8 @@ from scapy.packet import Packet, Raw
 from xdpflow import abi, metrics
 from xdpflow.lab import Lab, traffic_mix
 from xdpflow.pins import PinRoot
+
+from .clitest import XDPFLOW, metric_samples
 
 LAB_PREFIX = "xfmet"
 
@@ -48,18 +46,6 @@ RULES = [
 ]
 
 
-def _console_script() -> str:
-    beside = os.path.join(os.path.dirname(sys.executable), "xdpflow")
-    if os.access(beside, os.X_OK):
-        return beside
-    found = shutil.which("xdpflow")
-    assert found, "the xdpflow console script is not installed (pip install -e .)"
-    return found
-
-
-XDPFLOW = _console_script()
-
-
 def xdpflow(lab: Lab, pin_root: str, *args: str) -> str:
     r = subprocess.run(
         [XDPFLOW, *args, "--netns", lab.dut_ns, "--pin-root", pin_root], capture_output=True, text=True, timeout=120
@@ -70,14 +56,6 @@ def xdpflow(lab: Lab, pin_root: str, *args: str) -> str:
 
 def xdpflow_json(lab: Lab, pin_root: str, *args: str) -> Any:
     return json.loads(xdpflow(lab, pin_root, *args, "--json"))
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    with Lab(LAB_PREFIX) as lab:
-        yield lab
-    left = {lab.gen_ns, lab.dut_ns} & set(pyroute2_netns.listnetns())
-    assert not left, f"namespaces left behind: {left}"
 
 
 def _udp(l3: Packet) -> Packet:
@@ -113,15 +91,7 @@ def scrape(server: metrics.MetricsServer) -> str:
         return str(r.read().decode())
 
 
-def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], int]:
-    """{(sample name, labels): value} for the xdpflow_ samples, values as exact ints."""
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name.startswith("xdpflow_"):
-                assert float(s.value).is_integer(), s
-                out[(s.name, frozenset(s.labels.items()))] = int(s.value)
-    return out
+samples = metric_samples
 
 
 def by_name(got: dict[tuple[str, frozenset[tuple[str, str]]], int], name: str) -> dict[frozenset, int]:

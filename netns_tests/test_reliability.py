@@ -20,13 +20,11 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pyroute2 import netns as _netns
 from scapy.layers.l2 import Ether
 
 from xdpflow.blocklist import Blocklist
@@ -62,19 +60,6 @@ from .reltest import (
 LAB_PREFIX = "xfrel"
 # counters whose value depends on timing (event rate limit, unread ring), not on the frames
 EVENT_COUNTERS = {"events_suppressed", "events_lost", "events_suppressed_bytes", "events_lost_bytes"}
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    with Lab(LAB_PREFIX) as lab:
-        yield lab
-    left = {lab.gen_ns, lab.dut_ns} & set(_netns.listnetns())
-    assert not left, f"namespaces left behind: {left}"
-
-
-@pytest.fixture
-def cli(lab: Lab, pin_root: str) -> Cli:
-    return Cli.of(lab, pin_root)
 
 
 def expected(**packets_and_bytes: tuple[int, int]) -> dict[str, int]:
