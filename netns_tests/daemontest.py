@@ -12,14 +12,11 @@ Every helper is a context manager that leaves nothing running.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -33,9 +30,10 @@ from xdpflow import netlink
 from xdpflow.lab import Lab, run_in_netns
 
 from .clitest import metric_samples
+from .nfcapd import NFCAPD as NFCAPD  # re-exported: test_daemon skips on them
+from .nfcapd import NFDUMP as NFDUMP
+from .nfcapd import Nfcapd
 
-NFCAPD = shutil.which("nfcapd")
-NFDUMP = shutil.which("nfdump")
 COLLECTOR_PORT = 4739  # every lab namespace is fresh: fixed ports are free
 METRICS_PORT = 9437
 _PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
@@ -190,108 +188,17 @@ class Exported:
     end_reason: int
 
 
-def _udp_socket_state(pid: int, port: int) -> tuple[int, int] | None:
-    """(rx_queue bytes, drops) of the UDP socket bound to 127.0.0.1:port in pid's namespace."""
-    want = f"0100007F:{port:04X}"
-    try:
-        with open(f"/proc/{pid}/net/udp") as f:
-            next(f)
-            for line in f:
-                cols = line.split()
-                if cols[1] == want:
-                    return int(cols[4].split(":")[1], 16), int(cols[-1])
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None
-
-
-class Collector:
-    """nfcapd on 127.0.0.1:COLLECTOR_PORT inside ``ns``, writing to its own temp dir.
-
-    ``stop()`` waits until nfcapd has read every datagram, then SIGTERMs it so
-    it writes its file; ``records()`` reads the file back with nfdump.
-    """
+class Collector(Nfcapd):
+    """nfcapd on 127.0.0.1:COLLECTOR_PORT inside ``ns`` (see nfcapd.py); ``records()`` reads its file back."""
 
     def __init__(self, ns: str, port: int = COLLECTOR_PORT) -> None:
-        assert NFCAPD and NFDUMP, "nfcapd/nfdump not installed (apt-get install nfdump)"
-        self.port = port
-        self.dir = tempfile.mkdtemp(prefix="xf-daemon-nfcapd-")
-        self.flows = os.path.join(self.dir, "flows")
-        os.mkdir(self.flows)
-        self.logfile = os.path.join(self.dir, "nfcapd.log")
-        self.drops = 0
-        listen = ["-b", "127.0.0.1", "-p", str(port), "-B", str(8 << 20)]  # 8 MiB: no bursts dropped
-        args = ["ip", "netns", "exec", ns, NFCAPD, "-w", self.flows, *listen]
-        with open(self.logfile, "ab") as log:
-            # `ip netns exec` execs nfcapd: the pid is nfcapd's
-            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_until(
-                lambda: self.proc.poll() is not None or _udp_socket_state(self.proc.pid, port) is not None,
-                10,
-                0.02,
-                "nfcapd bound",
-            )
-            assert self.proc.poll() is None, f"nfcapd exited: {self.output()}"
-        except BaseException:
-            self.close()
-            raise
-
-    def output(self) -> str:
-        with open(self.logfile, errors="replace") as f:
-            return f.read()
-
-    def __enter__(self) -> Collector:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def stop(self) -> None:
-        deadline = time.monotonic() + 10
-        while True:
-            state = _udp_socket_state(self.proc.pid, self.port)
-            assert state is not None, f"nfcapd went away: {self.output()}"
-            if state[0] == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.02)
-        self.drops = state[1]
-        time.sleep(0.3)  # the last datagram read is processed, not just dequeued
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=20)
-        assert self.proc.returncode == 0, self.output()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def nfdump(self, *args: str) -> str:
-        env = dict(os.environ, TZ="UTC")
-        return subprocess.run(
-            [str(NFDUMP), "-R", self.flows, *args], env=env, check=True, capture_output=True, text=True
-        ).stdout
-
-    def _raw(self) -> list[dict[str, str]]:
-        out = []
-        for block in self.nfdump("-o", "raw").split("Flow Record:")[1:]:
-            fields = {}
-            for line in block.splitlines():
-                k, sep, v = line.partition("=")
-                if sep:
-                    fields[k.strip()] = v.strip()
-            out.append(fields)
-        return out
+        super().__init__("127.0.0.1", port, netns=ns)
 
     def records(self) -> list[Exported]:
         """Every record, in file order: fields from ``-o json``, end reason and
         exact times from ``-o raw`` (the same records in the same order)."""
-        text = self.nfdump("-o", "json")
-        js = json.loads(text) if text.strip() else []
-        raws = self._raw()
+        js = self.json()
+        raws = self.raw()
         assert len(js) == len(raws), (js, raws)
         out = []
         for j, raw in zip(js, raws):

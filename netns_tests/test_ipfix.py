@@ -9,16 +9,10 @@ skip when nfdump is not installed (``apt-get install nfdump``).
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
-import shutil
-import signal
 import socket
 import struct
-import subprocess
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -43,6 +37,8 @@ from xdpflow.ipfix import (
     split_records,
     template_set,
 )
+
+from .nfcapd import NFCAPD, NFDUMP, Nfcapd, free_udp_port
 
 # the templates the brief asks for, as (IE, length); plus icmpTypeCode (see xdpflow/ipfix.py)
 COMMON = [(7, 2), (11, 2), (4, 1), (6, 2), (2, 8), (1, 8), (152, 8), (153, 8), (10, 4), (136, 1)]
@@ -385,13 +381,6 @@ def receiver() -> Iterator[Receiver]:
         r.close()
 
 
-def free_udp_port(host: str) -> int:
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(fam, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def test_templates_first_then_on_refresh(receiver: Receiver) -> None:
     clock = FakeClock()
     with IpfixExporter([receiver.addr], template_refresh=60.0, clock=clock) as exp:
@@ -575,101 +564,9 @@ def test_closed_exporter() -> None:
 
 # --- a real collector: nfcapd / nfdump 1.7 ---------------------------------------------------------
 
-NFCAPD = shutil.which("nfcapd")
-NFDUMP = shutil.which("nfdump")
 needs_nfdump = pytest.mark.skipif(
     NFCAPD is None or NFDUMP is None, reason="nfcapd/nfdump not installed (apt-get install nfdump)"
 )
-
-
-def _udp_socket_state(port: int, v6: bool) -> tuple[int, int] | None:
-    """(rx_queue bytes, drops) of the bound UDP socket on ``port``, or None if none is bound."""
-    with open("/proc/net/udp6" if v6 else "/proc/net/udp") as f:
-        next(f)
-        for line in f:
-            cols = line.split()
-            if int(cols[1].rsplit(":", 1)[1], 16) == port:
-                return int(cols[4].split(":")[1], 16), int(cols[-1])
-    return None
-
-
-class Nfcapd:
-    """One nfcapd on loopback writing to its own temp dir; ``stop()`` flushes the file."""
-
-    def __init__(self, host: str, port: int | None = None) -> None:
-        self.host, self.v6 = host, ":" in host
-        self.dir = tempfile.mkdtemp(prefix="xf-nfcapd-")
-        self.log = os.path.join(self.dir, "nfcapd.log")
-        self.flows = os.path.join(self.dir, "flows")
-        os.mkdir(self.flows)
-        self.proc: subprocess.Popen[bytes] | None = None
-        for _attempt in range(3):  # the free port may be taken between the probe and nfcapd's bind
-            self.port = port or free_udp_port(host)
-            args = [str(NFCAPD), "-w", self.flows, "-b", host, "-p", str(self.port), "-B", str(8 << 20)]
-            with open(self.log, "ab") as log:
-                self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                if _udp_socket_state(self.port, self.v6) is not None:
-                    return
-                time.sleep(0.02)
-            self.kill()
-            if port:
-                break
-        raise AssertionError(f"nfcapd did not start: {self.output()}")
-
-    def output(self) -> str:
-        with open(self.log, errors="replace") as f:
-            return f.read()
-
-    def stop(self) -> None:
-        """Wait until nfcapd has read every datagram, then SIGTERM it so it writes its file."""
-        assert self.proc is not None
-        deadline = time.monotonic() + 10
-        while True:
-            state = _udp_socket_state(self.port, self.v6)
-            assert state is not None, "nfcapd went away"
-            if state[0] == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.02)
-        self.drops = state[1]
-        time.sleep(0.3)  # the last datagram read is processed, not just dequeued
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=20)
-        assert self.proc.returncode == 0, self.output()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def nfdump(self, *args: str) -> str:
-        env = dict(os.environ, TZ="UTC")
-        return subprocess.run(
-            [str(NFDUMP), "-R", self.flows, *args], env=env, check=True, capture_output=True, text=True
-        ).stdout
-
-    def json(self) -> list[dict]:
-        return json.loads(self.nfdump("-o", "json"))
-
-    def raw(self) -> list[dict[str, str]]:
-        """``-o raw`` as one dict per flow of its ``name = value`` lines."""
-        out = []
-        for block in self.nfdump("-o", "raw").split("Flow Record:")[1:]:
-            fields = {}
-            for line in block.splitlines():
-                k, sep, v = line.partition("=")
-                if sep:
-                    fields[k.strip()] = v.strip()
-            out.append(fields)
-        return out
-
-    def info(self) -> dict[str, str]:
-        return dict(line.split(": ", 1) for line in self.nfdump("-I").splitlines() if ": " in line)
-
-    def cleanup(self) -> None:
-        self.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -685,7 +582,7 @@ def nfcapd() -> Iterator[Callable[..., Nfcapd]]:
         yield start
     finally:
         for n in started:
-            n.cleanup()
+            n.close()
 
 
 def flags_str(flags: int) -> str:
