@@ -166,6 +166,7 @@ class Daemon:
         self.sources: Any = None
         self.sync_pending = False
         self.retry_at = 0.0
+        self.source_by_key: dict[Any, Any] = {}  # settings -> source, kept across reloads
         from .metrics import ExporterStats
 
         self.stats = ExporterStats()
@@ -244,7 +245,7 @@ class Daemon:
         from .sources import FeedSource, FileSource, SourceSet
 
         cfg = self.cfg
-        kept = {self._source_key(src): src for src in (self.sources.sources if self.sources else [])}
+        kept = self.source_by_key
         wanted: list[tuple[Any, Any]] = [
             (("file", p, cfg.blocklist_direction), lambda p=p: FileSource(p, direction=cfg.blocklist_direction))
             for p in cfg.blocklist_files
@@ -263,18 +264,13 @@ class Daemon:
             for f in cfg.feeds
         ]
         srcs = [kept.get(key) or make() for key, make in wanted]
-        for src, (key, _make) in zip(srcs, wanted):
-            src._xdpflow_key = key
+        self.source_by_key = {key: src for (key, _make), src in zip(wanted, srcs)}
         old, self.sources = self.sources, (SourceSet(srcs) if srcs else None)
         if old is not None:
             if self.sources is not None:
                 self.sources.carry_over(old)
             old.close()
         self.sync_pending = False
-
-    @staticmethod
-    def _source_key(src: Any) -> Any:
-        return getattr(src, "_xdpflow_key", None)
 
     def loop(self) -> None:
         next_scan = time.monotonic()
