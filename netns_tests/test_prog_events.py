@@ -12,6 +12,7 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 
 from xdpflow import abi
 from xdpflow.blocklist_file import Rule, parse_cidr
+from xdpflow.clock import CLOCK_PROG, sample
 from xdpflow.libbpf import ffi
 
 from . import frames
@@ -91,7 +92,11 @@ def test_record_is_one_struct(prog):
 )
 def test_new_flow_event(prog, pkt, family, src, dst, sport, dport, proto):
     frame = bytes(ether() / pkt)
+    clock = prog.obj.program(CLOCK_PROG)
+    j0 = sample(clock)[0]
     assert prog.run(frame) == XDP_PASS
+    j1 = sample(clock)[0]
+    clock.close()
     assert prog.run(frame) == XDP_PASS  # not new any more
     (ev,) = prog.events.drain()
     assert (ev.type, ev.family, ev.src, ev.dst, ev.sport, ev.dport, ev.proto) == (
@@ -104,7 +109,7 @@ def test_new_flow_event(prog, pkt, family, src, dst, sport, dport, proto):
         proto,
     )
     assert (ev.len, ev.rule, ev.ifindex) == (len(frame), 0, LO)
-    assert ev.ts > 0
+    assert j0 <= ev.ts <= j1  # jiffies, stamped while the frame ran
     assert prog.counters()["events_suppressed"] == prog.counters()["events_lost"] == 0
 
 
