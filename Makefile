@@ -53,7 +53,7 @@ apt:
 pip: apt
 	$(Q)loc=$$($(PYTHON) -m pip show xdpflow 2>/dev/null | sed -n 's/^Editable project location: //p'); \
 	if [ "$$loc" != "$(CURDIR)" ] || \
-	   ! $(PYTHON) -c "import cffi, pyroute2, scapy, numpy, prometheus_client, pytest" >/dev/null 2>&1; then \
+	   ! $(PYTHON) -c "import cffi, pyroute2, scapy, numpy, prometheus_client, pytest, importlinter" >/dev/null 2>&1; then \
 		echo "installing python packages"; \
 		$(PIP) -e '.[test]'; \
 	fi
@@ -79,7 +79,7 @@ test: deps build bpffs
 	$(Q)$(PYTHON) -m pytest $(PYTEST_Q) netns_tests
 
 demo: deps build bpffs
-	$(Q)$(PYTHON) -m xdpflow.demo $(if $(DEV),--dev $(DEV))
+	$(Q)$(PYTHON) -m xdpflow.testing.demo $(if $(DEV),--dev $(DEV))
 
 bench: deps build bpffs
 	$(Q)$(PYTHON) scripts/bench.py --out BENCHMARKS.md
@@ -91,6 +91,7 @@ lint: deps
 	$(Q)$(PYTHON) -m ruff check xdpflow netns_tests scripts
 	$(Q)$(PYTHON) -m ruff format --check xdpflow netns_tests scripts
 	$(Q)$(PYTHON) -m mypy xdpflow
+	$(Q)lint-imports --no-cache
 
 clean:
 	$(Q)rm -rf xdpflow/bpf build dist *.egg-info

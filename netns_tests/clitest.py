@@ -26,7 +26,8 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
-from xdpflow.lab import DUT_MAC, DUT_V4, DUT_V6, GEN_MAC, GEN_V4, GEN_V6, Lab
+from xdpflow.dataplane.abi import bytes_key
+from xdpflow.testing.lab import DUT_MAC, DUT_V4, DUT_V6, GEN_MAC, GEN_V4, GEN_V6, Lab
 
 LAB_PREFIX = "xfcli"
 
@@ -267,11 +268,11 @@ def expect_counters(
     they also count as passed.
     """
     out = dict.fromkeys(COUNTERS, 0)
-    out.update({f"{n}_bytes": 0 for n in COUNTERS})
+    out.update({bytes_key(n): 0 for n in COUNTERS})
 
     def add(name: str, frame: Packet) -> None:
         out[name] += 1
-        out[f"{name}_bytes"] += len(bytes(frame))
+        out[bytes_key(name)] += len(bytes(frame))
 
     for action, frames in (("passed", passed), ("dropped", dropped), ("monitored", monitored)):
         for f in frames:

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import pytest
 from pyroute2.netns import listnetns
 
-from xdpflow import controller
-from xdpflow.lab import Lab
-from xdpflow.pins import PinRoot, ensure_bpffs
+from xdpflow.dataplane import lifecycle
+from xdpflow.dataplane.pins import PinRoot, ensure_bpffs
+from xdpflow.testing.lab import Lab
 
 from .clitest import Cli
 from .progtest import ProgHarness
@@ -54,7 +54,7 @@ def cleanup_pin_root(root: str) -> None:
     pins = PinRoot(root)
     for ifname in pins.interfaces():
         try:
-            controller.detach(ifname, root)
+            lifecycle.detach(ifname, pins)
         except OSError:
             pins.remove_iface(ifname)
     pins.remove_shared()

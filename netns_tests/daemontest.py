@@ -26,8 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
-from xdpflow import netlink
-from xdpflow.lab import Lab, run_in_netns
+from xdpflow.bindings import netlink
+from xdpflow.testing.lab import Lab, run_in_netns
 
 from .clitest import metric_samples
 from .nfcapd import NFCAPD as NFCAPD  # re-exported: test_daemon skips on them

@@ -42,9 +42,10 @@ from scapy.layers.inet6 import (
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
-from xdpflow import abi
-from xdpflow.flows import read_table
-from xdpflow.libbpf import RingBuffer, ffi, lib
+from xdpflow.bindings.libbpf import RingBuffer, lib
+from xdpflow.dataplane import abi
+from xdpflow.dataplane.abi import bytes_key, ffi
+from xdpflow.dataplane.flows import read_table
 
 MAC_SRC = "02:00:00:00:00:01"
 MAC_DST = "02:00:00:00:00:02"
@@ -85,7 +86,7 @@ def pad(frame: bytes, n: int = 60) -> bytes:
 
 def zero_counters() -> dict[str, int]:
     out = dict.fromkeys(COUNTERS, 0)
-    out.update({f"{n}_bytes": 0 for n in COUNTERS})
+    out.update({bytes_key(n): 0 for n in COUNTERS})
     return out
 
 
@@ -93,13 +94,14 @@ def expect(*frames: tuple[int, str, str, str | None], **extra: int) -> dict[str,
     """The whole counters dict for frames given as (length, class, action, l4).
 
     ``extra`` sets side counters' packet counts (monitored=1...); their
-    bytes must be given as ``<name>_bytes`` when they are not zero.
+    bytes must be given as ``<name>_bytes`` when they are not zero (the
+    total's are "bytes", as `stats --json` names them).
     """
     out = zero_counters()
     for length, cls, act, l4 in frames:
         for name in ("packets", cls, act) + ((l4,) if l4 else ()):
             out[name] += 1
-            out[f"{name}_bytes"] += length
+            out[bytes_key(name)] += length
     for k, v in extra.items():
         out[k] += v
     return out
@@ -107,11 +109,11 @@ def expect(*frames: tuple[int, str, str, str | None], **extra: int) -> dict[str,
 
 def check_invariants(c: dict[str, int]) -> None:
     """The class invariants of struct xf_counters, packets and bytes."""
-    for suffix in ("", "_bytes"):
-        total = c["packets" + suffix]
-        assert total == sum(c[n + suffix] for n in CLASSES), c
-        assert total == sum(c[n + suffix] for n in ACTIONS), c
-        assert c["ipv4" + suffix] + c["ipv6" + suffix] == sum(c[n + suffix] for n in L4), c
+    for key in (lambda n: n, bytes_key):
+        total = c[key("packets")]
+        assert total == sum(c[key(n)] for n in CLASSES), c
+        assert total == sum(c[key(n)] for n in ACTIONS), c
+        assert c[key("ipv4")] + c[key("ipv6")] == sum(c[key(n)] for n in L4), c
 
 
 # --------------------------------------------------------------------------
@@ -320,7 +322,7 @@ class Model:
         c = self.counters
         for name in ["packets", cls, act, *side] + ([l4] if l4 else []):
             c[name] += 1
-            c[f"{name}_bytes"] += p.length
+            c[bytes_key(name)] += p.length
         return verdict
 
 
@@ -688,7 +690,7 @@ def kernel_hz(prog: Any, seconds: float = 0.4) -> int:
     """The kernel's HZ, measured long enough to be unambiguous: over 0.4 s
     a one-tick error is under 1% at HZ=250, where the known values are 17%
     apart."""
-    from xdpflow.clock import CLOCK_PROG, KNOWN_HZ, sample
+    from xdpflow.dataplane.clock import CLOCK_PROG, KNOWN_HZ, sample
 
     clock = prog.obj.program(CLOCK_PROG)
     try:

@@ -24,7 +24,7 @@ import time
 from types import TracebackType
 from typing import Self
 
-from xdpflow import netlink
+from xdpflow.bindings import netlink
 
 NFCAPD = shutil.which("nfcapd")
 NFDUMP = shutil.which("nfdump")

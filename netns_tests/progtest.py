@@ -7,26 +7,26 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from xdpflow import abi, blocklist, controller
-from xdpflow.clock import CLOCK_PROG, JiffiesClock
-from xdpflow.controller import AttachOptions
-from xdpflow.flows import Flow, read_table, to_flows
-from xdpflow.libbpf import Map
+from xdpflow.bindings.libbpf import Map
+from xdpflow.dataplane import abi, blocklist, lifecycle
+from xdpflow.dataplane.clock import CLOCK_PROG, JiffiesClock
+from xdpflow.dataplane.flows import Flow, read_table, to_flows
+from xdpflow.dataplane.lifecycle import AttachOptions
 
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX = 0, 1, 2, 3
 
 
 class ProgHarness:
     def __init__(self, **opts: Any) -> None:
-        self.obj = controller.load_unpinned(AttachOptions(**opts))
-        self.prog = self.obj.program(controller.PROG_NAME)
+        self.obj = lifecycle.load_unpinned(AttachOptions(**opts))
+        self.prog = self.obj.program(lifecycle.PROG_NAME)
         self._maps: dict[str, Map] = {}
         self.blocklist = blocklist.Blocklist(self.map)
 
     def map(self, name: str) -> Map:
         if name not in self._maps:
             key, value = abi.MAP_TYPES[name]
-            self._maps[name] = self.obj.map(name, key, value)
+            self._maps[name] = self.obj.map(name, key, value, abi.ffi)
         return self._maps[name]
 
     def run(self, frame: Any, repeat: int = 1) -> int:
@@ -34,15 +34,12 @@ class ProgHarness:
         return self.prog.test_run(bytes(frame), repeat=repeat).retval
 
     def counters(self) -> dict[str, int]:
-        total = self.map("counters").sum(0)
-        out = {name: int(total.c[i].packets) for i, name in abi.COUNTER_NAMES.items()}
-        out.update({f"{name}_bytes": int(total.c[i].bytes) for i, name in abi.COUNTER_NAMES.items()})
-        return out
+        return abi.counter_dict(self.map("counters").sum(0))
 
     def flows(self) -> list[Flow]:
         out: list[Flow] = []
         clock_prog = self.obj.program(CLOCK_PROG)
-        clock = JiffiesClock(clock_prog, controller.kernel_hz(self.obj))
+        clock = JiffiesClock(clock_prog, lifecycle.kernel_hz(self.obj))
         clock_prog.close()
         for name, fam in (("flows_v4", 4), ("flows_v6", 6)):
             out.extend(to_flows(read_table(self.map(name), fam), "test", clock))

@@ -17,8 +17,8 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from xdpflow.lab import Lab
-from xdpflow.pktgen import blast
+from xdpflow.testing.lab import Lab
+from xdpflow.testing.pktgen import blast
 
 from .clitest import Cli
 

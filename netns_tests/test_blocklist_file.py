@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from xdpflow import blocklist_file as bf
-from xdpflow.blocklist_file import (
+from xdpflow.rules import blockfile as bf
+from xdpflow.rules.blockfile import (
     PF6_BITS,
     BlocklistFileError,
     Rule,

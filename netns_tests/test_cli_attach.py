@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from xdpflow.lab import Lab, traffic_mix
+from xdpflow.testing.lab import Lab, traffic_mix
 
 from .clitest import (
     FLOWS_MAX,
@@ -82,8 +82,8 @@ def test_attach_counts_the_mix_exactly(lab: Lab, cli: Cli) -> None:
     # the same, spelled out for the documented mix
     assert (stats["packets"], stats["passed"], stats["dropped"]) == (12, 12, 0)
     assert (stats["ipv4"], stats["ipv6"], stats["tcp"], stats["udp"], stats["icmp"]) == (8, 4, 4, 6, 2)
-    assert stats["packets_bytes"] == sum(len(bytes(f)) for f in mix) == 892
-    assert stats["ipv4_bytes"] + stats["ipv6_bytes"] == stats["packets_bytes"]
+    assert stats["bytes"] == sum(len(bytes(f)) for f in mix) == 892
+    assert stats["ipv4_bytes"] + stats["ipv6_bytes"] == stats["bytes"]
 
     assert without_times(flows) == expect_flows(mix, lab.dut_if)
     by_key = {key_of(f): f for f in flows}

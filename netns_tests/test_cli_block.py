@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from xdpflow.lab import DUT_V4, DUT_V6, GEN_V4, GEN_V6, Lab
+from xdpflow.testing.lab import DUT_V4, DUT_V6, GEN_V4, GEN_V6, Lab
 
 from .clitest import (
     BLOCK_MAX,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from xdpflow.lab import Lab
+from xdpflow.testing.lab import Lab
 
 from .clitest import Cli, xdp_prog
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from xdpflow.lab import DUT_V4, DUT_V6, GEN_V4, GEN_V6, Lab, traffic_mix
+from xdpflow.dataplane.abi import bytes_key
+from xdpflow.testing.lab import DUT_V4, DUT_V6, GEN_V4, GEN_V6, Lab, traffic_mix
 
 from .clitest import (
     COUNTERS,
@@ -180,7 +181,7 @@ def test_stats_watch_json_until_sigint(lab: Lab, cli: Cli) -> None:
             if now["packets"]["packets"]:
                 break
         assert {n: now[n]["packets"] for n in COUNTERS} == {n: want[n] for n in COUNTERS}
-        assert {n: now[n]["bytes"] for n in COUNTERS} == {n: want[f"{n}_bytes"] for n in COUNTERS}
+        assert {n: now[n]["bytes"] for n in COUNTERS} == {n: want[bytes_key(n)] for n in COUNTERS}
         # the rate is over one interval: every frame arrived within the last one
         assert 12 / 1.0 < now["packets"]["pps"] <= 12 / 0.4
         assert now["packets"]["bps"] == pytest.approx(8 * 892 * now["packets"]["pps"] / 12)

@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 from scapy.packet import Packet
 
-from xdpflow import abi
-from xdpflow.lab import Lab, traffic_mix
-from xdpflow.pins import escape_ifname
+from xdpflow.dataplane import abi
+from xdpflow.dataplane.abi import bytes_key
+from xdpflow.dataplane.pins import escape_ifname
+from xdpflow.testing.lab import Lab, traffic_mix
 
 from .clitest import (
     DUT_V4,
@@ -265,7 +266,7 @@ def test_metrics_equal_stats(lab: Lab, pin_root: str, tmp_path: Path) -> None:
     assert stats == expect_counters(passed=mix, dropped=blocked)
     for name in abi.COUNTER_NAMES.values():
         assert got[(f"xdpflow_{name}_packets_total", iface(lab.dut_if))] == stats[name], name
-        assert got[(f"xdpflow_{name}_bytes_total", iface(lab.dut_if))] == stats[f"{name}_bytes"], name
+        assert got[(f"xdpflow_{name}_bytes_total", iface(lab.dut_if))] == stats[bytes_key(name)], name
     assert got[("xdpflow_flows", iface(lab.dut_if))] == status["flows"] == 6  # blocked frames make no flow
     assert got[("xdpflow_flows_max", iface(lab.dut_if))] == status["flows_max"]
     assert got[("xdpflow_attached", iface(lab.dut_if))] == int(status["attached"]) == 1

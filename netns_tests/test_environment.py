@@ -31,9 +31,12 @@ from pathlib import Path
 import pytest
 from pyroute2 import netns as pyroute2_netns
 
-from xdpflow import daemon, metrics
-from xdpflow.lab import DUT_V4, Lab, Receiver, run_in_netns, traffic_mix
-from xdpflow.lab import _wait_link_ready as wait_link_ready
+from xdpflow.app import config
+from xdpflow.app.config import DEFAULT_LISTEN, parse_hostport
+from xdpflow.dataplane.pins import PinRoot
+from xdpflow.export import metrics
+from xdpflow.testing.lab import DUT_V4, Lab, Receiver, run_in_netns, traffic_mix
+from xdpflow.testing.lab import _wait_link_ready as wait_link_ready
 
 from .clitest import (
     XDPFLOW,
@@ -460,7 +463,7 @@ def test_non_root_is_refused(lab: Lab, cli: Cli, pin_root: str) -> None:
         ("status",),
     ]
     probe = (
-        "import sys\nfrom xdpflow.libbpf import obj_get\n"
+        "import sys\nfrom xdpflow.bindings.libbpf import obj_get\n"
         "for p in sys.argv[1:]:\n"
         "    for how, f in (('open', lambda: open(p, 'rb')), ('bpf', lambda: obj_get(p))):\n"
         "        try:\n            f()\n            print(how, p, 'OPENED')\n"
@@ -525,7 +528,7 @@ def test_status_survives_an_incomplete_interface_directory(lab: Lab, cli: Cli, p
 
 
 def _serve_with_defaults(pin_root: str) -> tuple[tuple[str, int], int, str]:
-    with metrics.serve(pin_root=pin_root) as server:
+    with metrics.serve(parse_hostport(DEFAULT_LISTEN), PinRoot(pin_root)) as server:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(server.url, timeout=10) as resp:
             status = resp.status
@@ -546,7 +549,7 @@ def test_metrics_listen_on_loopback_by_default(lab: Lab, pin_root: str) -> None:
     assert address == ("127.0.0.1", 9437)
     assert status == 200
     assert other == "refused"  # the namespace's own address does not reach it
-    assert metrics.DEFAULT_LISTEN == daemon.Config().listen == "127.0.0.1:9437"
+    assert DEFAULT_LISTEN == config.Config().listen == "127.0.0.1:9437"
 
 
 def _hostile(marker: Path) -> list[str]:
@@ -594,7 +597,7 @@ def test_config_values_are_only_data(lab: Lab, pin_root: str, tmp_path: Path) ->
         f"[blocklist]\nfiles = [{json.dumps(hostile)}]\n"
         f"feeds = [{{url = {json.dumps('http://127.0.0.1:1/' + hostile)}}}]\n"
     )
-    cfg = daemon.load_config(str(verbatim))
+    cfg = config.load_config(str(verbatim))
     assert cfg.interfaces == [hostile] and cfg.netns == hostile and cfg.blocklist_files == [hostile]
     assert cfg.pin_root == "/sys/fs/bpf/" + hostile
     assert cfg.feeds[0].url == "http://127.0.0.1:1/" + hostile
@@ -603,8 +606,8 @@ def test_config_values_are_only_data(lab: Lab, pin_root: str, tmp_path: Path) ->
         bad = tmp_path / f"bad-{key}.toml"
         section = "[metrics]\n" if key == "listen" else "[export]\n" if key == "idle_timeout" else ""
         bad.write_text(f'interfaces = ["eth0"]\n{section}{key} = {json.dumps(value)}\n')
-        with pytest.raises(daemon.ConfigError):
-            daemon.load_config(str(bad))
+        with pytest.raises(config.ConfigError):
+            config.load_config(str(bad))
 
     # and the daemon takes the verbatim names as names: no such interface
     r = subprocess.run(

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 import pytest
 
 from xdpflow.errors import XdpflowError
-from xdpflow.ipfix import (
+from xdpflow.export.ipfix import (
     MIN_MESSAGE,
     RECORD_LEN,
     TEMPLATE_ID_V4,

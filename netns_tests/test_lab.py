@@ -25,7 +25,7 @@ from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from xdpflow.lab import (
+from xdpflow.testing.lab import (
     Lab,
     Receiver,
     run_in_netns,

@@ -27,9 +27,11 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
-from xdpflow import abi, metrics
-from xdpflow.lab import Lab, traffic_mix
-from xdpflow.pins import PinRoot
+from xdpflow.app.config import DEFAULT_LISTEN, ConfigError, parse_hostport
+from xdpflow.dataplane import abi
+from xdpflow.dataplane.pins import PinRoot
+from xdpflow.export import metrics
+from xdpflow.testing.lab import Lab, traffic_mix
 
 from .clitest import XDPFLOW, metric_samples
 
@@ -114,7 +116,7 @@ def assert_matches_cli(text: str, lab: Lab, pin_root: str) -> None:
     c = stats[lab.dut_if]
     for name in abi.COUNTER_NAMES.values():
         assert got[(f"xdpflow_{name}_packets_total", iface(lab.dut_if))] == c[name], name
-        assert got[(f"xdpflow_{name}_bytes_total", iface(lab.dut_if))] == c[f"{name}_bytes"], name
+        assert got[(f"xdpflow_{name}_bytes_total", iface(lab.dut_if))] == c[abi.bytes_key(name)], name
     assert got[("xdpflow_flows", iface(lab.dut_if))] == status["flows"]
     assert got[("xdpflow_flows_max", iface(lab.dut_if))] == status["flows_max"]
     assert got[("xdpflow_attached", iface(lab.dut_if))] == int(status["attached"]) == 1
@@ -132,7 +134,7 @@ def test_metrics_equal_cli(lab: Lab, pin_root: str) -> None:
     stats = metrics.ExporterStats(
         flows_exported=7, records_exported=9, export_errors=1, blocklist_syncs=4, blocklist_sync_errors=2
     )
-    with metrics.serve("127.0.0.1:0", pin_root=pin_root, stats=stats, netns=lab.dut_ns) as server:
+    with metrics.serve(parse_hostport("127.0.0.1:0"), PinRoot(pin_root), stats=stats, netns=lab.dut_ns) as server:
         assert server.port != 0
         text = scrape(server)
         assert_matches_cli(text, lab, pin_root)
@@ -179,12 +181,12 @@ def test_top_n_bounds_rule_series(lab: Lab, pin_root: str) -> None:
     ranked = sorted(((r["cidr"], r["direction"], r["hits"]) for r in listing if r["hits"]), key=lambda t: -t[2])
     assert len(ranked) == 4
     for n in (0, 1, 2, 3, 20):
-        collector = metrics.XdpflowCollector(pin_root, top_n=n, netns=lab.dut_ns)
+        collector = metrics.XdpflowCollector(PinRoot(pin_root), top_n=n, netns=lab.dut_ns)
         (fam,) = [f for f in collector.collect() if f.name == "xdpflow_blocklist_rule_hits"]
         got = [(s.labels["cidr"], s.labels["direction"], int(s.value)) for s in fam.samples]
         assert got == ranked[:n], n
     with pytest.raises(ValueError):
-        metrics.XdpflowCollector(pin_root, top_n=-1)
+        metrics.XdpflowCollector(PinRoot(pin_root), top_n=-1)
 
 
 def test_promtool_accepts_scrape(lab: Lab, pin_root: str) -> None:
@@ -192,7 +194,9 @@ def test_promtool_accepts_scrape(lab: Lab, pin_root: str) -> None:
     if promtool is None:
         pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
     populate(lab, pin_root)
-    with metrics.serve("127.0.0.1:0", pin_root=pin_root, stats=metrics.ExporterStats(), netns=lab.dut_ns) as server:
+    with metrics.serve(
+        parse_hostport("127.0.0.1:0"), PinRoot(pin_root), stats=metrics.ExporterStats(), netns=lab.dut_ns
+    ) as server:
         text = scrape(server)
     assert "xdpflow_blocklist_rule_hits_total{" in text and "xdpflow_attached{" in text
     r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
@@ -207,7 +211,7 @@ def test_vanished_pins_are_skipped(lab: Lab, pin_root: str) -> None:
     os.mkdir(ghost)
     try:
         assert pins.interfaces() == sorted([lab.dut_if, "xfghost0"])
-        with metrics.serve("127.0.0.1:0", pin_root=pin_root, netns=lab.dut_ns) as server:
+        with metrics.serve(parse_hostport("127.0.0.1:0"), PinRoot(pin_root), netns=lab.dut_ns) as server:
             got = samples(scrape(server))
             assert set(by_name(got, "xdpflow_attached")) == {iface(lab.dut_if)}
             assert set(by_name(got, "xdpflow_packets_packets_total")) == {iface(lab.dut_if)}
@@ -224,7 +228,7 @@ def test_vanished_pins_are_skipped(lab: Lab, pin_root: str) -> None:
 
 def test_attached_follows_the_interface(lab: Lab, pin_root: str) -> None:
     populate(lab, pin_root)
-    collector = metrics.XdpflowCollector(pin_root, netns=lab.dut_ns)
+    collector = metrics.XdpflowCollector(PinRoot(pin_root), netns=lab.dut_ns)
 
     def attached() -> int:
         (fam,) = [f for f in collector.collect() if f.name == "xdpflow_attached"]
@@ -240,9 +244,9 @@ def test_attached_follows_the_interface(lab: Lab, pin_root: str) -> None:
 
 
 def test_listens_on_loopback_by_default(pin_root: str) -> None:
-    assert metrics.DEFAULT_LISTEN == "127.0.0.1:9437"
+    assert DEFAULT_LISTEN == "127.0.0.1:9437"
     try:
-        server = metrics.serve(pin_root=pin_root)
+        server = metrics.serve(parse_hostport(DEFAULT_LISTEN), PinRoot(pin_root))
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             pytest.skip("port 9437 is taken on this machine")
@@ -257,20 +261,20 @@ def test_listens_on_loopback_by_default(pin_root: str) -> None:
 
 
 def test_listen_addresses(pin_root: str) -> None:
-    with metrics.serve("[::1]:0", pin_root=pin_root) as server:
+    with metrics.serve(parse_hostport("[::1]:0"), PinRoot(pin_root)) as server:
         host, port = server._httpd.socket.getsockname()[:2]
         assert (host, port) == ("::1", server.port) and port != 0
         assert server.url == f"http://[::1]:{port}/metrics"
         with urllib.request.urlopen(server.url, timeout=30) as r:
             assert r.status == 200
-    assert metrics.parse_listen("localhost:80") == ("localhost", 80)
-    assert metrics.parse_listen("[2001:db8::1]:9437") == ("2001:db8::1", 9437)
+    assert parse_hostport("localhost:80") == ("localhost", 80)
+    assert parse_hostport("[2001:db8::1]:9437") == ("2001:db8::1", 9437)
     for bad in ("9437", ":9437", "::1:9437", "127.0.0.1", "127.0.0.1:65536", "[::1]9437", "127.0.0.1:x"):
-        with pytest.raises(ValueError):
-            metrics.parse_listen(bad)
-    with metrics.serve("127.0.0.1:0", pin_root=pin_root) as first:
+        with pytest.raises(ConfigError):
+            parse_hostport(bad)
+    with metrics.serve(parse_hostport("127.0.0.1:0"), PinRoot(pin_root)) as first:
         with pytest.raises(OSError) as exc:
-            metrics.serve(f"127.0.0.1:{first.port}", pin_root=pin_root)
+            metrics.serve(("127.0.0.1", first.port), PinRoot(pin_root))
         assert exc.value.errno == errno.EADDRINUSE
         assert "choose another port" in str(exc.value)
 
@@ -296,7 +300,7 @@ def test_scrape_is_cheap(lab: Lab, pin_root: str, tmp_path: Path) -> None:
     frames = [bytes(f) for f in traffic_mix(lab)] + [bytes(f) for f in blocked_frames(lab)]
     assert lab.send(frames) == len(frames)
 
-    with metrics.serve("127.0.0.1:0", pin_root=pin_root, netns=lab.dut_ns) as server:
+    with metrics.serve(parse_hostport("127.0.0.1:0"), PinRoot(pin_root), netns=lab.dut_ns) as server:
         scrape(server)  # the first one imports pyroute2
         times = []
         for _ in range(5):

@@ -25,11 +25,13 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Dot1Q, Ether
 
-from xdpflow import abi, netlink, pktgen
+from xdpflow.bindings import netlink
+from xdpflow.bindings.libbpf import Object, Program
+from xdpflow.dataplane import abi
 from xdpflow.errors import XdpflowError
-from xdpflow.lab import Lab
-from xdpflow.libbpf import Object, Program
-from xdpflow.pktgen import FlowMix, blast, build_frames, send_exact
+from xdpflow.testing import pktgen
+from xdpflow.testing.lab import Lab
+from xdpflow.testing.pktgen import FlowMix, blast, build_frames, send_exact
 
 LAB_PREFIX = "xfpg"
 

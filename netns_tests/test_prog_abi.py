@@ -7,15 +7,15 @@ import re
 
 import pytest
 
-from xdpflow import abi
-from xdpflow.libbpf import (
+from xdpflow.bindings.libbpf import (
     BPF_MAP_TYPE_LRU_HASH,
     BPF_MAP_TYPE_LRU_PERCPU_HASH,
     BPF_MAP_TYPE_RINGBUF,
-    ffi,
     lib,
     map_info,
 )
+from xdpflow.dataplane import abi
+from xdpflow.dataplane.abi import ffi
 
 from . import frames
 
@@ -61,14 +61,14 @@ def test_events_ring(prog):
 def test_counters_cover_every_counter(prog):
     assert ffi.sizeof("struct xf_counters") == abi.C.XF_CNT_MAX * ffi.sizeof("struct xf_datarec")
     assert sorted(abi.COUNTER_NAMES) == list(range(abi.C.XF_CNT_MAX))
-    assert set(prog.counters()) == {n for name in abi.COUNTER_NAMES.values() for n in (name, f"{name}_bytes")}
+    assert set(prog.counters()) == {n for name in abi.COUNTER_NAMES.values() for n in (name, abi.bytes_key(name))}
 
 
 @pytest.mark.parametrize(
     ("opts", "maptype", "size"),
     [
         ({}, BPF_MAP_TYPE_LRU_HASH, abi.C.XF_FLOWS_DEFAULT),
-        ({"flows": 64}, BPF_MAP_TYPE_LRU_HASH, 64),
+        ({"flows": 64}, BPF_MAP_TYPE_LRU_HASH, 32),  # --flows counts both tables
         ({"shared_flows": False}, BPF_MAP_TYPE_LRU_PERCPU_HASH, abi.C.XF_FLOWS_DEFAULT),
     ],
     ids=["default", "flows-64", "percpu"],

@@ -12,8 +12,8 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
-from xdpflow import abi
-from xdpflow.blocklist_file import Rule, parse_cidr
+from xdpflow.dataplane import abi
+from xdpflow.rules.blockfile import Rule, parse_cidr
 
 from . import frames
 from .frames import Model, ModelRule, check_model, ether, expect, flow_key, raw_udp4, read_flows

@@ -16,8 +16,8 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from xdpflow.blocklist import V4_LEVELS
-from xdpflow.blocklist_file import Rule
+from xdpflow.dataplane.blocklist import V4_LEVELS
+from xdpflow.rules.blockfile import Rule
 
 from .progtest import XDP_DROP, XDP_PASS
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from xdpflow.clock import CLOCK_PROG, JiffiesClock, measure_hz, sample
+from xdpflow.dataplane.clock import CLOCK_PROG, JiffiesClock, measure_hz, sample
 
 from . import frames
 from .frames import kernel_hz

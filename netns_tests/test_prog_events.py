@@ -10,10 +10,10 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 
-from xdpflow import abi
-from xdpflow.blocklist_file import Rule, parse_cidr
-from xdpflow.clock import CLOCK_PROG, sample
-from xdpflow.libbpf import ffi
+from xdpflow.dataplane import abi
+from xdpflow.dataplane.abi import ffi
+from xdpflow.dataplane.clock import CLOCK_PROG, sample
+from xdpflow.rules.blockfile import Rule, parse_cidr
 
 from . import frames
 from .frames import arp, ether, kernel_hz, on_cpu, raw_udp4

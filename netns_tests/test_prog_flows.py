@@ -21,8 +21,8 @@ from scapy.layers.inet6 import (
 )
 from scapy.packet import Raw
 
-from xdpflow.blocklist_file import Rule, parse_cidr
-from xdpflow.flows import read_table
+from xdpflow.dataplane.flows import read_table
+from xdpflow.rules.blockfile import Rule, parse_cidr
 
 from . import frames
 from .frames import (
@@ -98,7 +98,7 @@ def test_flow_bytes_are_ip_bytes_not_frame_bytes(prog):
         flow_key(V4["src"], V4["dst"], 1, 2, 17): [1, 28, 0],
         flow_key(V6["src"], V6["dst"], 1, 2, 17): [1, 40 + 8 + 33, 0],
     }
-    assert prog.counters()["packets_bytes"] == 64 + len(f6)
+    assert prog.counters()["bytes"] == 64 + len(f6)
 
 
 @pytest.mark.parametrize(

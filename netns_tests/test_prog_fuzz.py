@@ -21,8 +21,8 @@ from collections.abc import Callable
 
 import pytest
 
-from xdpflow import abi
-from xdpflow.blocklist_file import Rule, parse_cidr
+from xdpflow.dataplane import abi
+from xdpflow.rules.blockfile import Rule, parse_cidr
 
 from . import frames
 from .frames import CLASSES, L4, Model, ModelRule, Mutator, check_model, classify

@@ -23,6 +23,7 @@ from scapy.layers.inet6 import (
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
+from xdpflow.dataplane.abi import bytes_key
 from xdpflow.errors import XdpflowError
 
 from . import frames
@@ -108,7 +109,7 @@ def test_bytes_are_whole_frame_including_vlan_and_padding(prog):
     assert prog.run(f1) == XDP_PASS
     assert prog.run(f2) == XDP_PASS
     assert prog.counters() == expect((64, "ipv4", "passed", "udp"), (len(f2), "ipv6", "passed", "tcp"))
-    assert prog.counters()["packets_bytes"] == 64 + 14 + 8 + 40 + 20 + 100
+    assert prog.counters()["bytes"] == 64 + 14 + 8 + 40 + 20 + 100
 
 
 def test_counters_accumulate_over_many_frames(prog):
@@ -120,7 +121,7 @@ def test_counters_accumulate_over_many_frames(prog):
     want = expect(*[(len(f), "ipv4", "passed", "udp") for f in frames[:10]], *[(42, "non_ip", "passed", None)] * 3)
     for k in ("packets", "ipv4", "udp", "passed"):
         want[k] += 50
-        want[f"{k}_bytes"] += 50 * len(frames[0])
+        want[bytes_key(k)] += 50 * len(frames[0])
     assert prog.counters() == want
 
 

@@ -27,11 +27,13 @@ from typing import Any
 import pytest
 from scapy.layers.l2 import Ether
 
-from xdpflow.blocklist import Blocklist
-from xdpflow.cli import PinnedMaps
-from xdpflow.flows import top_flows
-from xdpflow.lab import DUT_V4, DUT_V6, Lab
-from xdpflow.pktgen import FlowMix, build_frames, send_exact, vary_frame
+from xdpflow.dataplane.abi import bytes_key
+from xdpflow.dataplane.blocklist import Blocklist
+from xdpflow.dataplane.flows import top_flows
+from xdpflow.dataplane.maps import PinnedMaps
+from xdpflow.dataplane.pins import PinRoot
+from xdpflow.testing.lab import DUT_V4, DUT_V6, Lab
+from xdpflow.testing.pktgen import FlowMix, build_frames, send_exact, vary_frame
 
 from .clitest import (
     COUNTERS,
@@ -65,10 +67,10 @@ EVENT_COUNTERS = {"events_suppressed", "events_lost", "events_suppressed_bytes",
 def expected(**packets_and_bytes: tuple[int, int]) -> dict[str, int]:
     """A whole `stats --json` entry: the named counters (packets, bytes), the rest 0."""
     out = dict.fromkeys(COUNTERS, 0)
-    out.update({f"{n}_bytes": 0 for n in COUNTERS})
+    out.update({bytes_key(n): 0 for n in COUNTERS})
     for name, (n, b) in packets_and_bytes.items():
         assert name in COUNTERS, name
-        out[name], out[f"{name}_bytes"] = n, b
+        out[name], out[bytes_key(name)] = n, b
     return out
 
 
@@ -310,7 +312,7 @@ def test_upgrades_under_traffic_lose_nothing(lab: Lab, cli: Cli, tmp_path: Path)
     assert last_hits == want_hits
     (st,) = cli.status()
     assert (st["prog_id"], st["attached"], st["mode"], st["sink"]) == (prog_ids[-1], True, "native", False)
-    assert (st["flows"], st["flows_max"], st["blocklist"]) == (8, 8192, len(RULES_UPGRADE))
+    assert (st["flows"], st["flows_max"], st["blocklist"]) == (8, 4096, len(RULES_UPGRADE))
     assert all(wait_prog_gone(p) for p in prog_ids[:-1]), "a replaced program is still loaded"
 
 
@@ -320,7 +322,7 @@ def test_upgrades_under_traffic_lose_nothing(lab: Lab, cli: Cli, tmp_path: Path)
 # (an operator's Ctrl-C lands there just the same: KeyboardInterrupt, no undo)
 KILLED_AT_PIN_RENAME = """
 import os, signal, sys
-from xdpflow import cli
+from xdpflow.app import cli
 real_replace = os.replace
 def replace(src, dst, *args, **kwargs):
     if os.path.basename(dst) == "prog":
@@ -416,7 +418,7 @@ def _probe(lab: Lab, pin_root: str, tag: int) -> tuple[list[bytes], dict[str, bo
     last = set(list(ports)[-len(UNLISTED_SOURCES) :])
     deadline = time.monotonic() + 3
     while True:
-        seen = {f.sport for f in top_flows(lab.dut_if, pin_root)} & set(ports)
+        seen = {f.sport for f in top_flows(PinRoot(pin_root), lab.dut_if)} & set(ports)
         if last <= seen or time.monotonic() > deadline:
             return [bytes(f) for f in frames], {s: port in seen for port, s in ports.items()}
         time.sleep(0.005)
@@ -471,7 +473,7 @@ def test_blocklist_changes_never_unblock_a_shared_prefix(lab: Lab, cli: Cli, pin
             elif ok and listed:
                 lagging.append(src)
 
-    with closing(PinnedMaps(pin_root)) as maps, lab.receiver() as rx, blasting(blaster), reaped() as procs:
+    with closing(PinnedMaps(PinRoot(pin_root))) as maps, lab.receiver() as rx, blasting(blaster), reaped() as procs:
         bl = Blocklist(maps)
         blaster.wait_first()
         for i in range(SYNCS):
@@ -579,13 +581,13 @@ BLOCK_MAX = 131072
 
 
 def test_small_flow_table_and_a_too_big_blocklist(lab: Lab, cli: Cli, tmp_path: Path) -> None:
-    """`--flows 64` with 500 distinct flows (250 per family) sent exactly once
+    """`--flows 128` with 500 distinct flows (250 per family) sent exactly once
     each: every frame is counted, each family's table holds at most 64 flows
     (the LRU evicts, so no insert fails), the newest flow of each family is
     there. A `block sync` of one IPv6 rule more than a trie holds fails with
     one line and leaves the blocklist, and what it blocks, as it was.
     """
-    cli("attach", lab.dut_if, "--flows", "64")
+    cli("attach", lab.dut_if, "--flows", "128")  # 64 per family
     mix = FlowMix(n_flows=500, families="46")
     frames = build_frames(mix)
     r = send_exact(lab, None, frames, len(frames))

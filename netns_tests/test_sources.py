@@ -23,11 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from xdpflow import sources
-from xdpflow.blocklist_file import parse_keys, rule_from_key
+from xdpflow.dataplane.blocklist import apply_keys
+from xdpflow.dataplane.pins import PinRoot
 from xdpflow.errors import XdpflowError
-from xdpflow.lab import Lab
-from xdpflow.sources import FeedSource, FileSource, SourceResult, SourceSet, Update, apply_keys
+from xdpflow.rules import sources
+from xdpflow.rules.blockfile import parse_keys, rule_from_key
+from xdpflow.rules.sources import FeedSource, FileSource, SourceResult, SourceSet, Update
+from xdpflow.testing.lab import Lab
 
 A = "192.0.2.0/24\n198.51.100.7\n"
 B = "203.0.113.0/24\n2001:db8::/32 ; SBL1\n"
@@ -682,11 +684,11 @@ def test_apply_keys_to_a_pin_root(tmp_path: Path, feed: tuple[Feed, str], pin_ro
             assert all(r["hits"] == 0 for r in out)
             return {(r["cidr"], r["direction"]) for r in out}
 
-        ch = apply_keys(up.keys, pin_root, dry_run=True)
+        ch = apply_keys(up.keys, PinRoot(pin_root), dry_run=True)
         assert ch.added_keys == up.keys and ch.deleted_keys == []
         assert listing() == set()
 
-        ch = apply_keys(up.keys, pin_root)
+        ch = apply_keys(up.keys, PinRoot(pin_root))
         assert ch.added_keys == up.keys and ch.deleted_keys == []
         assert listing() == want
 
@@ -695,13 +697,13 @@ def test_apply_keys_to_a_pin_root(tmp_path: Path, feed: tuple[Feed, str], pin_ro
         src_file.write_text("198.51.100.0/24\n")
         up2, errors = poll_set(ss, 10)
         assert up2 is not None and [r.source for r in errors] == [url]
-        ch = apply_keys(up2.keys, pin_root)
+        ch = apply_keys(up2.keys, PinRoot(pin_root))
         assert ch.added_keys == [] and ch.added_cidrs() == [] and ch.deleted_cidrs() == ["2001:db8:1::/48"]
         assert listing() == want - {("2001:db8:1::/48", "src")}
-        assert apply_keys(up2.keys, pin_root).deleted_keys == []  # nothing left to do
+        assert apply_keys(up2.keys, PinRoot(pin_root)).deleted_keys == []  # nothing left to do
 
 
 def test_apply_keys_without_attach(pin_root: str) -> None:
     with pytest.raises(XdpflowError) as e:
-        apply_keys([], pin_root)
+        apply_keys([], PinRoot(pin_root))
     assert e.value.errno == errno.ENOENT and "xdpflow attach" in str(e.value)

@@ -31,10 +31,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import bench_kernel  # noqa: E402
 import bench_user  # noqa: E402
 
-from xdpflow import abi, netlink  # noqa: E402
-from xdpflow.lab import Lab  # noqa: E402
-from xdpflow.libbpf import Object  # noqa: E402
-from xdpflow.pktgen import FlowMix, blast, build_frames, vary_frame  # noqa: E402
+from xdpflow.bindings import netlink  # noqa: E402
+from xdpflow.bindings.libbpf import Object  # noqa: E402
+from xdpflow.dataplane import abi  # noqa: E402
+from xdpflow.testing.lab import Lab  # noqa: E402
+from xdpflow.testing.pktgen import FlowMix, blast, build_frames, vary_frame  # noqa: E402
 
 TARGETS = {
     "established UDP/IPv4": 60,

@@ -29,11 +29,14 @@ from scapy.layers.inet6 import IPv6  # noqa: E402
 from scapy.layers.l2 import Ether  # noqa: E402
 from scapy.packet import Raw  # noqa: E402
 
-from xdpflow import abi, controller  # noqa: E402
-from xdpflow.blocklist import Blocklist  # noqa: E402
-from xdpflow.blocklist_file import Rule  # noqa: E402
-from xdpflow.controller import AttachOptions  # noqa: E402
-from xdpflow.libbpf import Map, Object, Program  # noqa: E402
+from xdpflow.bindings.libbpf import Map, Object, Program  # noqa: E402
+from xdpflow.dataplane import (
+    abi,  # noqa: E402
+    lifecycle,  # noqa: E402
+)
+from xdpflow.dataplane.blocklist import Blocklist  # noqa: E402
+from xdpflow.dataplane.lifecycle import AttachOptions  # noqa: E402
+from xdpflow.rules.blockfile import Rule  # noqa: E402
 
 MAC_A, MAC_B = "02:00:00:00:00:01", "02:00:00:00:00:02"
 BLOCKED_SRC = "203.0.113.5"
@@ -91,8 +94,8 @@ class Loaded:
     """xdpflow with private maps and a blocklist."""
 
     def __init__(self, prefixes: list[Rule], **opts: object) -> None:
-        self.obj = controller.load_unpinned(AttachOptions(**opts))  # type: ignore[arg-type]
-        self.prog = self.obj.program(controller.PROG_NAME)
+        self.obj = lifecycle.load_unpinned(AttachOptions(**opts))  # type: ignore[arg-type]
+        self.prog = self.obj.program(lifecycle.PROG_NAME)
         self.maps: dict[str, Map] = {}
         self.blocklist = Blocklist(self.map)
         self.blocklist.add(prefixes + [Rule(ipaddress.ip_network(BLOCKED_SRC + "/32"), "src")])
@@ -100,7 +103,7 @@ class Loaded:
     def map(self, name: str) -> Map:
         if name not in self.maps:
             k, v = abi.MAP_TYPES[name]
-            self.maps[name] = self.obj.map(name, k, v)
+            self.maps[name] = self.obj.map(name, k, v, abi.ffi)
         return self.maps[name]
 
     def close(self) -> None:

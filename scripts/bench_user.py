@@ -24,10 +24,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from xdpflow import controller  # noqa: E402
-from xdpflow.lab import Lab  # noqa: E402
-from xdpflow.libbpf import ffi  # noqa: E402
-from xdpflow.netlink import in_netns  # noqa: E402
+from xdpflow.bindings.netlink import in_netns  # noqa: E402
+from xdpflow.dataplane.abi import ffi  # noqa: E402
+from xdpflow.dataplane.maps import open_map  # noqa: E402
+from xdpflow.dataplane.pins import PinRoot  # noqa: E402
+from xdpflow.testing.lab import Lab  # noqa: E402
 
 
 @dataclass
@@ -55,9 +56,9 @@ def wall(cmd: list[str], stdin: bytes | None = None) -> float:
 
 def fill_flows(ifname: str, pin_root: str, n: int) -> None:
     """n distinct IPv4 flows written straight into the pinned table."""
-    with controller.open_iface_map(ifname, "flows_v4", pin_root) as m:
+    with open_map(PinRoot(pin_root), "flows_v4", ifname) as m:
         ks = ffi.sizeof("struct xf_flow4")
-        stride = m._ncpu * m._vstride
+        stride = m.ncpu * m.value_stride
         chunk = 65536
         rng = np.random.default_rng(1)
         for start in range(0, n, chunk):

@@ -53,9 +53,11 @@ class ForeignProgramError(XdpflowError):
     """An interface runs an XDP program that is not xdpflow's."""
 
 
+ROOT_HINT = "run as root (needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)"
+
 _HINTS = {
-    _errno.EPERM: "run as root (needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)",
-    _errno.EACCES: "run as root (needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)",
+    _errno.EPERM: ROOT_HINT,
+    _errno.EACCES: ROOT_HINT,
     _errno.ENOMEM: "the kernel could not allocate memory; check `ulimit -l` or free memory",
 }
 
@@ -73,3 +75,15 @@ def os_error(err: int, what: str, hint: str | None = None) -> XdpflowError:
         msg += f"; {hint}"
     cls = MapFullError if err == _errno.E2BIG else XdpflowError
     return cls(err, msg)
+
+
+def one_line(exc: OSError) -> str:
+    """The sentence the CLI prints for any OSError: ours as written, others
+    (a file that cannot be read...) with the path and, for a missing
+    privilege, the hint to run as root."""
+    if isinstance(exc, XdpflowError):
+        return str(exc)
+    msg = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    if exc.errno in (_errno.EACCES, _errno.EPERM):
+        msg += f"; {ROOT_HINT}"
+    return msg

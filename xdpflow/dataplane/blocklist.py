@@ -19,18 +19,21 @@ the old or the new answer.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import abi
-from .abi import np_dtype
-from .blocklist_file import KEY6, PF6_BITS, Rule, bitmap_words, prefilter_bits, rule_from_key, rule_key
-from .errors import MapFullError
-from .libbpf import Map, ffi, possible_cpus
+from xdpflow.bindings.libbpf import Map, possible_cpus
+from xdpflow.dataplane import abi
+from xdpflow.dataplane.abi import ffi, np_dtype
+from xdpflow.dataplane.maps import PinnedMaps
+from xdpflow.dataplane.pins import PinRoot
+from xdpflow.errors import MapFullError
+from xdpflow.rules.blockfile import KEY6, PF6_BITS, Rule, bitmap_words, prefilter_bits, rule_from_key, rule_key
 
 # (family, direction) -> (trie, config flag)
 TRIES: dict[tuple[int, str], tuple[str, int]] = {
@@ -532,3 +535,24 @@ def _union(a: set[int] | None, b: set[int] | None) -> set[int] | None:
     if a is None or b is None:
         return None
     return a | b
+
+
+@contextlib.contextmanager
+def blocklist_of(pins: PinRoot) -> Iterator[Blocklist]:
+    """The blocklist under ``pins``, its maps opened on demand and closed after."""
+    with PinnedMaps(pins) as maps:
+        yield Blocklist(maps)
+
+
+def apply_keys(keys: Iterable[int], pins: PinRoot, dry_run: bool = False) -> Change:
+    """Make the blocklist under ``pins`` equal ``keys`` (rule keys of both
+    directions), as ``xdpflow block sync`` does for one file: under the
+    pin-root lock, applying only the difference, adds before deletes. With
+    ``dry_run`` nothing changes and the Change says what would.
+
+    Raises NotAttachedError when nothing is attached under the root,
+    MapFullError (E2BIG) when the rules do not fit (nothing is changed then),
+    and XdpflowError for other failed map operations.
+    """
+    with pins.lock(), blocklist_of(pins) as bl:
+        return bl.sync_keys(keys, dry_run=dry_run)

@@ -19,7 +19,7 @@ import stat
 import subprocess
 from collections.abc import Iterator
 
-from .errors import InputError, XdpflowError, os_error
+from xdpflow.errors import InputError, NotAttachedError, XdpflowError, os_error
 
 DEFAULT_ROOT = "/sys/fs/bpf/xdpflow"
 BPF_FS_MAGIC = 0xCAFE4A11
@@ -103,10 +103,28 @@ def ensure_bpffs(root: str, mount: bool = True) -> None:
 
 
 class PinRoot:
-    """Paths of one xdpflow instance's pins."""
+    """Paths of one xdpflow instance's pins. Commands and the daemon make one
+    from ``--pin-root`` and hand it down; nothing below re-reads the option."""
 
     def __init__(self, root: str | None = None) -> None:
         self.root = os.path.abspath(root or default_root())
+
+    def __repr__(self) -> str:
+        return f"PinRoot({self.root!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PinRoot) and other.root == self.root
+
+    def __hash__(self) -> int:
+        return hash(self.root)
+
+    def not_attached(self, ifname: str | None = None) -> NotAttachedError:
+        """The error for state that is not here: the one sentence, with what to do."""
+        if ifname is None:
+            return NotAttachedError(
+                errno.ENOENT, f"nothing is attached under {self.root}; run `xdpflow attach IFACE` first"
+            )
+        return NotAttachedError(errno.ENOENT, f"xdpflow is not attached to {ifname} (pin root {self.root})")
 
     def shared(self, name: str) -> str:
         return os.path.join(self.root, name)
@@ -189,9 +207,7 @@ class PinRoot:
         try:
             fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         except FileNotFoundError:
-            raise XdpflowError(
-                errno.ENOENT, f"nothing is attached under {self.root}; run `xdpflow attach IFACE` first"
-            ) from None
+            raise self.not_attached() from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -9,27 +9,25 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import abi, netlink
-from .clock import CLOCK_PROG, JiffiesClock, measure_hz
-from .errors import ForeignProgramError, NotAttachedError, XdpflowError
-from .libbpf import (
+from xdpflow.bindings import netlink
+from xdpflow.bindings.libbpf import (
     BPF_MAP_TYPE_LRU_HASH,
     BPF_MAP_TYPE_LRU_PERCPU_HASH,
-    Map,
     MapInfo,
     Object,
     Program,
-    ffi,
-    lib,
     map_info,
     obj_get,
 )
-from .netlink import XdpState
-from .pins import IFACE_MAPS, SHARED_MAPS, PinRoot, ensure_bpffs
+from xdpflow.bindings.netlink import XdpState
+from xdpflow.dataplane import abi
+from xdpflow.dataplane.clock import CLOCK_PIN, CLOCK_PROG, measure_hz
+from xdpflow.dataplane.maps import PROG_PIN, knobs_of, pinned_prog, set_monitor
+from xdpflow.dataplane.pins import IFACE_MAPS, SHARED_MAPS, PinRoot, ensure_bpffs
+from xdpflow.errors import ForeignProgramError, XdpflowError
 
 PROG_NAME = "xdpflow"
 
@@ -37,7 +35,7 @@ PROG_NAME = "xdpflow"
 @dataclass
 class AttachOptions:
     mode: str = "auto"
-    flows: int | None = None  # flow-table size per family; None: keep/default
+    flows: int | None = None  # flows both tables hold together; None: keep/default
     sink: bool | None = None  # None: keep what an upgraded program had (else off)
     monitor: bool | None = None  # None: leave as it is
     force: bool = False
@@ -52,15 +50,6 @@ class AttachResult:
     prog_id: int
     mode: str | None
     replaced: bool  # an xdpflow program was upgraded in place
-
-
-def _pinned_prog(pins: PinRoot, ifname: str) -> Program | None:
-    try:
-        return Program.from_pin(pins.iface(ifname, "prog"))
-    except XdpflowError as e:
-        if e.errno == errno.ENOENT:
-            return None
-        raise
 
 
 def _pinned_info(path: str) -> MapInfo | None:
@@ -80,7 +69,7 @@ def _settle_pins(pins: PinRoot, ifname: str, running_id: int) -> None:
     """Finish what an attach killed mid-upgrade left: a "prog_new" pin is the
     program that runs if the switch happened (it becomes "prog"), else a
     leftover (removed)."""
-    path = pins.iface(ifname, "prog_new")
+    path = pins.iface(ifname, PROG_PIN + "_new")
     try:
         new = Program.from_pin(path)
     except XdpflowError as e:
@@ -89,7 +78,7 @@ def _settle_pins(pins: PinRoot, ifname: str, running_id: int) -> None:
         raise
     try:
         if running_id and new.id == running_id:
-            os.replace(path, pins.iface(ifname, "prog"))
+            os.replace(path, pins.iface(ifname, PROG_PIN))
         else:
             os.unlink(path)
     finally:
@@ -106,26 +95,10 @@ def _pinned_type(path: str) -> int | None:
     return info.type if info else None
 
 
-def _knobs_of(map_ids: tuple[int, ...]) -> Any:
-    """The load-time knobs of a running program, read from its .rodata map."""
-    for mid in map_ids:
-        fd = lib.bpf_map_get_fd_by_id(mid)
-        if fd < 0:
-            continue
-        try:
-            info = map_info(fd)
-            if info.name.endswith(".rodata") and info.value_size == ffi.sizeof("struct xf_knobs"):
-                with Map(os.dup(fd), "__u32", "struct xf_knobs") as m:
-                    return m[0]
-        finally:
-            os.close(fd)
-    return None
-
-
 def _rodata(obj: Object) -> Any:
     for name, spec in obj.maps.items():
         if name.endswith(".rodata"):
-            return spec.initial_value("struct xf_knobs")
+            return spec.initial_value("struct xf_knobs", abi.ffi)
     raise XdpflowError(errno.EINVAL, f"{obj.path} has no .rodata; rebuild it with `make`")
 
 
@@ -137,9 +110,9 @@ def _prepare(obj: Object, opts: AttachOptions, pins: PinRoot | None, ifname: str
             opts.shared_flows = pinned_type == BPF_MAP_TYPE_LRU_HASH
     if opts.sink is None:
         opts.sink = False
-        old = _pinned_prog(pins, ifname) if pins is not None and ifname is not None else None
+        old = pinned_prog(pins, ifname) if pins is not None and ifname is not None else None
         if old is not None:
-            old_knobs = _knobs_of(old.info.map_ids)
+            old_knobs = knobs_of(old)
             old.close()
             opts.sink = bool(old_knobs is not None and old_knobs.sink)
     knobs = _rodata(obj)
@@ -153,20 +126,35 @@ def _prepare(obj: Object, opts: AttachOptions, pins: PinRoot | None, ifname: str
         for name in IFACE_MAPS:
             obj.map_spec(name).set_pin_path(pins.iface(ifname, name))
 
-    for name in ("flows_v4", "flows_v6"):
-        spec = obj.map_spec(name)
-        pinned = None
-        if pins is not None and ifname is not None:
-            pinned = _pinned_max_entries(pins.iface(ifname, name))
-        if not opts.shared_flows:
-            spec.set_type(BPF_MAP_TYPE_LRU_PERCPU_HASH)
-        if pinned is not None and opts.flows is not None and pinned != opts.flows:
+    pinned: list[int | None] = [None, None]
+    if pins is not None and ifname is not None:
+        pinned = [_pinned_max_entries(pins.iface(ifname, name)) for name in FLOW_TABLES]
+    sizes: tuple[int, int]
+    if pinned[0] is not None and pinned[1] is not None:
+        sizes = (pinned[0], pinned[1])
+        if opts.flows is not None and sum(sizes) != opts.flows:
             raise XdpflowError(
                 errno.EINVAL,
-                f"{ifname} already has a {pinned}-entry flow table; detach it first to resize it to {opts.flows}",
+                f"{ifname} already has flow tables for {sum(sizes)} flows; "
+                f"detach it first to resize them to {opts.flows}",
             )
-        size = pinned or opts.flows or abi.C.XF_FLOWS_DEFAULT
+    else:
+        sizes = flow_table_sizes(opts.flows or FLOWS_DEFAULT)
+    for name, size in zip(FLOW_TABLES, sizes):
+        spec = obj.map_spec(name)
+        if not opts.shared_flows:
+            spec.set_type(BPF_MAP_TYPE_LRU_PERCPU_HASH)
         spec.set_max_entries(size)
+
+
+FLOW_TABLES = ("flows_v4", "flows_v6")
+FLOWS_DEFAULT = 2 * abi.C.XF_FLOWS_DEFAULT  # both tables together
+
+
+def flow_table_sizes(flows: int) -> tuple[int, int]:
+    """(IPv4, IPv6) table sizes for ``flows`` flows in all: half each, so
+    `--flows N` shows N as `flows_max`."""
+    return (flows + 1) // 2, max(flows // 2, 1)
 
 
 _hz: int | None = None
@@ -188,7 +176,7 @@ def _init_config(obj: Object) -> None:
     """Write the measured HZ into the (possibly shared, pinned) config map."""
     hz = kernel_hz(obj)
     key, value = abi.MAP_TYPES["config"]
-    with obj.map("config", key, value) as m:
+    with obj.map("config", key, value, abi.ffi) as m:
         cfg = m[0]
         if cfg.hz != hz:
             cfg.hz = hz
@@ -211,7 +199,7 @@ def load_unpinned(opts: AttachOptions | None = None) -> Object:
     return obj
 
 
-def attach(ifname: str, opts: AttachOptions | None = None, pin_root: str | None = None) -> AttachResult:
+def attach(ifname: str, opts: AttachOptions, pins: PinRoot) -> AttachResult:
     """Load xdpflow for ``ifname``, pin its maps and attach it.
 
     If xdpflow already runs there, the new program replaces it atomically and
@@ -219,12 +207,10 @@ def attach(ifname: str, opts: AttachOptions | None = None, pin_root: str | None 
     replaced only with ``opts.force``. On failure nothing new is left pinned.
     Raises ForeignProgramError, VerifierError or XdpflowError.
     """
-    opts = opts or AttachOptions()
-    pins = PinRoot(pin_root)
     ensure_bpffs(pins.root)
     state = netlink.xdp_state(ifname)
     _settle_pins(pins, ifname, state.prog_id)
-    old = _pinned_prog(pins, ifname)
+    old = pinned_prog(pins, ifname)
     ours = old is not None and state.prog_id != 0 and old.id == state.prog_id
     if state.prog_id and not ours and not opts.force:
         raise ForeignProgramError(
@@ -261,22 +247,22 @@ def attach(ifname: str, opts: AttachOptions | None = None, pin_root: str | None 
         # Pinned before the switch, renamed after it: killed anywhere in
         # between, the program that runs is pinned under "prog" or
         # "prog_new", and _settle_pins() finds it next time.
-        tmp = pins.iface(ifname, "prog_new")
+        tmp = pins.iface(ifname, PROG_PIN + "_new")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         prog.pin(tmp)
         netlink.attach(ifname, prog.fd, mode or "auto", replace_fd=replace_fd)
         if foreign is not None:
             foreign.close()
-        os.replace(tmp, pins.iface(ifname, "prog"))
-        tmp = pins.shared("clock_new")
+        os.replace(tmp, pins.iface(ifname, PROG_PIN))
+        tmp = pins.shared(CLOCK_PIN + "_new")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         clock.pin(tmp)
-        os.replace(tmp, pins.shared("clock"))
+        os.replace(tmp, pins.shared(CLOCK_PIN))
         clock.close()
         if opts.monitor is not None:
-            set_monitor(opts.monitor, pins.root)
+            set_monitor(pins, opts.monitor)
         result = AttachResult(ifname=ifname, prog_id=prog.id, mode=netlink.xdp_state(ifname).mode, replaced=ours)
         prog.close()
         return result
@@ -325,22 +311,21 @@ def _locate(prog_id: int, ifname: str) -> tuple[str | None, XdpState | None]:
     return None, None
 
 
-def detach(ifname: str, pin_root: str | None = None) -> DetachResult:
+def detach(ifname: str, pins: PinRoot) -> DetachResult:
     """Detach xdpflow from ``ifname`` and remove its pins; the shared maps go
     with the last interface. The program is found by its pinned id, so a
     renamed interface, or one moved to a named namespace, is detached where
     it is now. A foreign program attached there is left alone.
     Raises NotAttachedError when the interface has no state under the root.
     """
-    pins = PinRoot(pin_root)
     if not pins.has_iface(ifname):
-        raise NotAttachedError(errno.ENOENT, f"xdpflow is not attached to {ifname} (pin root {pins.root})")
+        raise pins.not_attached(ifname)
     try:
         _settle_pins(pins, ifname, netlink.xdp_state(ifname).prog_id)
     except XdpflowError as e:
         if e.errno != errno.ENODEV:
             raise
-    old = _pinned_prog(pins, ifname)
+    old = pinned_prog(pins, ifname)
     result = DetachResult(ifname, None, None)
     try:
         if old is not None:
@@ -356,125 +341,3 @@ def detach(ifname: str, pin_root: str | None = None) -> DetachResult:
     if not pins.interfaces():
         pins.remove_shared()
     return result
-
-
-def _nothing_attached(pins: PinRoot) -> NotAttachedError:
-    return NotAttachedError(errno.ENOENT, f"nothing is attached under {pins.root}; run `xdpflow attach IFACE` first")
-
-
-def _open_pin(path: str, opener: Any, missing: NotAttachedError) -> Any:
-    """opener(path), with a missing pin reported as ``missing``."""
-    try:
-        return opener(path)
-    except XdpflowError as e:
-        if e.errno == errno.ENOENT:
-            raise missing from None
-        raise
-
-
-def open_iface_map(ifname: str, name: str, pin_root: str | None = None) -> Map:
-    """Open one of an interface's pinned maps with its header types."""
-    pins = PinRoot(pin_root)
-    key, value = abi.MAP_TYPES[name]
-    missing = NotAttachedError(errno.ENOENT, f"xdpflow is not attached to {ifname} (pin root {pins.root})")
-    return _open_pin(pins.iface(ifname, name), lambda p: Map.from_pin(p, key, value), missing)
-
-
-def open_shared_map(name: str, pin_root: str | None = None) -> Map:
-    """Open one of the shared pinned maps with its header types."""
-    pins = PinRoot(pin_root)
-    key, value = abi.MAP_TYPES[name]
-    return _open_pin(pins.shared(name), lambda p: Map.from_pin(p, key, value), _nothing_attached(pins))
-
-
-def open_events_fd(pin_root: str | None = None) -> int:
-    """A new fd for the shared events ring buffer; the caller closes it."""
-    pins = PinRoot(pin_root)
-    return int(_open_pin(pins.shared("events"), obj_get, _nothing_attached(pins)))
-
-
-def read_counters(ifname: str, pin_root: str | None = None) -> dict[str, int]:
-    """Interface counters summed over CPUs: ``{name: packets, name_bytes: bytes}``."""
-    with open_iface_map(ifname, "counters", pin_root) as m:
-        total = m.sum(0)
-    out: dict[str, int] = {}
-    for idx, name in abi.COUNTER_NAMES.items():
-        out[name] = int(total.c[idx].packets)
-    for idx, name in abi.COUNTER_NAMES.items():
-        out[f"{name}_bytes"] = int(total.c[idx].bytes)
-    return out
-
-
-def get_config(pin_root: str | None = None) -> int:
-    with open_shared_map("config", pin_root) as m:
-        return int(m[0].flags)
-
-
-def update_config(set_bits: int = 0, clear_bits: int = 0, pin_root: str | None = None) -> None:
-    """Read-modify-write the shared config flags. Callers hold the pin-root lock."""
-    with open_shared_map("config", pin_root) as m:
-        cfg = m[0]
-        cfg.flags = (cfg.flags | set_bits) & ~clear_bits
-        m[0] = cfg
-
-
-def set_monitor(on: bool, pin_root: str | None = None) -> None:
-    """Switch monitor mode (count would-be drops, pass them) at run time."""
-    pins = PinRoot(pin_root)
-    with pins.lock():
-        if on:
-            update_config(set_bits=abi.C.XF_CFG_MONITOR, pin_root=pin_root)
-        else:
-            update_config(clear_bits=abi.C.XF_CFG_MONITOR, pin_root=pin_root)
-
-
-def open_clock(pin_root: str | None = None) -> JiffiesClock:
-    """A jiffies-to-Unix-time converter for this instance's stamps."""
-    pins = PinRoot(pin_root)
-    prog = _open_pin(pins.shared("clock"), Program.from_pin, _nothing_attached(pins))
-    try:
-        with open_shared_map("config", pin_root) as m:
-            hz = int(m[0].hz) or measure_hz(prog)
-        return JiffiesClock(prog, hz)
-    finally:
-        prog.close()
-
-
-def boot_to_wall(ns_since_boot: int) -> float:
-    """Convert a CLOCK_BOOTTIME nanosecond stamp to Unix seconds."""
-    return time.time() - (time.clock_gettime_ns(time.CLOCK_BOOTTIME) - ns_since_boot) / 1e9
-
-
-@dataclass
-class IfaceStatus:
-    ifname: str
-    mode: str | None
-    prog_id: int
-    attached: bool  # the pinned program is the one running on the interface
-    attached_at: float | None
-    sink: bool
-
-
-def iface_status(ifname: str, pin_root: str | None = None) -> IfaceStatus:
-    """Program, mode and attach time of ``ifname`` (flows.count_flows counts
-    its flow tables). Raises XdpflowError."""
-    pins = PinRoot(pin_root)
-    prog = _pinned_prog(pins, ifname)
-    prog_id, attached_at, sink = 0, None, False
-    if prog is not None:
-        info = prog.info
-        prog_id = info.id
-        attached_at = boot_to_wall(info.load_time_ns)
-        knobs = _knobs_of(info.map_ids)
-        sink = bool(knobs is not None and knobs.sink)
-        prog.close()
-    mode = None
-    attached = False
-    try:
-        st = netlink.xdp_state(ifname)
-        attached = prog_id != 0 and st.prog_id == prog_id
-        mode = st.mode if attached else None
-    except XdpflowError as e:
-        if e.errno != errno.ENODEV:
-            raise
-    return IfaceStatus(ifname, mode, prog_id, attached, attached_at, sink)

@@ -43,6 +43,7 @@ __all__ = [
     "BlocklistFileError",
     "Rule",
     "bitmap_words",
+    "check_direction",
     "diff",
     "parse_cidr",
     "parse_keys",
@@ -176,7 +177,8 @@ class BlocklistFileError(ValueError):
         return f"{self.path}:{self.lineno}: {self.reason}: {self.line!r}"
 
 
-def _check_direction(direction: str) -> None:
+def check_direction(direction: str) -> None:
+    """Raises ValueError unless ``direction`` is "src" or "dst"."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be 'src' or 'dst', not {direction!r}")
 
@@ -454,7 +456,7 @@ def parse_keys(lines: Iterable[str], path: str = "-", direction: str = "src") ->
     for the first bad line, whose ``errors`` attribute holds every bad line; raises
     ValueError if ``direction`` is not "src" or "dst".
     """
-    _check_direction(direction)
+    check_direction(direction)
     seen: set[int] = set()
     add = seen.add
     errors: list[BlocklistFileError] = []
@@ -525,7 +527,7 @@ def read_file_keys(path: str, direction: str = "src") -> list[int]:
     Raises OSError with the errno of the failure (e.g. FileNotFoundError) if the file
     cannot be opened or read, and BlocklistFileError/ValueError as parse_lines() does.
     """
-    _check_direction(direction)
+    check_direction(direction)
     label = "<stdin>" if path == "-" else path
     try:
         if path == "-":

@@ -14,7 +14,7 @@ import re
 from importlib import resources
 from typing import Any
 
-from .libbpf import ffi
+from xdpflow.bindings import libbpf
 
 BPF_DIR = resources.files("xdpflow") / "bpf"
 HEADER = BPF_DIR / "xdpflow.h"
@@ -36,7 +36,9 @@ def _declarations(text: str) -> str:
     return "\n".join(out)
 
 
-ffi.cdef(_declarations(HEADER.read_text()))
+# The header's types live in this FFI of their own (the binding's stays as
+# it is); maps and structs of the product are made through it.
+ffi = libbpf.declare_types(_declarations(HEADER.read_text()))
 C = ffi.dlopen(None)  # gives access to the header's enums and #defines
 
 # map name -> (key type, value type), for every map the program defines
@@ -81,6 +83,19 @@ COUNTER_NAMES: dict[int, str] = {
     C.XF_CNT_EVENTS_LOST: "events_lost",
 }
 assert len(COUNTER_NAMES) == C.XF_CNT_MAX, "name every counter in bpf/xdpflow.h"
+
+
+def bytes_key(name: str) -> str:
+    """The key of a counter's bytes in `stats --json`: "bytes" for the total
+    ("packets"), "<name>_bytes" for the others."""
+    return "bytes" if name == "packets" else f"{name}_bytes"
+
+
+def counter_dict(total: Any) -> dict[str, int]:
+    """A summed ``struct xf_counters`` as ``{name: packets, bytes_key(name): bytes}``."""
+    out = {name: int(total.c[idx].packets) for idx, name in COUNTER_NAMES.items()}
+    out.update({bytes_key(name): int(total.c[idx].bytes) for idx, name in COUNTER_NAMES.items()})
+    return out
 
 
 # fields the program stores in network byte order

@@ -56,10 +56,11 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Packet, Raw
 
-from . import abi, netlink
-from .errors import XdpflowError
-from .lab import DUT_MAC, DUT_V4, DUT_V6, GEN_MAC, Lab
-from .libbpf import Object, Program
+from xdpflow.bindings import netlink
+from xdpflow.bindings.libbpf import Object, Program
+from xdpflow.dataplane import abi
+from xdpflow.errors import XdpflowError
+from xdpflow.testing.lab import DUT_MAC, DUT_V4, DUT_V6, GEN_MAC, Lab
 
 __all__ = [
     "FlowMix",
@@ -530,7 +531,7 @@ def blast(
             if len(frames) != 1 or not 0 < offset <= len(frames[0]) - 2 or count < 1:
                 raise XdpflowError(errno.EINVAL, "blast: vary needs one frame, a field inside it and a count")
             knobs = obj.map_spec(next(n for n in obj.maps if n.endswith(".rodata"))).initial_value(
-                "struct xf_gen_knobs"
+                "struct xf_gen_knobs", abi.ffi
             )
             knobs.vary_offset = offset
             knobs.vary_count = count

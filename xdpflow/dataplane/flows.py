@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from . import abi
-from .abi import np_dtype
-from .clock import JiffiesClock
-from .controller import open_clock, open_iface_map
-from .libbpf import Map, ffi
+from xdpflow.bindings.libbpf import Map
+from xdpflow.dataplane.abi import ffi, np_dtype
+from xdpflow.dataplane.clock import JiffiesClock
+from xdpflow.dataplane.maps import open_clock, open_map
+from xdpflow.dataplane.pins import PinRoot
 
 _TCP_FLAG_LETTERS = "FSRPAUEC"  # bit 0 (FIN) .. bit 7 (CWR)
 
@@ -81,19 +81,27 @@ class FlowArrays:
 def read_table(m: Map, family: int) -> FlowArrays:
     """Every entry of an open flow map, decoded in bulk. Raises XdpflowError."""
     key_dt = np_dtype(m.key_type)
-    ncpu = m._ncpu
-    val_dt = np_dtype(m.value_type, itemsize=m._vstride)
+    ncpu = m.ncpu
+    val_dt = np_dtype(m.value_type, itemsize=m.value_stride)
     raw = m.lookup_batch_raw()
     if raw is None:  # no batch ops for this map type: slow path
         items = m.items()
         kb = b"".join(bytes(ffi.buffer(k)) for k, _ in items)
         vb = b"".join(
-            b"".join(bytes(ffi.buffer(x)).ljust(m._vstride, b"\0") for x in (v if m.percpu else [v])) for _, v in items
+            b"".join(bytes(ffi.buffer(x)).ljust(m.value_stride, b"\0") for x in (v if m.percpu else [v]))
+            for _, v in items
         )
         raw = (kb, vb, len(items))
     kbytes, vbytes, n = raw
     keys = np.frombuffer(kbytes, dtype=key_dt, count=n)
     vals = np.frombuffer(vbytes, dtype=val_dt, count=n * ncpu).reshape(n, ncpu)
+    return fold(family, keys, vals)
+
+
+def fold(family: int, keys: np.ndarray, vals: np.ndarray) -> FlowArrays:
+    """Flows from keys and their values (an array of ``struct xf_flow_val``,
+    one row per flow and one column per CPU slot; one column for shared
+    tables), per-CPU slots folded into one value each."""
     packets = vals["packets"].sum(axis=1, dtype=np.uint64)
     nbytes = vals["bytes"].sum(axis=1, dtype=np.uint64)
     # A CPU's slot has first_seen only if the flow was created there (jiffies
@@ -158,8 +166,8 @@ def _filter_mask(fa: FlowArrays, net: ipaddress.IPv4Network | ipaddress.IPv6Netw
 
 
 def top_flows(
+    pins: PinRoot,
     ifname: str,
-    pin_root: str | None = None,
     top: int | None = None,
     sort: str = "packets",
     cidr: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None,
@@ -172,7 +180,7 @@ def top_flows(
     column = {"packets": "packets", "bytes": "bytes", "last-seen": "last_seen"}[sort]
     picked: list[tuple[int, int, FlowArrays, int]] = []  # (value, tiebreak, table, row)
     for name, family in (("flows_v4", 4), ("flows_v6", 6)):
-        with open_iface_map(ifname, name, pin_root) as m:
+        with open_map(pins, name, ifname) as m:
             fa = read_table(m, family)
         sel = np.arange(len(fa))
         if cidr is not None:
@@ -185,19 +193,19 @@ def top_flows(
     picked.sort(key=lambda t: (t[0], t[1]), reverse=True)
     if top is not None:
         picked = picked[:top]
-    clock = open_clock(pin_root)
+    clock = open_clock(pins)
     return [to_flows(fa, ifname, clock, np.array([r]))[0] for _, _, fa, r in picked]
 
 
-def count_flows(ifname: str, pin_root: str | None = None) -> tuple[int, int]:
+def count_flows(pins: PinRoot, ifname: str) -> tuple[int, int]:
     """(entries, capacity) over both flow tables of ``ifname``."""
     n = cap = 0
     for name in ("flows_v4", "flows_v6"):
-        with open_iface_map(ifname, name, pin_root) as m:
+        with open_map(pins, name, ifname) as m:
             raw = m.lookup_batch_raw()
             n += raw[2] if raw is not None else len(m)
             cap += m.info.max_entries
     return n, cap
 
 
-__all__ = ["Flow", "FlowArrays", "read_table", "top_flows", "count_flows", "tcp_flags_str", "abi"]
+__all__ = ["Flow", "FlowArrays", "SORT_KEYS", "count_flows", "fold", "read_table", "tcp_flags_str", "top_flows"]

@@ -11,146 +11,26 @@ the configuration. The data plane keeps running after it exits unless
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import signal
 import threading
 import time
-import tomllib
-from dataclasses import dataclass, field, fields
 from typing import Any
 
-from . import controller, netlink
-from .clock import JiffiesClock
-from .controller import AttachOptions
-from .errors import InputError, XdpflowError
-from .pins import default_root
+from xdpflow.app.config import OVERRIDES, Config, load_config, parse_hostport
+from xdpflow.bindings import netlink
+from xdpflow.dataplane import lifecycle, maps
+from xdpflow.dataplane.blocklist import apply_keys
+from xdpflow.dataplane.clock import JiffiesClock
+from xdpflow.dataplane.lifecycle import AttachOptions
+from xdpflow.dataplane.pins import PinRoot
+from xdpflow.export.expiry import FlowExpirer
+from xdpflow.export.ipfix import END_ACTIVE, IpfixExporter
+from xdpflow.export.metrics import ExporterStats, MetricsServer, serve
+from xdpflow.rules.sources import FeedSource, FileSource, Source, SourceSet
 
 log = logging.getLogger("xdpflow")
-
-
-@dataclass
-class FeedConfig:
-    url: str
-    interval: float = 3600.0
-    timeout: float = 10.0
-    max_bytes: int = 16 * 1024 * 1024
-
-
-@dataclass
-class Config:
-    interfaces: list[str] = field(default_factory=list)
-    pin_root: str = field(default_factory=default_root)
-    netns: str | None = None
-    mode: str = "auto"
-    flows: int | None = None
-    sink: bool = False
-    monitor: bool = False
-    detach_on_exit: bool = False
-    # export
-    collectors: list[str] = field(default_factory=list)
-    idle_timeout: float = 15.0
-    active_timeout: float = 60.0
-    scan_interval: float = 1.0
-    template_refresh: float = 60.0
-    observation_domain: int = 1
-    mtu: int = 1500
-    # metrics
-    listen: str = "127.0.0.1:9437"
-    top_rules: int = 20
-    # blocklist
-    blocklist_files: list[str] = field(default_factory=list)
-    blocklist_direction: str = "src"
-    feeds: list[FeedConfig] = field(default_factory=list)
-
-
-# TOML table -> the Config fields it may hold (table "" is the top level)
-_SECTIONS = {
-    "": {"interfaces", "pin_root", "netns", "mode", "flows", "sink", "monitor", "detach_on_exit"},
-    "export": {
-        "collectors",
-        "idle_timeout",
-        "active_timeout",
-        "scan_interval",
-        "template_refresh",
-        "observation_domain",
-        "mtu",
-    },
-    "metrics": {"listen", "top_rules"},
-    "blocklist": {"files", "direction", "feeds"},
-}
-_RENAMES = {("blocklist", "files"): "blocklist_files", ("blocklist", "direction"): "blocklist_direction"}
-
-
-class ConfigError(InputError):
-    """A configuration that cannot be right: the CLI exits 2."""
-
-
-def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read a TOML config file (None: defaults only) and apply command-line
-    overrides. Raises ConfigError naming the file and the offending key."""
-    values: dict[str, Any] = {}
-    if path:
-        try:
-            with open(path, "rb") as f:
-                doc = tomllib.load(f)
-        except OSError as e:
-            raise XdpflowError(e.errno or errno.EIO, f"cannot read config {path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
-        for key, value in doc.items():
-            if isinstance(value, dict):
-                allowed = _SECTIONS.get(key)
-                if allowed is None:
-                    raise ConfigError(f"{path}: unknown section [{key}]")
-                for k, v in value.items():
-                    if k not in allowed:
-                        raise ConfigError(f"{path}: unknown key {k!r} in [{key}]")
-                    values[_RENAMES.get((key, k)) or k] = v
-            elif key in _SECTIONS[""]:
-                values[key] = value
-            else:
-                raise ConfigError(f"{path}: unknown key {key!r}")
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    feeds = values.pop("feeds", [])
-    try:
-        cfg = Config(**values)
-        cfg.feeds = [FeedConfig(**f) if isinstance(f, dict) else FeedConfig(url=str(f)) for f in feeds]
-    except TypeError as e:
-        raise ConfigError(f"{path or 'command line'}: {e}") from None
-    _validate(cfg, path or "command line")
-    return cfg
-
-
-def _validate(cfg: Config, where: str) -> None:
-    if not cfg.interfaces:
-        raise ConfigError(f'{where}: no interfaces: set interfaces = ["eth0"] or pass --interface')
-    if cfg.mode not in netlink.MODE_FLAGS:
-        raise ConfigError(f"{where}: mode must be one of {', '.join(netlink.MODE_FLAGS)}")
-    for name in ("idle_timeout", "active_timeout", "scan_interval", "template_refresh"):
-        if not isinstance(getattr(cfg, name), (int, float)) or getattr(cfg, name) <= 0:
-            raise ConfigError(f"{where}: {name} must be a positive number of seconds")
-    if cfg.blocklist_direction not in ("src", "dst"):
-        raise ConfigError(f"{where}: blocklist direction must be src or dst")
-    for c in cfg.collectors:
-        parse_hostport(c, where)
-    for f in cfg.feeds:
-        if not f.url.startswith(("http://", "https://")):
-            raise ConfigError(f"{where}: feed {f.url!r}: a feed URL must start with http:// or https://")
-        for name in ("interval", "timeout", "max_bytes"):
-            v = getattr(f, name)
-            if not isinstance(v, (int, float)) or v <= 0:
-                raise ConfigError(f"{where}: feed {f.url!r}: {name} must be a positive number")
-    parse_hostport(cfg.listen, where)
-
-
-def parse_hostport(text: str, where: str = "config") -> tuple[str, int]:
-    """'host:port' or '[v6]:port' -> (host, port). Raises ConfigError."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
-        raise ConfigError(f"{where}: {text!r} is not host:port")
-    return host.strip("[]"), int(port)
 
 
 class Daemon:
@@ -160,16 +40,18 @@ class Daemon:
         self.overrides = overrides
         self.stop = threading.Event()
         self.reload = threading.Event()
-        self.expirers: dict[str, Any] = {}
-        self.exporter: Any = None
-        self.metrics: Any = None
-        self.sources: Any = None
+        self.expirers: dict[str, FlowExpirer] = {}
+        self.exporter: IpfixExporter | None = None
+        self.metrics: MetricsServer | None = None
+        self.sources: SourceSet | None = None
         self.sync_pending = False
         self.retry_at = 0.0
-        self.source_by_key: dict[Any, Any] = {}  # settings -> source, kept across reloads
-        from .metrics import ExporterStats
-
+        self.source_by_key: dict[tuple[Any, ...], Source] = {}  # settings -> source, kept across reloads
         self.stats = ExporterStats()
+
+    @property
+    def pins(self) -> PinRoot:
+        return PinRoot(self.cfg.pin_root)
 
     # life cycle -------------------------------------------------------------
 
@@ -189,26 +71,21 @@ class Daemon:
         cfg = self.cfg
         for ifname in cfg.interfaces:
             opts = AttachOptions(mode=cfg.mode, flows=cfg.flows, sink=cfg.sink, monitor=cfg.monitor or None)
-            r = controller.attach(ifname, opts, cfg.pin_root)
+            r = lifecycle.attach(ifname, opts, self.pins)
             log.info("attached iface=%s prog_id=%d mode=%s upgraded=%s", ifname, r.prog_id, r.mode, r.replaced)
         if not cfg.monitor:
-            controller.set_monitor(False, cfg.pin_root)
+            maps.set_monitor(self.pins, False)
         self._start_exporter()
         self._start_metrics()
         self._start_sources()
 
     def _start_exporter(self) -> None:
-        from .expiry import FlowExpirer
-        from .ipfix import IpfixExporter
-
         cfg = self.cfg
-        clock = controller.open_clock(cfg.pin_root)
+        clock = maps.open_clock(self.pins)
         for e in self.expirers.values():
             e.close()
         self.expirers = {
-            ifname: FlowExpirer(
-                ifname, netlink.ifindex(ifname), cfg.pin_root, clock, cfg.idle_timeout, cfg.active_timeout
-            )
+            ifname: FlowExpirer(ifname, netlink.ifindex(ifname), self.pins, clock, cfg.idle_timeout, cfg.active_timeout)
             for ifname in cfg.interfaces
         }
         self.clock: JiffiesClock = clock
@@ -230,23 +107,17 @@ class Daemon:
             )
 
     def _start_metrics(self) -> None:
-        from . import metrics
-
         if self.metrics is not None:
             self.metrics.shutdown()
-        self.metrics = metrics.serve(
-            self.cfg.listen, pin_root=self.cfg.pin_root, stats=self.stats, top_n=self.cfg.top_rules
-        )
+        self.metrics = serve(parse_hostport(self.cfg.listen), self.pins, stats=self.stats, top_n=self.cfg.top_rules)
         log.info("metrics listen=%s", self.cfg.listen)
 
     def _start_sources(self) -> None:
         """(Re)build the blocklist sources; sources whose settings did not
         change are kept, with their last good lists and fetch timers."""
-        from .sources import FeedSource, FileSource, SourceSet
-
         cfg = self.cfg
         kept = self.source_by_key
-        wanted: list[tuple[Any, Any]] = [
+        wanted: list[tuple[tuple[Any, ...], Any]] = [
             (("file", p, cfg.blocklist_direction), lambda p=p: FileSource(p, direction=cfg.blocklist_direction))
             for p in cfg.blocklist_files
         ]
@@ -287,8 +158,6 @@ class Daemon:
     def poll_sources(self) -> None:
         if self.sources is None:
             return
-        from .sources import apply_keys
-
         update = self.sources.poll(time.monotonic())
         for r in self.sources.errors:
             log.warning("blocklist source error: %s", r)
@@ -297,11 +166,11 @@ class Daemon:
         if update is not None:
             keys = update.keys
         elif self.sync_pending and time.monotonic() >= self.retry_at:
-            keys = self.sources.snapshot()  # the last sync failed: try again
+            keys = self.sources.snapshot().keys  # the last sync failed: try again
         else:
             return
         try:
-            ch = apply_keys(keys, self.cfg.pin_root)
+            ch = apply_keys(keys, self.pins)
             self.sync_pending = False
             self.stats.blocklist_syncs += 1
             log.info(
@@ -313,8 +182,6 @@ class Daemon:
             log.error("blocklist sync failed, the previous list stays in force (retry in 10 s): %s", e)
 
     def scan(self, force: bool = False) -> None:
-        from .expiry import END_ACTIVE
-
         for ifname, exp in self.expirers.items():
             try:
                 records = exp.scan(force=force)
@@ -340,9 +207,9 @@ class Daemon:
         for ifname in new.interfaces:
             if ifname not in old.interfaces or (new.mode, new.flows, new.sink) != (old.mode, old.flows, old.sink):
                 opts = AttachOptions(mode=new.mode, flows=new.flows, sink=new.sink)
-                r = controller.attach(ifname, opts, new.pin_root)
+                r = lifecycle.attach(ifname, opts, self.pins)
                 log.info("attached iface=%s prog_id=%d", ifname, r.prog_id)
-        controller.set_monitor(new.monitor, new.pin_root)
+        maps.set_monitor(self.pins, new.monitor)
         self.scan(force=False)
         self._start_exporter()
         if new.listen != old.listen or new.top_rules != old.top_rules:
@@ -367,7 +234,7 @@ class Daemon:
         if self.cfg.detach_on_exit:
             for ifname in self.cfg.interfaces:
                 try:
-                    controller.detach(ifname, self.cfg.pin_root)
+                    lifecycle.detach(ifname, self.pins)
                     log.info("detached iface=%s", ifname)
                 except OSError as e:
                     log.error("detach failed iface=%s: %s", ifname, e)
@@ -382,39 +249,13 @@ class _Formatter(logging.Formatter):
         return f"ts={ts}Z level={record.levelname.lower()} {record.getMessage()}"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="TOML configuration (see contrib/xdpflow.toml)")
-    p.add_argument("--interface", action="append", dest="interfaces", metavar="IFACE")
-    p.add_argument("--mode", choices=list(netlink.MODE_FLAGS), default=None)
-    p.add_argument("--flows", type=int, default=None)
-    p.add_argument("--sink", action="store_true", default=None)
-    p.add_argument("--monitor", action="store_true", default=None)
-    p.add_argument("--detach-on-exit", action="store_true", default=None)
-    p.add_argument("--collector", action="append", dest="collectors", metavar="HOST:PORT")
-    p.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS")
-    p.add_argument("--active-timeout", type=float, default=None, metavar="SECONDS")
-    p.add_argument("--scan-interval", type=float, default=None, metavar="SECONDS")
-    p.add_argument("--template-refresh", type=float, default=None, metavar="SECONDS")
-    p.add_argument("--observation-domain", type=int, default=None)
-    p.add_argument("--mtu", type=int, default=None)
-    p.add_argument("--listen", default=None, metavar="HOST:PORT")
-    p.add_argument("--top-rules", type=int, default=None)
-    p.add_argument("--blocklist-file", action="append", dest="blocklist_files", metavar="FILE")
-    p.add_argument("--blocklist-direction", choices=["src", "dst"], default=None)
-    p.add_argument("--feed", action="append", dest="feeds", metavar="URL")
-
-
-# every Config field but these two comes from `xdpflow run` flags of its name
-OVERRIDES = tuple(f.name for f in fields(Config) if f.name not in ("pin_root", "netns"))
-
-
 def main(args: argparse.Namespace) -> int:
     """Entry point for `xdpflow run`. Raises ConfigError/XdpflowError."""
     handler = logging.StreamHandler()
     handler.setFormatter(_Formatter())
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if args.debug else logging.INFO)
-    overrides = {k: getattr(args, k, None) for k in OVERRIDES}
+    overrides: dict[str, Any] = {k: getattr(args, k, None) for k in OVERRIDES}
     overrides["pin_root"] = getattr(args, "pin_root_given", None)
     overrides["netns"] = getattr(args, "netns", None)
     cfg = load_config(args.config, overrides)

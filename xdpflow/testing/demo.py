@@ -23,7 +23,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from .lab import Lab, traffic_mix
+from xdpflow.testing.lab import Lab, traffic_mix
 
 BLOCKED_NET = "198.51.100.0/24"
 
@@ -103,7 +103,7 @@ def blast_check(lab: Lab, common: list[str], total: int = 1_000_000, flows: int 
     """The live-frames generator: `total` frames of `flows` flows at kernel
     speed into the DUT, switched to sink mode (counted, tracked, dropped) so
     the namespace's stack is not what gets measured."""
-    from .pktgen import FlowMix, blast, vary_frame
+    from xdpflow.testing.pktgen import FlowMix, blast, vary_frame
 
     xdpflow("attach", lab.dut_if, "--sink", *common)
     before = json.loads(xdpflow("stats", "--json", *common, capture=True))[lab.dut_if]["packets"]

@@ -21,7 +21,7 @@ from typing import Any
 
 import cffi
 
-from .errors import VerifierError, XdpflowError, os_error
+from xdpflow.errors import VerifierError, XdpflowError, os_error
 
 ffi = cffi.FFI()
 ffi.cdef(
@@ -194,6 +194,20 @@ ffi.cdef(
 
 lib: Any = ffi.dlopen("libbpf.so.1")
 
+
+def declare_types(declarations: str) -> cffi.FFI:
+    """A new FFI that knows this binding's types (``__u32``...) plus
+    ``declarations``: the product's ABI is declared there, explicitly, and
+    handed to ``Map``/``Object.map`` as ``types``. The binding's own FFI is
+    never extended, so what a module can use does not depend on what some
+    other module imported first.
+    """
+    types = cffi.FFI()
+    types.include(ffi)
+    types.cdef(declarations)
+    return types
+
+
 # libbpf prints to stderr by default; our exceptions carry what matters, and
 # the verifier log comes back through kernel_log_buf instead.
 if not os.environ.get("XDPFLOW_LIBBPF_DEBUG"):
@@ -314,15 +328,19 @@ class Map(MutableMapping[Any, Any]):
     The Map owns its fd: use it as a context manager or call ``close()``.
     """
 
-    def __init__(self, fd: int, key_type: str, value_type: str, name: str | None = None) -> None:
+    def __init__(
+        self, fd: int, key_type: str, value_type: str, name: str | None = None, types: cffi.FFI | None = None
+    ) -> None:
         self.fd = fd
+        # the FFI that declares key_type and value_type (declare_types() makes one)
+        self.types = types or ffi
         self.info = map_info(fd)
         self.name = name or self.info.name
         self.key_type = key_type
         self.value_type = value_type
         self.percpu = self.info.type in PERCPU_TYPES
         self.is_array = self.info.type in ARRAY_TYPES
-        ks, vs = ffi.sizeof(key_type), ffi.sizeof(value_type)
+        ks, vs = self.types.sizeof(key_type), self.types.sizeof(value_type)
         if ks != self.info.key_size or vs != self.info.value_size:
             raise XdpflowError(
                 errno.EINVAL,
@@ -332,19 +350,19 @@ class Map(MutableMapping[Any, Any]):
             )
         self._key_int = self._is_int(key_type)
         self._value_int = self._is_int(value_type)
-        self._ncpu = possible_cpus() if self.percpu else 1
-        self._vstride = round_up8(vs) if self.percpu else vs
+        # per-CPU values come back as ncpu slots of value_stride bytes each
+        self.ncpu = possible_cpus() if self.percpu else 1
+        self.value_stride = round_up8(vs) if self.percpu else vs
 
-    @staticmethod
-    def _is_int(ctype: str) -> bool:
-        return ffi.typeof(ctype).kind == "primitive"
+    def _is_int(self, ctype: str) -> bool:
+        return self.types.typeof(ctype).kind == "primitive"
 
     @classmethod
-    def from_pin(cls, path: str, key_type: str, value_type: str) -> Map:
+    def from_pin(cls, path: str, key_type: str, value_type: str, types: cffi.FFI | None = None) -> Map:
         """Open the map pinned at ``path``. Raises XdpflowError."""
         fd = obj_get(path)
         try:
-            return cls(fd, key_type, value_type, name=os.path.basename(path))
+            return cls(fd, key_type, value_type, name=os.path.basename(path), types=types)
         except BaseException:
             os.close(fd)
             raise
@@ -372,62 +390,66 @@ class Map(MutableMapping[Any, Any]):
         if self._key_int:
             if not isinstance(key, int):
                 raise TypeError(f"map {self.name} takes integer keys, not {type(key).__name__}")
-            return ffi.new(f"{self.key_type} *", key)
+            return self.types.new(f"{self.key_type} *", key)
         return self._as_buf(key, self.key_type, "key")
 
     def _as_buf(self, obj: Any, ctype: str, what: str) -> Any:
-        if isinstance(obj, ffi.CData):
-            t = ffi.typeof(obj)
+        if isinstance(obj, self.types.CData):
+            t = self.types.typeof(obj)
             if t.kind == "pointer":
                 return obj
-            buf = ffi.new(f"{ctype} *")
-            ffi.memmove(buf, ffi.addressof(obj), ffi.sizeof(ctype))
+            buf = self.types.new(f"{ctype} *")
+            self.types.memmove(buf, self.types.addressof(obj), self.types.sizeof(ctype))
             return buf
         if isinstance(obj, (bytes, bytearray, memoryview)):
-            if len(obj) != ffi.sizeof(ctype):
-                raise ValueError(f"map {self.name}: a {what} is {ffi.sizeof(ctype)} bytes, got {len(obj)}")
-            buf = ffi.new(f"{ctype} *")
-            ffi.memmove(buf, bytes(obj), len(obj))
+            if len(obj) != self.types.sizeof(ctype):
+                raise ValueError(f"map {self.name}: a {what} is {self.types.sizeof(ctype)} bytes, got {len(obj)}")
+            buf = self.types.new(f"{ctype} *")
+            self.types.memmove(buf, bytes(obj), len(obj))
             return buf
         raise TypeError(f"map {self.name}: cannot use {type(obj).__name__} as {ctype}")
 
     def _key_out(self, buf: Any) -> Any:
         if self._key_int:
             return int(buf[0])
-        out = ffi.new(f"{self.key_type} *")
-        ffi.memmove(out, buf, ffi.sizeof(self.key_type))
+        out = self.types.new(f"{self.key_type} *")
+        self.types.memmove(out, buf, self.types.sizeof(self.key_type))
         return out
 
     def _vbuf_new(self, n: int = 1) -> Any:
-        return ffi.new("char[]", n * self._ncpu * self._vstride)
+        return self.types.new("char[]", n * self.ncpu * self.value_stride)
 
     def _value_out(self, raw: Any, offset: int = 0) -> Any:
         """Decode one value (all CPUs of it) starting at byte ``offset`` of raw."""
         vals = []
-        vs = ffi.sizeof(self.value_type)
-        for cpu in range(self._ncpu):
-            p = raw + offset + cpu * self._vstride
+        vs = self.types.sizeof(self.value_type)
+        for cpu in range(self.ncpu):
+            p = raw + offset + cpu * self.value_stride
             if self._value_int:
-                vals.append(int(ffi.cast(f"{self.value_type} *", p)[0]))
+                vals.append(int(self.types.cast(f"{self.value_type} *", p)[0]))
             else:
-                v = ffi.new(f"{self.value_type} *")
-                ffi.memmove(v, p, vs)
+                v = self.types.new(f"{self.value_type} *")
+                self.types.memmove(v, p, vs)
                 vals.append(v)
         return vals if self.percpu else vals[0]
 
     def _value_in(self, value: Any) -> Any:
         if not self.percpu:
             if self._value_int:
-                return ffi.new(f"{self.value_type} *", value)
+                return self.types.new(f"{self.value_type} *", value)
             return self._as_buf(value, self.value_type, "value")
-        values = list(value) if isinstance(value, (list, tuple)) else [value] * self._ncpu
-        if len(values) != self._ncpu:
-            raise ValueError(f"map {self.name}: per-CPU value needs {self._ncpu} items, got {len(values)}")
+        values = list(value) if isinstance(value, (list, tuple)) else [value] * self.ncpu
+        if len(values) != self.ncpu:
+            raise ValueError(f"map {self.name}: per-CPU value needs {self.ncpu} items, got {len(values)}")
         raw = self._vbuf_new()
-        vs = ffi.sizeof(self.value_type)
+        vs = self.types.sizeof(self.value_type)
         for cpu, v in enumerate(values):
-            src = ffi.new(f"{self.value_type} *", v) if self._value_int else self._as_buf(v, self.value_type, "value")
-            ffi.memmove(raw + cpu * self._vstride, src, vs)
+            src = (
+                self.types.new(f"{self.value_type} *", v)
+                if self._value_int
+                else self._as_buf(v, self.value_type, "value")
+            )
+            self.types.memmove(raw + cpu * self.value_stride, src, vs)
         return raw
 
     # single-element operations --------------------------------------------
@@ -452,16 +474,29 @@ class Map(MutableMapping[Any, Any]):
         _check(ret, f"taking a key out of map {self.name}")
         return self._value_out(raw)
 
+    def lookup_and_delete_raw(self, key: Any) -> bytes | None:
+        """lookup_and_delete() returning the raw value buffer (``ncpu`` slots
+        of ``value_stride`` bytes) for decoding in bulk. Raises XdpflowError."""
+        raw = self._vbuf_new()
+        ret = lib.bpf_map_lookup_and_delete_elem(self.fd, self._kbuf(key), raw)
+        if ret == -errno.ENOENT:
+            return None
+        _check(ret, f"taking a key out of map {self.name}")
+        return ffi.buffer(raw)[:]
+
     @classmethod
-    def create(cls, map_type: int, name: str, key_type: str, value_type: str, max_entries: int) -> Map:
+    def create(
+        cls, map_type: int, name: str, key_type: str, value_type: str, max_entries: int, types: cffi.FFI | None = None
+    ) -> Map:
         """A new map made from user space (not by a BPF object). Raises XdpflowError."""
+        t = types or ffi
         fd = lib.bpf_map_create(
-            map_type, name.encode(), ffi.sizeof(key_type), ffi.sizeof(value_type), max_entries, ffi.NULL
+            map_type, name.encode(), t.sizeof(key_type), t.sizeof(value_type), max_entries, ffi.NULL
         )
         if fd < 0:
             raise os_error(-fd, f"creating map {name}")
         try:
-            return cls(fd, key_type, value_type, name=name)
+            return cls(fd, key_type, value_type, name=name, types=types)
         except BaseException:
             os.close(fd)
             raise
@@ -472,15 +507,14 @@ class Map(MutableMapping[Any, Any]):
             raise KeyError(key)
         return v
 
-    def update(self, key: Any = None, value: Any = None, flags: int = BPF_ANY, **kw: Any) -> None:  # type: ignore[override]
-        """Store value at key with BPF_ANY/BPF_NOEXIST/BPF_EXIST semantics.
+    def put(self, key: Any, value: Any, flags: int = BPF_ANY) -> None:
+        """Store value at key with BPF_ANY/BPF_NOEXIST/BPF_EXIST semantics
+        (``m[key] = value`` is ``put(key, value)``; ``update()`` is the
+        mapping's own, taking a mapping or pairs).
 
         Raises MapFullError when the map is full, KeyError for BPF_EXIST on a
-        missing key, FileExistsError-like XdpflowError(EEXIST) for BPF_NOEXIST
-        on a present one.
+        missing key, XdpflowError(EEXIST) for BPF_NOEXIST on a present one.
         """
-        if key is None or kw:
-            raise TypeError("Map.update(key, value, flags): dict-style update is not supported")
         ret = lib.bpf_map_update_elem(self.fd, self._kbuf(key), self._value_in(value), flags)
         if ret == -errno.ENOENT and flags == BPF_EXIST:
             raise KeyError(key)
@@ -493,7 +527,7 @@ class Map(MutableMapping[Any, Any]):
         _check(ret, f"updating map {self.name}")
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self.update(key, value, BPF_ANY)
+        self.put(key, value, BPF_ANY)
 
     def __delitem__(self, key: Any) -> None:
         ret = lib.bpf_map_delete_elem(self.fd, self._kbuf(key))
@@ -505,8 +539,8 @@ class Map(MutableMapping[Any, Any]):
         return self.lookup(key) is not None
 
     def _next_key(self, prev: Any) -> Any:
-        nxt = ffi.new(f"{self.key_type} *")
-        ret = lib.bpf_map_get_next_key(self.fd, prev if prev is not None else ffi.NULL, nxt)
+        nxt = self.types.new(f"{self.key_type} *")
+        ret = lib.bpf_map_get_next_key(self.fd, prev if prev is not None else self.types.NULL, nxt)
         if ret == -errno.ENOENT:
             return None
         _check(ret, f"iterating map {self.name}")
@@ -548,11 +582,11 @@ class Map(MutableMapping[Any, Any]):
         if raw is None:
             return self._items_slow(delete)
         keys, vals, n = raw
-        ks, stride = self.info.key_size, self._ncpu * self._vstride
-        kbuf = ffi.from_buffer(keys)
-        vbuf = ffi.from_buffer(vals)
+        ks, stride = self.info.key_size, self.ncpu * self.value_stride
+        kbuf = self.types.from_buffer(keys)
+        vbuf = self.types.from_buffer(vals)
         return [
-            (self._key_out(ffi.cast(f"{self.key_type} *", kbuf + i * ks)), self._value_out(vbuf, i * stride))
+            (self._key_out(self.types.cast(f"{self.key_type} *", kbuf + i * ks)), self._value_out(vbuf, i * stride))
             for i in range(n)
         ]
 
@@ -569,17 +603,17 @@ class Map(MutableMapping[Any, Any]):
         (EINVAL/ENOTSUPP on the first call). Raises XdpflowError.
         """
         ks = self.info.key_size
-        stride = self._ncpu * self._vstride
+        stride = self.ncpu * self.value_stride
         if limit is not None:
             chunk = max(1, min(chunk, limit))
-        keys = ffi.new("char[]", chunk * ks)
-        vals = ffi.new("char[]", chunk * stride)
+        keys = self.types.new("char[]", chunk * ks)
+        vals = self.types.new("char[]", chunk * stride)
         # the batch cursor is opaque: a key for arrays, a bucket for hashes
         cursor_len = max(ks, 8)
-        in_b = ffi.new("char[]", cursor_len)
-        out_b = ffi.new("char[]", cursor_len)
-        count = ffi.new("uint32_t *")
-        opts = ffi.new("struct bpf_map_batch_opts *", {"sz": ffi.sizeof("struct bpf_map_batch_opts")})
+        in_b = self.types.new("char[]", cursor_len)
+        out_b = self.types.new("char[]", cursor_len)
+        count = self.types.new("uint32_t *")
+        opts = self.types.new("struct bpf_map_batch_opts *", {"sz": self.types.sizeof("struct bpf_map_batch_opts")})
         fn = lib.bpf_map_lookup_and_delete_batch if delete else lib.bpf_map_lookup_batch
         first = True
         kparts: list[bytes] = []
@@ -589,7 +623,7 @@ class Map(MutableMapping[Any, Any]):
             count[0] = chunk if limit is None else min(chunk, limit - n)
             if count[0] == 0:
                 return b"".join(kparts), b"".join(vparts), n
-            ret = fn(self.fd, ffi.NULL if first else in_b, out_b, keys, vals, count, opts)
+            ret = fn(self.fd, self.types.NULL if first else in_b, out_b, keys, vals, count, opts)
             if ret < 0 and -ret in _BATCH_UNSUPPORTED and first:
                 return None
             if ret < 0 and -ret == errno.ENOSPC and not delete:
@@ -599,12 +633,12 @@ class Map(MutableMapping[Any, Any]):
                 _check(ret, f"batch-reading map {self.name}")
             got = count[0]
             if got:
-                kparts.append(ffi.buffer(keys, got * ks)[:])
-                vparts.append(ffi.buffer(vals, got * stride)[:])
+                kparts.append(self.types.buffer(keys, got * ks)[:])
+                vparts.append(self.types.buffer(vals, got * stride)[:])
                 n += got
             if ret < 0:  # ENOENT: that was the last batch
                 return b"".join(kparts), b"".join(vparts), n
-            ffi.memmove(in_b, out_b, cursor_len)
+            self.types.memmove(in_b, out_b, cursor_len)
             first = False
 
     def _items_slow(self, delete: bool) -> list[tuple[Any, Any]]:
@@ -630,12 +664,12 @@ class Map(MutableMapping[Any, Any]):
         if n == 0:
             return
         ks = self.info.key_size
-        stride = self._ncpu * self._vstride
-        kraw = ffi.new("char[]", n * ks)
-        vraw = ffi.new("char[]", n * stride)
+        stride = self.ncpu * self.value_stride
+        kraw = self.types.new("char[]", n * ks)
+        vraw = self.types.new("char[]", n * stride)
         for i, (k, v) in enumerate(zip(keys, values)):
-            ffi.memmove(kraw + i * ks, self._kbuf(k), ks)
-            ffi.memmove(vraw + i * stride, self._value_in(v), stride)
+            self.types.memmove(kraw + i * ks, self._kbuf(k), ks)
+            self.types.memmove(vraw + i * stride, self._value_in(v), stride)
         self.update_batch_raw(kraw, vraw, n, flags)
 
     def update_batch_raw(self, keys: Any, values: Any, n: int, flags: int = BPF_ANY) -> None:
@@ -644,15 +678,15 @@ class Map(MutableMapping[Any, Any]):
         """
         if n == 0:
             return
-        count = ffi.new("uint32_t *", n)
-        opts = ffi.new(
+        count = self.types.new("uint32_t *", n)
+        opts = self.types.new(
             "struct bpf_map_batch_opts *",
-            {"sz": ffi.sizeof("struct bpf_map_batch_opts"), "elem_flags": flags},
+            {"sz": self.types.sizeof("struct bpf_map_batch_opts"), "elem_flags": flags},
         )
         ret = lib.bpf_map_update_batch(self.fd, keys, values, count, opts)
         if ret < 0 and -ret in _BATCH_UNSUPPORTED and count[0] == 0:
-            ks, stride = self.info.key_size, self._ncpu * self._vstride
-            kb, vb = ffi.cast("char *", keys), ffi.cast("char *", values)
+            ks, stride = self.info.key_size, self.ncpu * self.value_stride
+            kb, vb = self.types.cast("char *", keys), self.types.cast("char *", values)
             for i in range(n):
                 ret = lib.bpf_map_update_elem(self.fd, kb + i * ks, vb + i * stride, flags)
                 if ret < 0:
@@ -667,21 +701,21 @@ class Map(MutableMapping[Any, Any]):
         if n == 0:
             return
         ks = self.info.key_size
-        kraw = ffi.new("char[]", n * ks)
+        kraw = self.types.new("char[]", n * ks)
         for i, k in enumerate(keys):
-            ffi.memmove(kraw + i * ks, self._kbuf(k), ks)
+            self.types.memmove(kraw + i * ks, self._kbuf(k), ks)
         self.delete_batch_raw(kraw, n)
 
     def delete_batch_raw(self, keys: Any, n: int) -> None:
         """Delete ``n`` keys packed in a cffi buffer. Raises XdpflowError."""
         if n == 0:
             return
-        count = ffi.new("uint32_t *", n)
-        opts = ffi.new("struct bpf_map_batch_opts *", {"sz": ffi.sizeof("struct bpf_map_batch_opts")})
+        count = self.types.new("uint32_t *", n)
+        opts = self.types.new("struct bpf_map_batch_opts *", {"sz": self.types.sizeof("struct bpf_map_batch_opts")})
         ret = lib.bpf_map_delete_batch(self.fd, keys, count, opts)
         if ret < 0 and -ret in _BATCH_UNSUPPORTED and count[0] == 0:
             ks = self.info.key_size
-            kb = ffi.cast("char *", keys)
+            kb = self.types.cast("char *", keys)
             for i in range(n):
                 ret = lib.bpf_map_delete_elem(self.fd, kb + i * ks)
                 if ret < 0:
@@ -709,8 +743,9 @@ def sum_percpu(values: list[Any]) -> Any:
         return 0
     if isinstance(values[0], int):
         return sum(values)
-    ctype = ffi.typeof(values[0]).item
-    out = ffi.new(ctype.cname + " *")
+    ptype = ffi.typeof(values[0])  # a ctype object works across FFIs
+    ctype = ptype.item
+    out = ffi.new(ptype)
     for v in values:
         _add_into(out[0], v[0], ctype)
     return out
@@ -897,21 +932,22 @@ class MapSpec:
     def reuse_fd(self, fd: int) -> None:
         _check(lib.bpf_map__reuse_fd(self._p, fd), f"reusing an fd for map {self.name}")
 
-    def initial_value(self, ctype: str) -> Any:
+    def initial_value(self, ctype: str, types: cffi.FFI | None = None) -> Any:
         """Typed pointer to the start of the map's initial data (.rodata/.data),
         writable before load. The variable of type ``ctype`` must come first.
         """
+        t = types or ffi
         size = ffi.new("size_t *")
         p = lib.bpf_map__initial_value(self._p, size)
         if p == ffi.NULL:
             raise XdpflowError(errno.EINVAL, f"map {self.name} has no initial value")
-        if size[0] < ffi.sizeof(ctype):
+        if size[0] < t.sizeof(ctype):
             raise XdpflowError(
                 errno.EINVAL,
-                f"map {self.name} holds {size[0]} bytes, {ctype} is {ffi.sizeof(ctype)}: "
+                f"map {self.name} holds {size[0]} bytes, {ctype} is {t.sizeof(ctype)}: "
                 "the object and the shared header disagree; rebuild with `make`",
             )
-        return ffi.cast(f"{ctype} *", p)
+        return t.cast(f"{ctype} *", p)
 
 
 class Object:
@@ -1009,14 +1045,14 @@ class Object:
             raise XdpflowError(errno.EINVAL, f"program {name} is not loaded")
         return Program(os.dup(fd), name)
 
-    def map(self, name: str, key_type: str, value_type: str) -> Map:
+    def map(self, name: str, key_type: str, value_type: str, types: cffi.FFI | None = None) -> Map:
         spec = self.map_spec(name)
         fd = lib.bpf_map__fd(spec._p)
         if fd < 0:
             raise XdpflowError(errno.EINVAL, f"map {name} is not created (load the object first)")
         dup = os.dup(fd)
         try:
-            return Map(dup, key_type, value_type, name=name)
+            return Map(dup, key_type, value_type, name=name, types=types)
         except BaseException:
             os.close(dup)
             raise

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import XdpflowError, os_error
+from xdpflow.errors import XdpflowError, os_error
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute

@@ -1,7 +1,7 @@
 """Keep the blocklist in step with its sources: local files and HTTP(S) feeds.
 
 A long-running caller polls a ``SourceSet`` about twice a second and applies
-each ``Update`` it returns with ``apply_keys()``::
+each ``Update`` it returns with ``dataplane.blocklist.apply_keys()``::
 
     sources = SourceSet([FileSource("/etc/xdpflow/local.txt"),
                          FeedSource("https://www.spamhaus.org/drop/drop.txt")])
@@ -24,7 +24,7 @@ names such sources, for a caller that prefers to wait). The union covers both
 directions and is the whole blocklist: rules added by hand with
 ``xdpflow block add`` are deleted by the next update.
 
-Polling is userspace work only (stat, read, HTTP); only ``apply_keys()``
+Polling is userspace work only (stat, read, HTTP): this module never
 touches the kernel. Feeds use the standard library's urllib, nothing else.
 """
 
@@ -40,12 +40,9 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from .blocklist_file import DIRECTIONS, BlocklistFileError, parse_keys, read_file_keys
-
-if TYPE_CHECKING:
-    from .blocklist import Change
+from xdpflow.rules.blockfile import BlocklistFileError, check_direction, parse_keys, read_file_keys
 
 __all__ = [
     "FeedSource",
@@ -54,10 +51,11 @@ __all__ = [
     "SourceResult",
     "SourceSet",
     "Update",
-    "apply_keys",
 ]
 
 MAX_FEED_BYTES = 16 * 1024 * 1024
+FEED_INTERVAL = 3600.0  # seconds between fetches
+FEED_TIMEOUT = 10.0  # seconds without progress on one network operation
 SETTLE_NS = 200_000_000  # a file changed this recently may still be being written
 RACY_NS = 1_000_000_000  # a change this close to a read may share its timestamps
 USER_AGENT = "xdpflow/0.1 (blocklist sync)"
@@ -113,11 +111,6 @@ class Source(Protocol):
     def poll(self, now: float) -> SourceResult: ...
 
 
-def _check_direction(direction: str) -> None:
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be 'src' or 'dst', not {direction!r}")
-
-
 def _kept(keys: list[int] | None) -> str:
     if keys is None:
         return "nothing loaded yet"
@@ -152,7 +145,7 @@ class FileSource:
     blocking = False
 
     def __init__(self, path: str, direction: str = "src") -> None:
-        _check_direction(direction)
+        check_direction(direction)
         self.path = path
         self.name = path
         self.direction = direction
@@ -247,15 +240,15 @@ class FeedSource:
     def __init__(
         self,
         url: str,
-        interval: float = 3600.0,
-        timeout: float = 10.0,
+        interval: float = FEED_INTERVAL,
+        timeout: float = FEED_TIMEOUT,
         max_bytes: int = MAX_FEED_BYTES,
         direction: str = "src",
         *,
         total_timeout: float = 120.0,
         allow_empty: bool = False,
     ) -> None:
-        _check_direction(direction)
+        check_direction(direction)
         scheme = urllib.parse.urlsplit(url).scheme.lower()
         if scheme not in ("http", "https"):
             raise ValueError(f"{url}: a feed URL must start with http:// or https://")
@@ -513,22 +506,3 @@ class SourceSet:
             else:
                 union.update(r.keys)
         return Update(sorted(union), tuple(changed), tuple(missing))
-
-
-def apply_keys(keys: Iterable[int], pin_root: str | None, dry_run: bool = False) -> Change:
-    """Make the kernel blocklist under ``pin_root`` (None: the default root)
-    equal ``keys`` (rule keys of both directions), as ``xdpflow block sync``
-    does for one file: under the pin-root lock, applying only the difference,
-    adds before deletes. With ``dry_run`` nothing changes and the Change says
-    what would.
-
-    Raises NotAttachedError/XdpflowError(ENOENT) when nothing is attached
-    under the root, MapFullError (E2BIG) when the rules do not fit (nothing
-    is changed then), and XdpflowError for other failed map operations.
-    """
-    from .cli import blocklist_of
-    from .pins import PinRoot
-
-    pins = PinRoot(pin_root)
-    with pins.lock(), blocklist_of(pins.root) as bl:
-        return bl.sync_keys(keys, dry_run=dry_run)

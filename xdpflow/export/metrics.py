@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import socket
 import threading
 from collections.abc import Iterable
@@ -43,25 +42,21 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
-from . import abi, controller, netlink
-from .blocklist import Blocklist, key_cidr
-from .cli import PinnedMaps
-from .errors import XdpflowError, os_error
-from .flows import count_flows
-from .libbpf import Program
-from .pins import PinRoot
+from xdpflow.bindings import netlink
+from xdpflow.dataplane import abi, maps
+from xdpflow.dataplane.blocklist import Blocklist, key_cidr
+from xdpflow.dataplane.flows import count_flows
+from xdpflow.dataplane.maps import PinnedMaps
+from xdpflow.dataplane.pins import PinRoot
+from xdpflow.errors import XdpflowError, os_error
 
 __all__ = [
-    "DEFAULT_LISTEN",
-    "DEFAULT_TOP_N",
     "ExporterStats",
     "MetricsServer",
     "XdpflowCollector",
-    "parse_listen",
     "serve",
 ]
 
-DEFAULT_LISTEN = "127.0.0.1:9437"
 DEFAULT_TOP_N = 20
 PREFIX = "xdpflow"
 _ENOTSUPP = 524  # the kernel's internal "operation not supported", as libbpf passes it on
@@ -134,7 +129,7 @@ def _vanished(e: OSError) -> bool:
 
 
 class XdpflowCollector(Collector):
-    """Reads the maps under ``pin_root`` on every ``collect()``.
+    """Reads the maps under ``pins`` on every ``collect()``.
 
     ``top_n`` bounds the per-rule hit series (0: none). ``stats`` adds the
     daemon's export counters. ``netns`` names the network namespace the
@@ -144,14 +139,14 @@ class XdpflowCollector(Collector):
 
     def __init__(
         self,
-        pin_root: str | None = None,
+        pins: PinRoot,
         stats: ExporterStats | None = None,
         top_n: int = DEFAULT_TOP_N,
         netns: str | None = None,
     ) -> None:
         if top_n < 0:
             raise ValueError(f"top_n must be 0 or more, not {top_n}")
-        self.pins = PinRoot(pin_root)
+        self.pins = pins
         self.stats = stats
         self.top_n = top_n
         self.netns = netns
@@ -161,11 +156,13 @@ class XdpflowCollector(Collector):
     def _attached(self, ifname: str) -> bool:
         """Whether the pinned program is the one running on ``ifname``."""
         try:
-            prog = Program.from_pin(self.pins.iface(ifname, "prog"))
+            prog = maps.pinned_prog(self.pins, ifname)
         except XdpflowError as e:
-            if _vanished(e):  # not pinned yet (mid-attach) or gone: not ours
+            if _vanished(e):
                 return False
             raise
+        if prog is None:  # not pinned yet (mid-attach) or gone: not ours
+            return False
         try:
             prog_id = prog.id
         finally:
@@ -180,10 +177,9 @@ class XdpflowCollector(Collector):
     def _iface(self, ifname: str) -> _Iface | None:
         """One interface's maps; None when its pins vanished meanwhile.
         Reads pins only, so any thread in any namespace may call it."""
-        root = self.pins.root
         try:
-            counters = controller.read_counters(ifname, root)
-            flows, flows_max = count_flows(ifname, root)
+            counters = maps.read_counters(self.pins, ifname)
+            flows, flows_max = count_flows(self.pins, ifname)
         except OSError as e:
             if _vanished(e):
                 return None
@@ -192,11 +188,10 @@ class XdpflowCollector(Collector):
 
     def _shared(self) -> _Shared | None:
         """Monitor mode and the blocklist; None while the shared maps are gone."""
-        root = self.pins.root
-        maps = PinnedMaps(root)
+        opened = PinnedMaps(self.pins)
         try:
-            monitor = bool(controller.get_config(root) & abi.C.XF_CFG_MONITOR)
-            bl = Blocklist(maps)
+            monitor = bool(opened("config")[0].flags & abi.C.XF_CFG_MONITOR)
+            bl = Blocklist(opened)
             # rule key -> rule index, decoded in bulk: listing() would build
             # an ipaddress object for each of 10^5 rules
             entries = bl.entry_keys()
@@ -209,7 +204,7 @@ class XdpflowCollector(Collector):
                 return None
             raise
         finally:
-            maps.close()
+            opened.close()
         top = _top_rules(entries, hits, self.top_n) if hits is not None else []
         return _Shared(monitor, len(entries), rules_max, top)
 
@@ -250,7 +245,7 @@ class XdpflowCollector(Collector):
             nbytes = CounterMetricFamily(f"{PREFIX}_{name}_bytes", f"Bytes of the frames {what}", labels=["interface"])
             for i in ifaces:
                 packets.add_metric([i.ifname], i.counters[name])
-                nbytes.add_metric([i.ifname], i.counters[f"{name}_bytes"])
+                nbytes.add_metric([i.ifname], i.counters[abi.bytes_key(name)])
             out += [packets, nbytes]
 
         flows = GaugeMetricFamily(f"{PREFIX}_flows", "Entries in the flow tables (IPv4 and IPv6)", labels=["interface"])
@@ -313,22 +308,6 @@ def _top_rules(entries: dict[int, int], hits: np.ndarray, n: int) -> list[tuple[
 
 # serving ----------------------------------------------------------------------
 
-_BRACKETED = re.compile(r"^\[([0-9A-Fa-f:.]+)\]:(\d{1,5})$")
-_PLAIN = re.compile(r"^([^:\[\]\s]+):(\d{1,5})$")
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``"host:port"`` or ``"[v6addr]:port"`` as (host, port); port 0 picks a
-    free one. Raises ValueError naming the accepted forms.
-    """
-    m = _BRACKETED.match(text) or _PLAIN.match(text)
-    if m is None or int(m.group(2)) > 65535:
-        raise ValueError(
-            f"listen address {text!r}: give HOST:PORT or [IPV6]:PORT, e.g. 127.0.0.1:9437, [::1]:9437, "
-            "or 0.0.0.0:9437 for every interface"
-        )
-    return m.group(1), int(m.group(2))
-
 
 class MetricsServer:
     """A running metrics HTTP server; ``shutdown()`` (or ``close()``, or
@@ -377,21 +356,21 @@ _LISTEN_HINTS = {
 
 
 def serve(
-    listen: str = DEFAULT_LISTEN,
-    pin_root: str | None = None,
+    address: tuple[str, int],
+    pins: PinRoot,
     stats: ExporterStats | None = None,
     top_n: int = DEFAULT_TOP_N,
     netns: str | None = None,
 ) -> MetricsServer:
-    """Serve ``/metrics`` for ``pin_root`` on ``listen`` (loopback by default)
-    from a background thread, until ``shutdown()`` on the returned server.
-
-    Raises ValueError for a malformed ``listen``, XdpflowError when the
-    address cannot be resolved or bound.
+    """Serve ``/metrics`` for ``pins`` on ``address`` (host, port; port 0
+    picks a free one) from a background thread, until ``shutdown()`` on the
+    returned server. Raises XdpflowError when the address cannot be resolved
+    or bound.
     """
-    host, port = parse_listen(listen)
+    host, port = address
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     registry = CollectorRegistry()
-    registry.register(XdpflowCollector(pin_root, stats, top_n, netns))
+    registry.register(XdpflowCollector(pins, stats, top_n, netns))
     for c in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
         registry.register(c)
     try:

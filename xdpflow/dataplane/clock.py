@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import time
 
-from .libbpf import Program, ffi
+from xdpflow.bindings.libbpf import Program
+from xdpflow.dataplane.abi import ffi
 
-CLOCK_PROG = "xdpflow_clock"
+CLOCK_PROG = "xdpflow_clock"  # its name in the object
+CLOCK_PIN = "clock"  # its pin, shared by every interface
 KNOWN_HZ = (100, 250, 300, 1000)
 
 

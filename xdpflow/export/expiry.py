@@ -22,23 +22,23 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from . import abi
-from .clock import JiffiesClock
-from .controller import open_iface_map
-from .errors import XdpflowError
-from .flows import read_table
-from .ipfix import FlowRecord
-from .libbpf import BPF_MAP_TYPE_HASH, Map, ffi
-from .pins import PinRoot
+from xdpflow.bindings.libbpf import BPF_MAP_TYPE_HASH, Map
+from xdpflow.dataplane import abi
+from xdpflow.dataplane.abi import ffi
+from xdpflow.dataplane.clock import JiffiesClock
+from xdpflow.dataplane.flows import fold, read_table
+from xdpflow.dataplane.maps import open_map
+from xdpflow.dataplane.pins import PinRoot
+from xdpflow.errors import XdpflowError
+from xdpflow.export.ipfix import END_ACTIVE, END_FORCED, END_IDLE, END_OF_FLOW, FlowRecord
 
 TCP_FIN, TCP_RST = 0x01, 0x04
 
-# RFC 5102 flowEndReason
-END_IDLE, END_ACTIVE, END_OF_FLOW, END_FORCED = 1, 2, 3, 4
+IDLE_TIMEOUT = 15.0  # seconds: the defaults `xdpflow run` documents
+ACTIVE_TIMEOUT = 60.0
 
 FAMILIES = ((4, "flows_v4", "exported_v4", "struct xf_flow4"), (6, "flows_v6", "exported_v6", "struct xf_flow6"))
 
@@ -54,27 +54,22 @@ class _Pending:
 def _open_exported(pins: PinRoot, ifname: str, name: str, key_type: str, size: int) -> Map:
     path = pins.iface(ifname, name)
     try:
-        return Map.from_pin(path, key_type, "struct xf_exported")
+        return Map.from_pin(path, key_type, "struct xf_exported", types=abi.ffi)
     except XdpflowError as e:
         if e.errno != errno.ENOENT:
             raise
-    m = Map.create(BPF_MAP_TYPE_HASH, name, key_type, "struct xf_exported", size)
+    m = Map.create(BPF_MAP_TYPE_HASH, name, key_type, "struct xf_exported", size, types=abi.ffi)
     m.pin(path)
     return m
 
 
-def _fold(value: Any) -> tuple[int, int, int, int, int]:
-    """(packets, bytes, first_seen, last_seen, tcp_flags) of a flow value,
-    per-CPU lists folded like flows.read_table does."""
-    vals = value if isinstance(value, list) else [value]
-    firsts = [int(v.first_seen) for v in vals if v.first_seen]
-    return (
-        sum(int(v.packets) for v in vals),
-        sum(int(v.bytes) for v in vals),
-        min(firsts) if firsts else 0,
-        max(int(v.last_seen) for v in vals),
-        int(np.bitwise_or.reduce([int(v.tcp_flags) for v in vals])),
-    )
+def _fold_one(m: Map, family: int, key: bytes, raw: bytes) -> tuple[int, int, int, int, int]:
+    """(packets, bytes, first_seen, last_seen, tcp_flags) of one raw flow
+    value taken out of ``m``, folded as ``flows.fold`` folds tables."""
+    keys = np.frombuffer(key, dtype=abi.np_dtype(m.key_type))
+    vals = np.frombuffer(raw, dtype=abi.np_dtype(m.value_type, itemsize=m.value_stride)).reshape(1, m.ncpu)
+    fa = fold(family, keys, vals)
+    return int(fa.packets[0]), int(fa.bytes[0]), int(fa.first_seen[0]), int(fa.last_seen[0]), int(fa.tcp_flags[0])
 
 
 class FlowExpirer:
@@ -86,21 +81,20 @@ class FlowExpirer:
         self,
         ifname: str,
         ifindex: int,
-        pin_root: str | None,
+        pins: PinRoot,
         clock: JiffiesClock,
-        idle_timeout: float = 15.0,
-        active_timeout: float = 60.0,
+        idle_timeout: float = IDLE_TIMEOUT,
+        active_timeout: float = ACTIVE_TIMEOUT,
     ) -> None:
         self.ifname = ifname
         self.ifindex = ifindex
         self.clock = clock
         self.idle = int(idle_timeout * clock.hz)
         self.active = int(active_timeout * clock.hz)
-        pins = PinRoot(pin_root)
         self.tables: list[tuple[int, Map, Map, str]] = []
         try:
             for family, flows_name, exp_name, key_type in FAMILIES:
-                flows = open_iface_map(ifname, flows_name, pin_root)
+                flows = open_map(pins, flows_name, ifname)
                 exported = _open_exported(pins, ifname, exp_name, key_type, flows.info.max_entries)
                 self.tables.append((family, flows, exported, key_type))
         except BaseException:
@@ -180,10 +174,10 @@ class FlowExpirer:
                 key = keys[i * ks : (i + 1) * ks]
                 prev_p, prev_b, prev_at = done.get(key, (0, 0, 0))
                 if force or ended[i] or idle[i]:
-                    value = flows.lookup_and_delete(key)
-                    if value is None:  # evicted meanwhile
+                    raw = flows.lookup_and_delete_raw(key)
+                    if raw is None:  # evicted meanwhile
                         continue
-                    p, b, first, last, flags = _fold(value)
+                    p, b, first, last, flags = _fold_one(flows, family, key, raw)
                     first = prev_at or first  # an active export sent what came before
                     reason = END_FORCED if force else END_OF_FLOW if ended[i] else END_IDLE
                     if p > prev_p:
@@ -220,7 +214,7 @@ class FlowExpirer:
         """Record that the last scan's records were sent."""
         for exported, pend in self._pending:
             for key, (p, b, at) in pend.put.items():
-                v = ffi.new("struct xf_exported *", {"packets": p, "bytes": b, "at": at})
+                v = abi.ffi.new("struct xf_exported *", {"packets": p, "bytes": b, "at": at})
                 exported[key] = v
             for key in pend.drop:
                 exported.pop(key, None)

@@ -1,0 +1,281 @@
+"""The daemon's configuration: the TOML file, the `xdpflow run` flags that
+override it, and every default, written once here (or imported from the
+module that owns it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from xdpflow.bindings import netlink
+from xdpflow.dataplane.lifecycle import FLOWS_DEFAULT
+from xdpflow.dataplane.pins import default_root
+from xdpflow.errors import InputError, XdpflowError
+from xdpflow.export.expiry import ACTIVE_TIMEOUT, IDLE_TIMEOUT
+from xdpflow.export.ipfix import TEMPLATE_REFRESH
+from xdpflow.rules.sources import FEED_INTERVAL, FEED_TIMEOUT, MAX_FEED_BYTES
+
+DEFAULT_LISTEN = "127.0.0.1:9437"
+DEFAULT_TOP_RULES = 20
+
+
+class ConfigError(InputError):
+    """A configuration that cannot be right: the CLI exits 2."""
+
+
+@dataclass
+class FeedConfig:
+    url: str
+    interval: float = FEED_INTERVAL
+    timeout: float = FEED_TIMEOUT
+    max_bytes: int = MAX_FEED_BYTES
+
+
+@dataclass
+class Config:
+    interfaces: list[str] = field(default_factory=list)
+    pin_root: str = field(default_factory=default_root)
+    netns: str | None = None
+    mode: str = "auto"
+    flows: int | None = None
+    sink: bool = False
+    monitor: bool = False
+    detach_on_exit: bool = False
+    # export
+    collectors: list[str] = field(default_factory=list)
+    idle_timeout: float = IDLE_TIMEOUT
+    active_timeout: float = ACTIVE_TIMEOUT
+    scan_interval: float = 1.0
+    template_refresh: float = TEMPLATE_REFRESH
+    observation_domain: int = 1
+    mtu: int = 1500
+    # metrics
+    listen: str = DEFAULT_LISTEN
+    top_rules: int = DEFAULT_TOP_RULES
+    # blocklist
+    blocklist_files: list[str] = field(default_factory=list)
+    blocklist_direction: str = "src"
+    feeds: list[FeedConfig] = field(default_factory=list)
+
+
+# TOML table -> the Config fields it may hold (table "" is the top level)
+_SECTIONS = {
+    "": {"interfaces", "pin_root", "netns", "mode", "flows", "sink", "monitor", "detach_on_exit"},
+    "export": {
+        "collectors",
+        "idle_timeout",
+        "active_timeout",
+        "scan_interval",
+        "template_refresh",
+        "observation_domain",
+        "mtu",
+    },
+    "metrics": {"listen", "top_rules"},
+    "blocklist": {"files", "direction", "feeds"},
+}
+_RENAMES = {("blocklist", "files"): "blocklist_files", ("blocklist", "direction"): "blocklist_direction"}
+
+
+def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a TOML config file (None: defaults only) and apply command-line
+    overrides. Raises ConfigError naming the file and the offending key."""
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as e:
+            raise XdpflowError(e.errno or errno.EIO, f"cannot read config {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        for key, value in doc.items():
+            if isinstance(value, dict):
+                allowed = _SECTIONS.get(key)
+                if allowed is None:
+                    raise ConfigError(f"{path}: unknown section [{key}]")
+                for k, v in value.items():
+                    if k not in allowed:
+                        raise ConfigError(f"{path}: unknown key {k!r} in [{key}]")
+                    values[_RENAMES.get((key, k)) or k] = v
+            elif key in _SECTIONS[""]:
+                values[key] = value
+            else:
+                raise ConfigError(f"{path}: unknown key {key!r}")
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    feeds = values.pop("feeds", [])
+    try:
+        cfg = Config(**values)
+        cfg.feeds = [FeedConfig(**f) if isinstance(f, dict) else FeedConfig(url=str(f)) for f in feeds]
+    except TypeError as e:
+        raise ConfigError(f"{path or 'command line'}: {e}") from None
+    _validate(cfg, path or "command line")
+    return cfg
+
+
+def _validate(cfg: Config, where: str) -> None:
+    if not cfg.interfaces:
+        raise ConfigError(f'{where}: no interfaces: set interfaces = ["eth0"] or pass --interface')
+    if cfg.mode not in netlink.MODE_FLAGS:
+        raise ConfigError(f"{where}: mode must be one of {', '.join(netlink.MODE_FLAGS)}")
+    for name in ("idle_timeout", "active_timeout", "scan_interval", "template_refresh"):
+        if not isinstance(getattr(cfg, name), (int, float)) or getattr(cfg, name) <= 0:
+            raise ConfigError(f"{where}: {name} must be a positive number of seconds")
+    if cfg.flows is not None and (not isinstance(cfg.flows, int) or cfg.flows < 2):
+        raise ConfigError(f"{where}: flows must be a whole number of at least 2")
+    if cfg.blocklist_direction not in ("src", "dst"):
+        raise ConfigError(f"{where}: blocklist direction must be src or dst")
+    for c in cfg.collectors:
+        parse_hostport(c, f"{where}: collector")
+    for f in cfg.feeds:
+        if not f.url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}: feed {f.url!r}: a feed URL must start with http:// or https://")
+        for name in ("interval", "timeout", "max_bytes"):
+            v = getattr(f, name)
+            if not isinstance(v, (int, float)) or v <= 0:
+                raise ConfigError(f"{where}: feed {f.url!r}: {name} must be a positive number")
+    parse_hostport(cfg.listen, f"{where}: listen")
+
+
+_BRACKETED = re.compile(r"^\[([0-9A-Fa-f:.]+)\]:(\d{1,5})$")
+_PLAIN = re.compile(r"^([^:\[\]\s]+):(\d{1,5})$")
+
+
+def parse_hostport(text: str, where: str = "address") -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6addr]:port"`` as (host, port); port 0 picks a
+    free one where that makes sense. Raises ConfigError naming the forms."""
+    m = _BRACKETED.match(text) or _PLAIN.match(text)
+    if m is None or int(m.group(2)) > 65535:
+        raise ConfigError(
+            f"{where} {text!r}: give HOST:PORT or [IPV6]:PORT, e.g. 127.0.0.1:9437, [::1]:9437, "
+            "or 0.0.0.0:9437 for every interface"
+        )
+    return m.group(1), int(m.group(2))
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The `xdpflow run` flags: one per configuration key, each saying what it
+    does and its default."""
+    d = Config()
+    p.add_argument("--config", metavar="FILE", help="TOML configuration (example: contrib/xdpflow.toml); default none")
+    p.add_argument(
+        "--interface",
+        action="append",
+        dest="interfaces",
+        metavar="IFACE",
+        help="attach to IFACE; repeat for several (key interfaces; required here or in the file)",
+    )
+    p.add_argument("--mode", choices=list(netlink.MODE_FLAGS), default=None, help=f"XDP attach mode (default {d.mode})")
+    p.add_argument(
+        "--flows",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"flows the IPv4 and IPv6 tables hold together (default {FLOWS_DEFAULT}; "
+        "an attached interface keeps its tables)",
+    )
+    p.add_argument(
+        "--sink", action="store_true", default=None, help="drop every frame after accounting it (default off)"
+    )
+    p.add_argument(
+        "--monitor",
+        action="store_true",
+        default=None,
+        help="count would-be drops but pass them (default off: the daemon switches monitor mode off)",
+    )
+    p.add_argument(
+        "--detach-on-exit",
+        action="store_true",
+        default=None,
+        help="detach the interfaces when the daemon stops (default off: the data plane keeps running)",
+    )
+    p.add_argument(
+        "--collector",
+        action="append",
+        dest="collectors",
+        metavar="HOST:PORT",
+        help="send IPFIX over UDP to this collector; repeat for several (default none: no export)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"export and remove a flow idle this long (default {d.idle_timeout:g})",
+    )
+    p.add_argument(
+        "--active-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"export a long-lived flow's delta this often (default {d.active_timeout:g})",
+    )
+    p.add_argument(
+        "--scan-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"read the flow tables this often (default {d.scan_interval:g})",
+    )
+    p.add_argument(
+        "--template-refresh",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"resend the IPFIX templates this often (default {d.template_refresh:g})",
+    )
+    p.add_argument(
+        "--observation-domain",
+        type=int,
+        default=None,
+        metavar="ID",
+        help=f"IPFIX observation domain id (default {d.observation_domain})",
+    )
+    p.add_argument(
+        "--mtu",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help=f"path MTU to the collectors: each IPFIX message fits one datagram (default {d.mtu})",
+    )
+    p.add_argument(
+        "--listen",
+        default=None,
+        metavar="HOST:PORT",
+        help=f"serve Prometheus /metrics here (default {d.listen})",
+    )
+    p.add_argument(
+        "--top-rules",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"per-rule hit series in the metrics: the N rules with the most hits (default {d.top_rules})",
+    )
+    p.add_argument(
+        "--blocklist-file",
+        action="append",
+        dest="blocklist_files",
+        metavar="FILE",
+        help="keep the blocklist equal to the union of these watched files and the feeds (default none)",
+    )
+    p.add_argument(
+        "--blocklist-direction",
+        choices=["src", "dst"],
+        default=None,
+        help=f"which address the files' and feeds' rules match (default {d.blocklist_direction})",
+    )
+    p.add_argument(
+        "--feed",
+        action="append",
+        dest="feeds",
+        metavar="URL",
+        help=f"an HTTP(S) blocklist feed, polled every {FEED_INTERVAL:g} s; repeat for several (default none)",
+    )
+
+
+# every Config field but these two comes from `xdpflow run` flags of its name
+OVERRIDES = tuple(f.name for f in fields(Config) if f.name not in ("pin_root", "netns"))

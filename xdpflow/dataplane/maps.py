@@ -1,0 +1,186 @@
+"""xdpflow's pinned maps, opened by name, and what they hold: interface
+counters, the shared config, the clock, an interface's status.
+
+Every map is opened with its header types (``abi.MAP_TYPES``); a pin that is
+not there is reported as "not attached", the one sentence ``PinRoot`` writes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from xdpflow.bindings import netlink
+from xdpflow.bindings.libbpf import Map, Program, lib, map_info, obj_get
+from xdpflow.dataplane import abi
+from xdpflow.dataplane.clock import CLOCK_PIN, JiffiesClock, measure_hz
+from xdpflow.dataplane.pins import PinRoot
+from xdpflow.errors import XdpflowError
+
+PROG_PIN = "prog"
+
+
+def _missing(e: XdpflowError) -> bool:
+    return e.errno == errno.ENOENT
+
+
+def open_map(pins: PinRoot, name: str, ifname: str | None = None) -> Map:
+    """One of the shared maps (``ifname`` None) or of an interface's maps,
+    typed by the header. Raises NotAttachedError when it is not pinned."""
+    key, value = abi.MAP_TYPES[name]
+    path = pins.iface(ifname, name) if ifname is not None else pins.shared(name)
+    try:
+        return Map.from_pin(path, key, value, types=abi.ffi)
+    except XdpflowError as e:
+        if _missing(e):
+            raise pins.not_attached(ifname) from None
+        raise
+
+
+class PinnedMaps:
+    """Opens shared maps on demand and closes them together: the ``open_map``
+    the blocklist and the rule set take."""
+
+    def __init__(self, pins: PinRoot) -> None:
+        self.pins = pins
+        self._maps: dict[str, Map] = {}
+
+    def __call__(self, name: str) -> Map:
+        if name not in self._maps:
+            self._maps[name] = open_map(self.pins, name)
+        return self._maps[name]
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
+
+    def __enter__(self) -> PinnedMaps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_events_fd(pins: PinRoot) -> int:
+    """A new fd for the shared events ring buffer; the caller closes it."""
+    try:
+        return obj_get(pins.shared("events"))
+    except XdpflowError as e:
+        if _missing(e):
+            raise pins.not_attached() from None
+        raise
+
+
+def pinned_prog(pins: PinRoot, ifname: str, name: str = PROG_PIN) -> Program | None:
+    """The program pinned for ``ifname`` (None when there is none)."""
+    try:
+        return Program.from_pin(pins.iface(ifname, name))
+    except XdpflowError as e:
+        if _missing(e):
+            return None
+        raise
+
+
+def read_counters(pins: PinRoot, ifname: str) -> dict[str, int]:
+    """Interface counters summed over CPUs: ``{name: packets, name_bytes: bytes}``."""
+    with open_map(pins, "counters", ifname) as m:
+        total = m.sum(0)
+    return abi.counter_dict(total)
+
+
+def get_config(pins: PinRoot) -> Any:
+    """The shared config struct (a copy)."""
+    with open_map(pins, "config") as m:
+        return m[0]
+
+
+def update_config(pins: PinRoot, set_bits: int = 0, clear_bits: int = 0) -> None:
+    """Read-modify-write the shared config flags. Callers hold the pin-root lock."""
+    with open_map(pins, "config") as m:
+        cfg = m[0]
+        cfg.flags = (cfg.flags | set_bits) & ~clear_bits
+        m[0] = cfg
+
+
+def set_monitor(pins: PinRoot, on: bool) -> None:
+    """Switch monitor mode (count would-be drops, pass them) at run time."""
+    with pins.lock():
+        if on:
+            update_config(pins, set_bits=abi.C.XF_CFG_MONITOR)
+        else:
+            update_config(pins, clear_bits=abi.C.XF_CFG_MONITOR)
+
+
+def open_clock(pins: PinRoot) -> JiffiesClock:
+    """A jiffies-to-Unix-time converter for this instance's stamps."""
+    try:
+        prog = Program.from_pin(pins.shared(CLOCK_PIN))
+    except XdpflowError as e:
+        if _missing(e):
+            raise pins.not_attached() from None
+        raise
+    try:
+        hz = int(get_config(pins).hz) or measure_hz(prog)
+        return JiffiesClock(prog, hz)
+    finally:
+        prog.close()
+
+
+def knobs_of(prog: Program) -> Any:
+    """The load-time knobs of a running program, read from its .rodata map
+    (None when it has none of ours)."""
+    for mid in prog.info.map_ids:
+        fd = lib.bpf_map_get_fd_by_id(mid)
+        if fd < 0:
+            continue
+        try:
+            info = map_info(fd)
+            if info.name.endswith(".rodata") and info.value_size == abi.ffi.sizeof("struct xf_knobs"):
+                with Map(os.dup(fd), "__u32", "struct xf_knobs", types=abi.ffi) as m:
+                    return m[0]
+        finally:
+            os.close(fd)
+    return None
+
+
+def boot_to_wall(ns_since_boot: int) -> float:
+    """Convert a CLOCK_BOOTTIME nanosecond stamp to Unix seconds."""
+    return time.time() - (time.clock_gettime_ns(time.CLOCK_BOOTTIME) - ns_since_boot) / 1e9
+
+
+@dataclass
+class IfaceStatus:
+    ifname: str
+    mode: str | None
+    prog_id: int
+    attached: bool  # the pinned program is the one running on the interface
+    attached_at: float | None
+    sink: bool
+
+
+def iface_status(pins: PinRoot, ifname: str) -> IfaceStatus:
+    """Program, mode and attach time of ``ifname`` (flows.count_flows counts
+    its flow tables). Raises XdpflowError."""
+    prog = pinned_prog(pins, ifname)
+    prog_id, attached_at, sink = 0, None, False
+    if prog is not None:
+        info = prog.info
+        prog_id = info.id
+        attached_at = boot_to_wall(info.load_time_ns)
+        knobs = knobs_of(prog)
+        sink = bool(knobs is not None and knobs.sink)
+        prog.close()
+    mode = None
+    attached = False
+    try:
+        st = netlink.xdp_state(ifname)
+        attached = prog_id != 0 and st.prog_id == prog_id
+        mode = st.mode if attached else None
+    except XdpflowError as e:
+        if e.errno != errno.ENODEV:
+            raise
+    return IfaceStatus(ifname, mode, prog_id, attached, attached_at, sink)
