@@ -259,7 +259,7 @@ def test_interrupt_during_setup_leaves_nothing() -> None:
 def test_sigterm_closes_labs_and_still_terminates() -> None:
     script = (
         "import sys, time\n"
-        "from xdpflow.lab import Lab\n"
+        "from xdpflow.testing.lab import Lab\n"
         f"lab = Lab(prefix={PREFIX!r})\n"
         "print(lab.gen_ns, lab.dut_ns, flush=True)\n"
         "time.sleep(60)\n"
