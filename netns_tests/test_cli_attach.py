@@ -222,7 +222,7 @@ def test_reattach_upgrades_in_place_and_keeps_state(lab: Lab, cli: Cli) -> None:
     assert (skb.returncode, resize.returncode) == (1, 1)
     assert skb.stderr == f"xdpflow: xdpflow runs on {lab.dut_if} in native mode; detach it first to change to skb\n"
     assert resize.stderr == (
-        f"xdpflow: {lab.dut_if} already has a 1024-entry flow table; detach it first to resize it to 4096\n"
+        f"xdpflow: {lab.dut_if} already has flow tables for 1024 flows; detach it first to resize them to 4096\n"
     )
     (st,) = cli.status()
     assert (st["prog_id"], st["attached"], st["mode"]) == (second["prog_id"], True, "native")
