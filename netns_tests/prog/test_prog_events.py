@@ -15,9 +15,9 @@ from xdpflow.dataplane.abi import ffi
 from xdpflow.dataplane.clock import CLOCK_PROG, sample
 from xdpflow.rules.blockfile import Rule, parse_cidr
 
-from . import frames
-from .frames import arp, ether, kernel_hz, on_cpu, raw_udp4
-from .progtest import XDP_DROP, XDP_PASS
+from .. import frames
+from ..frames import arp, ether, kernel_hz, on_cpu, raw_udp4
+from ..progtest import XDP_DROP, XDP_PASS
 
 # loaded programs from a pool shared by the session, reset before each test (frames.py)
 prog_pool_fixture = frames.prog_pool_fixture

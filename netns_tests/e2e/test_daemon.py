@@ -25,7 +25,7 @@ from xdpflow.dataplane.abi import bytes_key
 from xdpflow.dataplane.pins import escape_ifname
 from xdpflow.testing.lab import Lab, traffic_mix
 
-from .clitest import (
+from ..clitest import (
     DUT_V4,
     Cli,
     expect_counters,
@@ -40,7 +40,7 @@ from .clitest import (
     wait_prog_gone,
     xdp_prog,
 )
-from .daemontest import (
+from ..daemontest import (
     COLLECTOR_PORT,
     METRICS_PORT,
     NFCAPD,

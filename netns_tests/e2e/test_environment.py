@@ -38,12 +38,14 @@ from xdpflow.export import metrics
 from xdpflow.testing.lab import DUT_V4, Lab, Receiver, run_in_netns, traffic_mix
 from xdpflow.testing.lab import _wait_link_ready as wait_link_ready
 
-from .clitest import (
+from ..clitest import (
     XDPFLOW,
     Cli,
     all_ok,
     assert_one_error_line,
     expect_counters,
+    hostile_config,
+    hostile_lines,
     pins_under,
     raw,
     send_and_receive,
@@ -552,23 +554,12 @@ def test_metrics_listen_on_loopback_by_default(lab: Lab, pin_root: str) -> None:
     assert DEFAULT_LISTEN == config.Config().listen == "127.0.0.1:9437"
 
 
-def _hostile(marker: Path) -> list[str]:
-    m = shlex.quote(str(marker))
-    return [
-        f"$(touch {m})",
-        f"`touch {m}`",
-        f"__import__('os').system('touch {m}')",
-        f"198.18.0.0/24 && touch {m}",
-        f"{{{{ ''.__class__.__mro__[1].__subclasses__() }}}} {m}",
-    ]
-
-
 def test_blocklist_input_is_never_executed(cli: Cli, lab: Lab, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     cli("attach", lab.dut_if)
     cli("block", "add", "203.0.113.0/24")
     before = cli.blocklist()
-    lines = _hostile(marker)
+    lines = hostile_lines(marker)
     path = tmp_path / "blocklist.txt"
     path.write_text("198.18.0.0/24\n" + "\n".join(lines) + "\n")
 
@@ -587,29 +578,13 @@ def test_blocklist_input_is_never_executed(cli: Cli, lab: Lab, tmp_path: Path) -
     assert not marker.exists()
 
 
-def test_config_values_are_only_data(lab: Lab, pin_root: str, tmp_path: Path) -> None:
+def test_the_daemon_takes_config_values_as_names(lab: Lab, pin_root: str, tmp_path: Path) -> None:
+    """The config parser keeps hostile values verbatim (unit/test_config.py);
+    the daemon then takes them as names: no such interface, nothing run."""
     marker = tmp_path / "pwned"
-    hostile = _hostile(marker)[0]
+    hostile = hostile_lines(marker)[0]
     verbatim = tmp_path / "verbatim.toml"
-    verbatim.write_text(
-        f"interfaces = [{json.dumps(hostile)}]\nnetns = {json.dumps(hostile)}\n"
-        f"pin_root = {json.dumps('/sys/fs/bpf/' + hostile)}\n"
-        f"[blocklist]\nfiles = [{json.dumps(hostile)}]\n"
-        f"feeds = [{{url = {json.dumps('http://127.0.0.1:1/' + hostile)}}}]\n"
-    )
-    cfg = config.load_config(str(verbatim))
-    assert cfg.interfaces == [hostile] and cfg.netns == hostile and cfg.blocklist_files == [hostile]
-    assert cfg.pin_root == "/sys/fs/bpf/" + hostile
-    assert cfg.feeds[0].url == "http://127.0.0.1:1/" + hostile
-
-    for key, value in (("mode", _hostile(marker)[2]), ("listen", _hostile(marker)[2]), ("idle_timeout", hostile)):
-        bad = tmp_path / f"bad-{key}.toml"
-        section = "[metrics]\n" if key == "listen" else "[export]\n" if key == "idle_timeout" else ""
-        bad.write_text(f'interfaces = ["eth0"]\n{section}{key} = {json.dumps(value)}\n')
-        with pytest.raises(config.ConfigError):
-            config.load_config(str(bad))
-
-    # and the daemon takes the verbatim names as names: no such interface
+    verbatim.write_text(hostile_config(hostile))
     r = subprocess.run(
         [XDPFLOW, "run", "--config", str(verbatim), "--netns", lab.dut_ns, "--pin-root", pin_root],
         capture_output=True, text=True, timeout=30,
