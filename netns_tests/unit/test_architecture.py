@@ -30,7 +30,7 @@ def modules() -> list[str]:
 def test_the_walk_finds_every_layer() -> None:
     names = modules()
     for layer in ("errors", "bindings.libbpf", "bindings.netlink", "rules.blockfile", "dataplane.abi",
-                  "export.ipfix", "app.cli", "testing.lab", "__main__"):  # fmt: skip
+                  "export.ipfix", "app.cli", "app.commands", "testing.lab", "__main__"):  # fmt: skip
         assert f"xdpflow.{layer}" in names
 
 
