@@ -18,9 +18,7 @@ from xdpflow.errors import XdpflowError
 from xdpflow.rules.sources import FeedSource, FileSource, SourceSet
 from xdpflow.testing.lab import Lab
 
-from ..sourcetest import Feed, cidrs, poll_set, serve_feed
-
-DROP = "; Spamhaus DROP List 2024/01/01\n1.10.16.0/20 ; SBL256894\n2001:db8:100::/40 ; SBL1\n"
+from ..sourcetest import DROP, Feed, FeedServer, cidrs, poll_set
 
 
 @pytest.fixture
@@ -28,8 +26,8 @@ def feed(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Feed, str]]:
     """A feed on 127.0.0.1 and its URL; no proxy from the environment sees it."""
     for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
-    with serve_feed() as served:
-        yield served
+    with FeedServer() as server:
+        yield server.feed, server.url
 
 
 def xdpflow(*args: str) -> str:

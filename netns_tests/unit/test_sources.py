@@ -21,11 +21,10 @@ from xdpflow.rules import sources
 from xdpflow.rules.blockfile import parse_keys
 from xdpflow.rules.sources import FeedSource, FileSource, SourceResult, SourceSet, Update
 
-from ..sourcetest import Feed, cidrs, poll_set, serve_feed
+from ..sourcetest import DROP, Feed, FeedServer, cidrs, poll_set
 
 A = "192.0.2.0/24\n198.51.100.7\n"
 B = "203.0.113.0/24\n2001:db8::/32 ; SBL1\n"
-DROP = "; Spamhaus DROP List 2024/01/01\n1.10.16.0/20 ; SBL256894\n2001:db8:100::/40 ; SBL1\n"
 
 
 def keys(text: str, direction: str = "src") -> list[int]:
@@ -182,8 +181,8 @@ def test_file_bad_direction() -> None:
 @pytest.fixture
 def feed() -> Iterator[tuple[Feed, str]]:
     """A feed on 127.0.0.1 and its URL."""
-    with serve_feed() as served:
-        yield served
+    with FeedServer() as server:
+        yield server.feed, server.url
 
 
 @pytest.fixture(autouse=True)
