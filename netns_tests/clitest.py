@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
 from xdpflow.dataplane.abi import bytes_key
+from xdpflow.export.metrics import MetricsServer
 from xdpflow.testing.lab import DUT_MAC, DUT_V4, DUT_V6, GEN_MAC, GEN_V4, GEN_V6, Lab
 
 LAB_PREFIX = "xfcli"
@@ -391,6 +393,14 @@ def send_and_receive(lab: Lab, frames: Sequence[Packet], inter: float = 0) -> li
 
 def raw(frames: Iterable[Packet]) -> list[bytes]:
     return [bytes(f) for f in frames]
+
+
+def scrape(server: MetricsServer) -> str:
+    """One /metrics scrape of a server this process runs on loopback."""
+    assert server.host == "127.0.0.1"
+    with urllib.request.urlopen(server.url, timeout=30) as r:
+        assert r.status == 200
+        return str(r.read().decode())
 
 
 def metric_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], int]:

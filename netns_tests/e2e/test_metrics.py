@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from xdpflow.dataplane.pins import PinRoot
 from xdpflow.export import metrics
 from xdpflow.testing.lab import Lab, traffic_mix
 
-from ..clitest import XDPFLOW, metric_samples
+from ..clitest import XDPFLOW, metric_samples, scrape
 
 LAB_PREFIX = "xfmet"
 
@@ -82,13 +81,6 @@ def populate(lab: Lab, pin_root: str) -> int:
     frames = [bytes(f) for f in traffic_mix(lab)] + [bytes(f) for f in blocked]
     assert lab.send(frames) == len(frames)
     return len(blocked)
-
-
-def scrape(server: metrics.MetricsServer) -> str:
-    assert server.host == "127.0.0.1"
-    with urllib.request.urlopen(server.url, timeout=30) as r:
-        assert r.status == 200
-        return str(r.read().decode())
 
 
 samples = metric_samples

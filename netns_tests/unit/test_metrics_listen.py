@@ -17,14 +17,7 @@ from xdpflow.app.config import DEFAULT_LISTEN, ConfigError, parse_hostport
 from xdpflow.dataplane.pins import PinRoot
 from xdpflow.export import metrics
 
-from ..clitest import metric_samples
-
-
-def scrape(server: metrics.MetricsServer) -> str:
-    assert server.host == "127.0.0.1"
-    with urllib.request.urlopen(server.url, timeout=30) as r:
-        assert r.status == 200
-        return str(r.read().decode())
+from ..clitest import metric_samples, scrape
 
 
 def test_listens_on_loopback_by_default(tmp_path: Path) -> None:
