@@ -1,4 +1,4 @@
-"""Tests of the traffic generator (xdpflow.pktgen), on a namespace lab.
+"""Tests of the traffic generator (xdpflow.testing.pktgen), on a namespace lab.
 
 The receiver is ``xdp_drop`` from baseline.bpf.o, attached natively to the
 dut end: a veth counts every frame its XDP program ran on in the interface's

@@ -28,7 +28,7 @@ Addresses come only from the benchmarking ranges 198.18.0.0/15 (RFC 2544) and
 catch); ``FlowMix`` refuses anything else, so a mistyped prefix cannot flood
 someone's real network.
 
-CLI: ``python3 -m xdpflow.pktgen --netns NS --dev IFACE --flows N ...``
+CLI: ``python3 -m xdpflow.testing.pktgen --netns NS --dev IFACE --flows N ...``
 (``--help`` lists the options); it prints frames sent and the rate.
 """
 
@@ -673,7 +673,7 @@ def _send_one(sock: socket.socket, frame: bytes, ifname: str, k: int, timeout: f
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python3 -m xdpflow.pktgen",
+        prog="python3 -m xdpflow.testing.pktgen",
         description="Send a mix of test flows out of an interface (needs root).",
     )
     p.add_argument("--netns", help="network namespace of the interface (default: this one)")
