@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from pyroute2 import netns as _netns
@@ -27,6 +30,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
 from xdpflow.dataplane.abi import bytes_key
+from xdpflow.export.metrics import MetricsServer
 from xdpflow.testing.lab import DUT_MAC, DUT_V4, DUT_V6, GEN_MAC, GEN_V4, GEN_V6, Lab
 
 LAB_PREFIX = "xfcli"
@@ -69,9 +73,10 @@ def fresh_lab() -> Iterator[Lab]:
 
 
 class Cli:
-    """The `xdpflow` command bound to one lab namespace and one pin root."""
+    """The `xdpflow` command bound to one lab namespace (None: this process's
+    own, for commands refused before they touch one) and one pin root."""
 
-    def __init__(self, netns: str, pin_root: str) -> None:
+    def __init__(self, netns: str | None, pin_root: str) -> None:
         self.netns = netns
         self.pin_root = pin_root
 
@@ -80,7 +85,8 @@ class Cli:
         return cls(lab.dut_ns, pin_root)
 
     def argv(self, *args: str) -> list[str]:
-        return [XDPFLOW, *args, "--netns", self.netns, "--pin-root", self.pin_root]
+        where = ["--netns", self.netns] if self.netns is not None else []
+        return [XDPFLOW, *args, *where, "--pin-root", self.pin_root]
 
     def run(self, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run a command; the caller checks the exit code."""
@@ -389,6 +395,14 @@ def raw(frames: Iterable[Packet]) -> list[bytes]:
     return [bytes(f) for f in frames]
 
 
+def scrape(server: MetricsServer) -> str:
+    """One /metrics scrape of a server this process runs on loopback."""
+    assert server.host == "127.0.0.1"
+    with urllib.request.urlopen(server.url, timeout=30) as r:
+        assert r.status == 200
+        return str(r.read().decode())
+
+
 def metric_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], int]:
     """{(sample name, labels): value} for the xdpflow_ samples of a /metrics
     scrape, values as exact ints."""
@@ -401,3 +415,26 @@ def metric_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], in
                 assert float(s.value).is_integer(), s
                 out[(s.name, frozenset(s.labels.items()))] = int(s.value)
     return out
+
+
+def hostile_lines(marker: Path) -> list[str]:
+    """Shell, Python and template code that would create ``marker`` if any
+    of it were ever executed or evaluated."""
+    m = shlex.quote(str(marker))
+    return [
+        f"$(touch {m})",
+        f"`touch {m}`",
+        f"__import__('os').system('touch {m}')",
+        f"198.18.0.0/24 && touch {m}",
+        f"{{{{ ''.__class__.__mro__[1].__subclasses__() }}}} {m}",
+    ]
+
+
+def hostile_config(value: str) -> str:
+    """A daemon config whose every name and path is ``value``, verbatim."""
+    return (
+        f"interfaces = [{json.dumps(value)}]\nnetns = {json.dumps(value)}\n"
+        f"pin_root = {json.dumps('/sys/fs/bpf/' + value)}\n"
+        f"[blocklist]\nfiles = [{json.dumps(value)}]\n"
+        f"feeds = [{{url = {json.dumps('http://127.0.0.1:1/' + value)}}}]\n"
+    )

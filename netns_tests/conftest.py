@@ -1,25 +1,22 @@
-"""Shared fixtures: unique pin roots, freshly loaded programs, namespace labs.
+"""Markers and the root rule for the three test folders.
 
-Every fixture removes what it created, on failure and on Ctrl-C too. Tests
-need root; without it the whole suite is skipped, never mocked.
+``unit/`` is pure Python (parsers, encoders, loopback sockets, temp files) and
+runs as any user. ``prog/`` (BPF_PROG_TEST_RUN) and ``e2e/`` (namespaces,
+veths, the console script) need root; without it they are skipped with a
+reason that says so, never mocked. Their fixtures live in their own
+conftest.py so a unit run imports nothing that touches the kernel.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
-from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from pyroute2.netns import listnetns
 
-from xdpflow.dataplane import lifecycle
-from xdpflow.dataplane.pins import PinRoot, ensure_bpffs
-from xdpflow.testing.lab import Lab
-
-from .clitest import Cli
-from .progtest import ProgHarness
+HERE = Path(__file__).resolve().parent
+NEEDS_ROOT = {"prog": "BPF_PROG_TEST_RUN needs root (CAP_BPF, CAP_SYS_ADMIN)",
+              "e2e": "namespace, veth and XDP tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"}  # fmt: skip
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -27,79 +24,21 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
 
 
+def _folder(item: pytest.Item) -> str | None:
+    try:
+        return Path(item.path).resolve().relative_to(HERE).parts[0]
+    except ValueError:
+        return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.geteuid() != 0:
-        skip = pytest.mark.skip(reason="xdpflow tests need root (BPF, netns, XDP)")
         for item in items:
-            item.add_marker(skip)
+            reason = NEEDS_ROOT.get(_folder(item) or "")
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=f"{reason}; run as root"))
     if not config.getoption("-m"):
         skip_fuzz = pytest.mark.skip(reason="long run: `make fuzz`")
         for item in items:
             if "fuzz" in item.keywords:
                 item.add_marker(skip_fuzz)
-
-
-@pytest.fixture
-def pin_root() -> Iterator[str]:
-    """A pin root of this test's own under /sys/fs/bpf, removed afterwards."""
-    ensure_bpffs("/sys/fs/bpf/xdpflow")
-    root = f"/sys/fs/bpf/xftest-{uuid.uuid4().hex[:10]}"
-    try:
-        yield root
-    finally:
-        cleanup_pin_root(root)
-
-
-def cleanup_pin_root(root: str) -> None:
-    pins = PinRoot(root)
-    for ifname in pins.interfaces():
-        try:
-            lifecycle.detach(ifname, pins)
-        except OSError:
-            pins.remove_iface(ifname)
-    pins.remove_shared()
-    if os.path.isdir(root):
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
-    """A fresh namespace lab, its names prefixed with the test module's
-    LAB_PREFIX (default "xfcli"); the test fails if a namespace outlives it."""
-    with Lab(getattr(request.module, "LAB_PREFIX", "xfcli")) as lab:
-        yield lab
-    left = {lab.gen_ns, lab.dut_ns} & set(listnetns())
-    assert not left, f"namespaces left behind: {left}"
-
-
-@pytest.fixture
-def cli(lab: Lab, pin_root: str) -> Cli:
-    """The `xdpflow` command bound to the lab's dut namespace and the pin root."""
-    return Cli.of(lab, pin_root)
-
-
-@pytest.fixture
-def prog() -> Iterator[ProgHarness]:
-    """xdpflow loaded with private maps, for BPF_PROG_TEST_RUN."""
-    h = ProgHarness()
-    try:
-        yield h
-    finally:
-        h.close()
-
-
-@pytest.fixture
-def make_prog() -> Iterator:
-    """Factory for harnesses with non-default knobs: make_prog(sink=True)."""
-    made: list[ProgHarness] = []
-
-    def make(**opts: object) -> ProgHarness:
-        h = ProgHarness(**opts)
-        made.append(h)
-        return h
-
-    try:
-        yield make
-    finally:
-        for h in made:
-            h.close()

@@ -1,13 +1,12 @@
 """Helpers for the `xdpflow run` end-to-end tests: the daemon as a child
-process inside a lab's dut namespace, an IPFIX collector (nfcapd) and a
-blocklist feed server in that namespace, and /metrics scrapes from it.
+process inside a lab's dut namespace, an IPFIX collector (nfcapd) in that
+namespace, and /metrics scrapes from it (the blocklist feed server, here or
+in a namespace: sourcetest.FeedServer).
 
 With ``--netns`` the daemon lives entirely in the dut namespace, so its
 collector address and its metrics listener are that namespace's loopback:
 nfcapd runs there under ``ip netns exec`` (it needs no bpffs), scrapes go
-through ``run_in_netns``, and the feed server's listening socket is opened
-inside the namespace (``netlink.in_netns``) and served from a thread here.
-Every helper is a context manager that leaves nothing running.
+through ``run_in_netns``. Every helper is a context manager that leaves nothing running.
 """
 
 from __future__ import annotations
@@ -22,11 +21,9 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
-from xdpflow.bindings import netlink
 from xdpflow.testing.lab import Lab, run_in_netns
 
 from .clitest import metric_samples
@@ -230,97 +227,3 @@ def totals(records: list[Exported]) -> dict[tuple[str, str, int, int, int], tupl
         p, b = out.get(r.key, (0, 0))
         out[r.key] = (p + r.packets, b + r.bytes)
     return out
-
-
-# --- a blocklist feed ------------------------------------------------------------
-
-
-class Feed:
-    """What the feed server answers; every request is logged as (monotonic time, headers, status)."""
-
-    def __init__(self) -> None:
-        self.status = 200
-        self.body = b""
-        self.etag: str | None = None
-        self.delay = 0.0  # before the status line: a feed that times out
-        self.requests: list[tuple[float, dict[str, str], int]] = []
-        self.lock = threading.Lock()
-
-    def set(self, text: str, etag: str) -> None:
-        with self.lock:
-            self.status, self.body, self.etag, self.delay = 200, text.encode(), etag, 0.0
-
-    def answered(self, since: int = 0) -> list[int]:
-        """Statuses of the requests from index ``since`` on."""
-        with self.lock:
-            return [s for _, _, s in self.requests[since:]]
-
-    def count(self) -> int:
-        with self.lock:
-            return len(self.requests)
-
-
-class _FeedHandler(BaseHTTPRequestHandler):
-    server: _FeedServer
-
-    def do_GET(self) -> None:
-        feed = self.server.feed
-        with feed.lock:
-            status, body, etag, delay = feed.status, feed.body, feed.etag, feed.delay
-        if status == 200 and etag is not None and self.headers.get("If-None-Match") == etag:
-            status = 304
-        with feed.lock:
-            feed.requests.append((time.monotonic(), {k.lower(): v for k, v in self.headers.items()}, status))
-        try:
-            time.sleep(delay)
-            self.send_response(status)
-            if status == 200:
-                self.send_header("Content-Type", "text/plain; charset=utf-8")
-                self.send_header("ETag", etag or '"none"')
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-            elif status == 304:
-                self.send_header("ETag", etag or '"none"')
-                self.end_headers()
-            else:
-                self.send_header("Content-Length", "5")
-                self.end_headers()
-                self.wfile.write(b"oops\n")
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (its timeout)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-class _FeedServer(ThreadingHTTPServer):
-    daemon_threads = True
-    feed: Feed
-
-
-class FeedServer:
-    """An HTTP server on 127.0.0.1 of namespace ``ns``, answering ``feed``."""
-
-    def __init__(self, ns: str) -> None:
-        self.feed = Feed()
-        # the listening socket belongs to the namespace it was opened in; the
-        # serving thread may run anywhere
-        with netlink.in_netns(ns):
-            self.httpd = _FeedServer(("127.0.0.1", 0), _FeedHandler)
-        self.httpd.feed = self.feed
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/drop.txt"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="feed-server", daemon=True
-        )
-        self.thread.start()
-
-    def __enter__(self) -> FeedServer:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)

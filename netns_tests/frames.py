@@ -43,7 +43,7 @@ from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
 from xdpflow.bindings.libbpf import RingBuffer, lib
-from xdpflow.dataplane import abi
+from xdpflow.dataplane import abi, events
 from xdpflow.dataplane.abi import bytes_key, ffi
 from xdpflow.dataplane.flows import read_table
 
@@ -540,29 +540,32 @@ class Event:
     sport: int
     dport: int
     len: int
-    rule: int
+    rule: int | None  # None for a new flow: only blocklist events name a rule
     ifindex: int
     ts: int
     size: int  # bytes of the ring buffer record
 
 
+_EVENT_CODES = {name: code for code, name in events.EVENT_TYPES.items()}
+
+
 def decode_event(rec: bytes) -> Event:
-    e = ffi.new("struct xf_event *")
-    ffi.memmove(e, rec, min(len(rec), ffi.sizeof("struct xf_event")))
-    n = 4 if e.family == 4 else 16
-    src, dst = bytes(e.saddr)[:n], bytes(e.daddr)[:n]
+    """A record as the product decodes it (raw values: rule indexes, jiffies),
+    with the fields its JSON leaves out (family, ifindex) derived from it."""
+    d = events.decode_event(rec, None, None)
+    ifname = d["ifname"]
     return Event(
-        type=e.type,
-        family=e.family,
-        proto=e.proto,
-        src=str(ipaddress.ip_address(src)),
-        dst=str(ipaddress.ip_address(dst)),
-        sport=socket.ntohs(e.sport),
-        dport=socket.ntohs(e.dport),
-        len=e.len,
-        rule=e.rule,
-        ifindex=e.ifindex,
-        ts=e.ts,
+        type=_EVENT_CODES.get(d["type"]) or int(d["type"]),
+        family=ipaddress.ip_address(d["src"]).version,
+        proto=d["proto"],
+        src=d["src"],
+        dst=d["dst"],
+        sport=d["sport"],
+        dport=d["dport"],
+        len=d["len"],
+        rule=d.get("rule"),
+        ifindex=int(ifname) if ifname.isdigit() else socket.if_nametoindex(ifname),
+        ts=d["time"],
         size=len(rec),
     )
 

@@ -4,4 +4,5 @@ import sys
 
 from xdpflow.app.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the module alone runs nothing
+    sys.exit(main())

@@ -1,7 +1,11 @@
-"""Interfaces and XDP attachment over rtnetlink (pyroute2).
+"""Interfaces, namespaces and XDP attachment over rtnetlink (pyroute2),
+plus the ethtool calls that go with them.
 
-The only module that talks netlink. pyroute2's NetlinkError is not an
-OSError; it is turned into XdpflowError here, at the module boundary.
+The only module that talks netlink, for the product (attach, detach,
+namespaces) and for the test tooling (the lab's namespaces, veths,
+addresses and neighbours; GRO; veth's XDP transmit counters). pyroute2's
+NetlinkError is not an OSError; it is turned into XdpflowError here, at
+the module boundary.
 """
 
 from __future__ import annotations
@@ -9,8 +13,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
+import re
 import socket
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,6 +46,20 @@ MODE_FLAGS = {
 }
 # IFLA_XDP_ATTACHED values
 ATTACHED_NAMES = {0: None, 1: "native", 2: "skb", 3: "hw", 4: "multi"}
+
+# linux/if_addr.h, linux/neighbour.h
+IFA_F_NODAD = 0x02
+NUD_PERMANENT = 0x80
+
+# linux/sockios.h, linux/ethtool.h
+_SIOCETHTOOL = 0x8946
+_ETHTOOL_GSTRINGS = 0x1B
+_ETHTOOL_GSTATS = 0x1D
+_ETHTOOL_GSSET_INFO = 0x37
+_ETH_SS_STATS = 1
+_ETH_GSTRING_LEN = 32
+_XMIT = re.compile(r"^tx_queue_\d+_xdp_xmit$")
+_XMIT_ERRORS = re.compile(r"^tx_queue_\d+_xdp_xmit_errors$")
 
 
 @dataclass(frozen=True)
@@ -188,7 +209,7 @@ def in_netns(name: str | None) -> Iterator[None]:
     if name is None:
         yield
         return
-    path = name if "/" in name else f"/run/netns/{name}"
+    path = _netns_path(name)
     if not os.path.exists(path):
         raise XdpflowError(errno.ENOENT, f"no network namespace named {name!r}; `ip netns list` lists them")
     saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
@@ -202,6 +223,10 @@ def in_netns(name: str | None) -> Iterator[None]:
         os.close(saved)
 
 
+def _netns_path(name: str) -> str:
+    return name if "/" in name else f"/run/netns/{name}"
+
+
 def _setns(target: str | int) -> None:
     """setns(2) into a network namespace given by path or open fd."""
     fd = os.open(target, os.O_RDONLY) if isinstance(target, str) else target
@@ -213,3 +238,228 @@ def _setns(target: str | int) -> None:
     finally:
         if isinstance(target, str):
             os.close(fd)
+
+
+# --- what the test lab builds: namespaces, veths, addresses, neighbours -------
+
+
+def enter_netns(name: str) -> None:
+    """Move this thread into network namespace ``name`` for good: the rest
+    of a forked child's life. Unlike ``in_netns`` there is no way back.
+
+    Raises FileNotFoundError when there is no such namespace (it is never
+    created), XdpflowError when entering it fails.
+    """
+    _setns(_netns_path(name))
+
+
+def create_netns(name: str) -> None:
+    """Create a network namespace named ``name`` (`ip netns add`).
+
+    Raises FileExistsError when the name is taken, OSError otherwise.
+    """
+    from pyroute2 import netns
+
+    try:
+        netns.create(name)
+    except _netlink_error() as e:
+        raise _nl_error(e, f"creating network namespace {name}") from None
+
+
+def remove_netns(name: str) -> None:
+    """Remove network namespace ``name`` (`ip netns del`); the namespace
+    itself lives on while a process is still in it.
+
+    Raises FileNotFoundError when there is no such name, OSError otherwise.
+    """
+    from pyroute2 import netns
+
+    try:
+        netns.remove(name)
+    except _netlink_error() as e:
+        raise _nl_error(e, f"removing network namespace {name}") from None
+
+
+def add_veth(
+    name: str, peer: str, *, netns: str, peer_netns: str, address: str, peer_address: str, index: int | None = None
+) -> None:
+    """Create a veth pair whose ends are born in namespaces ``netns`` and
+    ``peer_netns`` (so neither ever appears in this one), with MAC addresses
+    ``address``/``peer_address`` and, if given, ``index`` as ``name``'s ifindex.
+
+    Raises XdpflowError.
+    """
+    attrs: dict[str, Any] = {
+        "ifname": name,
+        "kind": "veth",
+        "address": address,
+        "net_ns_fd": netns,
+        "peer": {"ifname": peer, "address": peer_address, "net_ns_fd": peer_netns},
+    }
+    if index is not None:
+        attrs["index"] = index
+    try:
+        with ipr() as ip:
+            ip.link("add", **attrs)
+    except _netlink_error() as e:
+        raise _nl_error(e, f"creating veth {name}/{peer}") from None
+
+
+def set_link_up(name: str) -> None:
+    """Bring interface ``name`` of this namespace up. Raises XdpflowError."""
+    idx = ifindex(name)
+    try:
+        with ipr() as ip:
+            ip.link("set", index=idx, state="up")
+    except _netlink_error() as e:
+        raise _nl_error(e, f"bringing {name} up") from None
+
+
+def configure_link(
+    name: str,
+    *,
+    arp: bool,
+    addresses: list[tuple[str, int]],
+    neighbours: list[tuple[str, str]],
+) -> int:
+    """Configure interface ``name`` of this namespace in one netlink session,
+    in this order: ARP on or off, then ``addresses`` ((address, prefixlen);
+    IPv6 ones without DAD), then the link up, then ``neighbours`` ((address,
+    MAC), permanent). Returns its ifindex.
+
+    With ARP off before any address exists the kernel never joins
+    solicited-node groups (whose MLD reports would go out for seconds) and
+    never does DAD. Raises XdpflowError.
+    """
+    idx = ifindex(name)
+    try:
+        with ipr() as ip:
+            ip.link("set", index=idx, arp=arp)
+            for address, prefixlen in addresses:
+                flags = IFA_F_NODAD if ":" in address else 0  # usable at once, no neighbour solicitation
+                ip.addr("add", index=idx, address=address, prefixlen=prefixlen, flags=flags)
+            ip.link("set", index=idx, state="up")
+            for address, lladdr in neighbours:
+                ip.neigh("add", dst=address, lladdr=lladdr, ifindex=idx, state=NUD_PERMANENT)
+    except _netlink_error() as e:
+        raise _nl_error(e, f"configuring {name}") from None
+    return idx
+
+
+def link_state(name: str) -> tuple[str | None, str | None]:
+    """(operstate, qdisc) of interface ``name`` of this namespace, as the
+    kernel names them ("UP", "noqueue"...). Raises XdpflowError."""
+    idx = ifindex(name)
+    try:
+        with ipr() as ip:
+            (link,) = ip.get_links(idx)
+    except _netlink_error() as e:
+        raise _nl_error(e, f"reading interface {name}") from None
+    return link.get("IFLA_OPERSTATE"), link.get("IFLA_QDISC")
+
+
+def delete_link(name: str) -> None:
+    """Delete interface ``name`` of this namespace (a veth takes its peer
+    along). Raises XdpflowError (ENODEV when there is no such interface)."""
+    try:
+        with ipr() as ip:
+            ip.link("del", ifname=name)
+    except _netlink_error() as e:
+        raise _nl_error(e, f"deleting {name}") from None
+
+
+def set_gro(name: str, on: bool) -> None:
+    """Turn generic receive offload of interface ``name`` of this namespace
+    on or off (ethtool's rx-gro feature). Raises OSError."""
+    from pyroute2.ethtool import Ethtool
+
+    try:
+        with Ethtool() as ethtool:
+            features = ethtool.get_features(name)
+            features.features["rx-gro"].enable = on
+            ethtool.set_features(name, features)
+    except _netlink_error() as e:
+        raise _nl_error(e, f"setting rx-gro of {name}") from None
+
+
+def gro(name: str) -> bool:
+    """Whether generic receive offload is on for interface ``name`` of this
+    namespace. Raises OSError."""
+    from pyroute2.ethtool import Ethtool
+
+    try:
+        with Ethtool() as ethtool:
+            return bool(ethtool.get_features(name).features["rx-gro"].enable)
+    except _netlink_error() as e:
+        raise _nl_error(e, f"reading rx-gro of {name}") from None
+
+
+# --- ethtool statistics --------------------------------------------------------
+
+
+class XdpXmitCounters:
+    """veth's XDP transmit counters of one interface, summed over its queues:
+    ``tx_queue_N_xdp_xmit`` (frames its peer's ring took) and
+    ``tx_queue_N_xdp_xmit_errors`` (frames refused, the ring being full or
+    the frame too long), read with the ethtool ioctl (what ``ethtool -S``
+    shows). The interface is looked up in the netns of the thread that
+    constructs it. ``open()`` returns None for a driver without them.
+    """
+
+    def __init__(self, sock: socket.socket, ifname: str, names: list[str]) -> None:
+        self._sock = sock
+        self.ifname = ifname
+        n = len(names)
+        self._stats = ctypes.create_string_buffer(struct.pack("II", _ETHTOOL_GSTATS, n) + bytes(8 * n))
+        self._ifr = _ifreq(ifname, self._stats)
+        self._fmt = f"8x{n}Q"
+        self._xmit = [i for i, k in enumerate(names) if _XMIT.match(k)]
+        self._errors = [i for i, k in enumerate(names) if _XMIT_ERRORS.match(k)]
+
+    @classmethod
+    def open(cls, ifname: str) -> XdpXmitCounters | None:
+        """Raises XdpflowError if the counters exist but cannot be read."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            info = ctypes.create_string_buffer(struct.pack("IIQI", _ETHTOOL_GSSET_INFO, 0, 1 << _ETH_SS_STATS, 0))
+            cls._ioctl(sock, ifname, info)
+            (n,) = struct.unpack_from("I", info.raw, 16)
+            strings = ctypes.create_string_buffer(
+                struct.pack("III", _ETHTOOL_GSTRINGS, _ETH_SS_STATS, n) + bytes(_ETH_GSTRING_LEN * n)
+            )
+            cls._ioctl(sock, ifname, strings)
+        except OSError as e:
+            sock.close()
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return None
+            raise XdpflowError(e.errno or errno.EIO, f"reading the counters of {ifname}: {e.strerror}") from None
+        names = [
+            strings.raw[12 + _ETH_GSTRING_LEN * i : 12 + _ETH_GSTRING_LEN * (i + 1)].split(b"\0")[0].decode()
+            for i in range(n)
+        ]
+        if not any(_XMIT.match(k) for k in names):
+            sock.close()
+            return None
+        return cls(sock, ifname, names)
+
+    @staticmethod
+    def _ioctl(sock: socket.socket, ifname: str, buf: ctypes.Array[ctypes.c_char]) -> None:
+        fcntl.ioctl(sock.fileno(), _SIOCETHTOOL, _ifreq(ifname, buf))
+
+    def read(self) -> tuple[int, int]:
+        """(frames taken, frames refused) since the interface was created."""
+        try:
+            fcntl.ioctl(self._sock.fileno(), _SIOCETHTOOL, self._ifr)
+        except OSError as e:
+            raise XdpflowError(e.errno or errno.EIO, f"reading the counters of {self.ifname}: {e.strerror}") from None
+        values = struct.unpack_from(self._fmt, self._stats.raw)
+        return sum(values[i] for i in self._xmit), sum(values[i] for i in self._errors)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _ifreq(ifname: str, data: ctypes.Array[ctypes.c_char]) -> bytes:
+    """struct ifreq: the name, then a pointer to the ioctl's data (``data``
+    must outlive every use of the result)."""
+    return struct.pack("16sP", ifname.encode(), ctypes.addressof(data)).ljust(40, b"\0")

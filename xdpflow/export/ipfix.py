@@ -35,7 +35,7 @@ fields: RFC 7012 defines the transport ports for TCP, UDP and SCTP only, and
 nfdump 1.7 overwrites its stored destination port from icmpTypeCode for ICMP
 flows whenever the template has that element.
 
-Seen with nfdump 1.7.1 (Debian 12), checked by ``netns_tests/test_ipfix.py``:
+Seen with nfdump 1.7.1 (Debian 12), checked by ``netns_tests/unit/test_ipfix.py``:
 every element above is mapped; 8-byte counters arrive whole (> 2^32 is fine);
 flowStart/EndMilliseconds are kept to the millisecond (``-o json`` prints them
 as local time ``YYYY-MM-DDThh:mm:ss.mmm``); tcpControlBits is stored in one

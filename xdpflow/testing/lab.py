@@ -45,15 +45,12 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
-from pyroute2 import IPRoute, netns
-from pyroute2.ethtool import Ethtool
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
-from pyroute2.netlink.rtnl.ndmsg import NUD_PERMANENT
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
+
+from xdpflow.bindings import netlink
 
 __all__ = [
     "DUT_MAC",
@@ -153,11 +150,6 @@ def _signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _netlink_oserror(err: NetlinkError, what: str) -> OSError:
-    # NetlinkError is not an OSError; callers of this module get one
-    return OSError(err.code, f"{what}: {os.strerror(err.code)}")
-
-
 def _die_with_parent(parent_pid: int) -> None:
     # a child left behind (parent SIGKILLed, pytest timeout) would pin its
     # namespace and everything in it; note that "parent" here means the
@@ -211,7 +203,7 @@ def _portable(exc: BaseException) -> BaseException:
 
 def _child_result(ns_name: str, fn: Callable[..., Any], args: Any, kwargs: Any) -> bytes:
     try:
-        netns.setns(ns_name, flags=0)
+        netlink.enter_netns(ns_name)
         value = fn(*args, **kwargs)
         return pickle.dumps((True, value, ""))
     except BaseException as exc:
@@ -448,7 +440,7 @@ def _close_fds_except(keep: set[int]) -> None:
 
 def _capture(ns_name: str, ifname: str, ctrl_r: int, data_w: int, idle: float, timeout: float) -> None:
     try:
-        netns.setns(ns_name, flags=0)
+        netlink.enter_netns(ns_name)
         # protocol 0 until bind, so no frame of another interface slips in
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         sock.setsockopt(_SOL_PACKET, _PACKET_IGNORE_OUTGOING, 1)
@@ -509,30 +501,14 @@ def _configure_side(
 ) -> int:
     """Runs inside one lab namespace; returns the ifindex of ifname."""
     _set_sysctls(ifname)
-    try:
-        with IPRoute() as ipr:
-            (index,) = ipr.link_lookup(ifname=ifname)
-            (lo,) = ipr.link_lookup(ifname="lo")
-            ipr.link("set", index=lo, state="up")
-            # NOARP before any address exists: the kernel then never joins
-            # solicited-node groups (whose MLD reports would reach dut
-            # for seconds after setup) and never does DAD
-            ipr.link("set", index=index, arp=False)
-            ipr.addr("add", index=index, address=v4, prefixlen=V4_PREFIXLEN)
-            # nodad: usable at once, and no neighbour solicitation on the link
-            ipr.addr("add", index=index, address=v6, prefixlen=V6_PREFIXLEN, flags=IFA_F_NODAD)
-            ipr.link("set", index=index, state="up")
-            for dst in (peer_v4, peer_v6):
-                ipr.neigh(
-                    "add",
-                    dst=dst,
-                    lladdr=peer_mac,
-                    ifindex=index,
-                    state=NUD_PERMANENT,
-                )
-    except NetlinkError as err:
-        raise _netlink_oserror(err, f"configuring {ifname}") from err
-    return int(index)
+    netlink.set_link_up("lo")
+    # NOARP: no ARP, and with it no solicited-node MLD reports and no DAD
+    return netlink.configure_link(
+        ifname,
+        arp=False,
+        addresses=[(v4, V4_PREFIXLEN), (v6, V6_PREFIXLEN)],
+        neighbours=[(peer_v4, peer_mac), (peer_v6, peer_mac)],
+    )
 
 
 def _wait_link_ready(ifname: str, timeout: float) -> None:
@@ -544,36 +520,25 @@ def _wait_link_ready(ifname: str, timeout: float) -> None:
     sent through it.
     """
     deadline = time.monotonic() + timeout
-    with IPRoute() as ipr:
-        while True:
-            (link,) = ipr.get_links(ifname=ifname)
-            qdisc = link.get("IFLA_QDISC")
-            operstate = link.get("IFLA_OPERSTATE")
-            if qdisc != "noop" and operstate == "UP":
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    errno.ETIMEDOUT,
-                    f"{ifname} not ready after {timeout} s (operstate {operstate}, qdisc {qdisc})",
-                )
-            time.sleep(0.002)
+    while True:
+        operstate, qdisc = netlink.link_state(ifname)
+        if qdisc != "noop" and operstate == "UP":
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                errno.ETIMEDOUT,
+                f"{ifname} not ready after {timeout} s (operstate {operstate}, qdisc {qdisc})",
+            )
+        time.sleep(0.002)
 
 
 def _delete_link(ifname: str) -> None:
     try:
-        with IPRoute() as ipr:
-            ipr.link("del", ifname=ifname)
-    except NetlinkError as err:
+        netlink.delete_link(ifname)
+    except OSError as err:
         # deleting one end of a veth takes the other with it
-        if err.code != errno.ENODEV:
-            raise _netlink_oserror(err, f"deleting {ifname}") from err
-
-
-def _set_gro(ifname: str, on: bool) -> None:
-    with Ethtool() as ethtool:
-        features = ethtool.get_features(ifname)
-        features.features["rx-gro"].enable = on
-        ethtool.set_features(ifname, features)
+        if err.errno != errno.ENODEV:
+            raise
 
 
 def set_gro(ns_name: str, ifname: str, on: bool) -> None:
@@ -585,7 +550,7 @@ def set_gro(ns_name: str, ifname: str, on: bool) -> None:
     program) on gen.  Raises OSError if the interface or namespace does not
     exist.
     """
-    run_in_netns(ns_name, _set_gro, ifname, on)
+    run_in_netns(ns_name, netlink.set_gro, ifname, on)
 
 
 class Lab:
@@ -648,36 +613,28 @@ class Lab:
 
     def _build(self) -> None:
         for name in (self.gen_ns, self.dut_ns):
-            if name in netns.listnetns():
+            if name in netlink.named_netns():
                 raise FileExistsError(errno.EEXIST, f"netns {name} already exists")
             # netns.create forks a helper that could finish after an
             # interrupt; run it to completion so the name is tracked
             with _signals_deferred():
                 self._namespaces.append(name)
                 try:
-                    netns.create(name)
+                    netlink.create_netns(name)
                 except FileExistsError:
                     self._namespaces.remove(name)
                     raise
-        try:
-            with IPRoute() as ipr:
-                # both ends are born in their namespaces: nothing ever
-                # appears in the host namespace, even if we are interrupted
-                ipr.link(
-                    "add",
-                    index=GEN_IFINDEX,
-                    ifname=self.gen_if,
-                    kind="veth",
-                    address=self.gen_mac,
-                    net_ns_fd=self.gen_ns,
-                    peer={
-                        "ifname": self.dut_if,
-                        "address": self.dut_mac,
-                        "net_ns_fd": self.dut_ns,
-                    },
-                )
-        except NetlinkError as err:
-            raise _netlink_oserror(err, f"creating veth {self.gen_if}/{self.dut_if}") from err
+        # both ends are born in their namespaces: nothing ever appears in
+        # the host namespace, even if we are interrupted
+        netlink.add_veth(
+            self.gen_if,
+            self.dut_if,
+            index=GEN_IFINDEX,
+            address=self.gen_mac,
+            netns=self.gen_ns,
+            peer_address=self.dut_mac,
+            peer_netns=self.dut_ns,
+        )
         self.gen_ifindex = run_in_netns(
             self.gen_ns,
             _configure_side,
@@ -752,7 +709,7 @@ class Lab:
                     first_error = exc
             for name in list(self._namespaces):
                 try:
-                    netns.remove(name)
+                    netlink.remove_netns(name)
                 except FileNotFoundError:
                     pass
                 except OSError as exc:

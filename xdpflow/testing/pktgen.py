@@ -28,7 +28,7 @@ Addresses come only from the benchmarking ranges 198.18.0.0/15 (RFC 2544) and
 catch); ``FlowMix`` refuses anything else, so a mistyped prefix cannot flood
 someone's real network.
 
-CLI: ``python3 -m xdpflow.pktgen --netns NS --dev IFACE --flows N ...``
+CLI: ``python3 -m xdpflow.testing.pktgen --netns NS --dev IFACE --flows N ...``
 (``--help`` lists the options); it prints frames sent and the rate.
 """
 
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import errno
 import fcntl
 import ipaddress
@@ -94,18 +93,10 @@ ALLOWED_NETS = tuple(
     for n in ("198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "2001:2::/48", "2001:db8::/32")
 )
 
-# linux/if_tun.h, linux/sockios.h, linux/ethtool.h
+# linux/if_tun.h
 _TUNSETIFF = 0x400454CA
 _IFF_TAP = 0x0002
 _IFF_NO_PI = 0x1000
-_SIOCETHTOOL = 0x8946
-_ETHTOOL_GSTRINGS = 0x1B
-_ETHTOOL_GSTATS = 0x1D
-_ETHTOOL_GSSET_INFO = 0x37
-_ETH_SS_STATS = 1
-_ETH_GSTRING_LEN = 32
-_XMIT = re.compile(r"^tx_queue_\d+_xdp_xmit$")
-_XMIT_ERRORS = re.compile(r"^tx_queue_\d+_xdp_xmit_errors$")
 
 
 # --------------------------------------------------------------------------
@@ -365,74 +356,6 @@ class Result:
     counted: bool = False
 
 
-class _XmitCounters:
-    """veth's XDP transmit counters of one interface, summed over its queues:
-    ``tx_queue_N_xdp_xmit`` (frames its peer's ring took) and
-    ``tx_queue_N_xdp_xmit_errors`` (frames refused, the ring being full or
-    the frame too long), read with the ethtool ioctl (what ``ethtool -S``
-    shows). The interface is looked up in the netns of the thread that
-    constructs it. ``open()`` returns None for a driver without them.
-    """
-
-    def __init__(self, sock: socket.socket, ifname: str, names: list[str]) -> None:
-        self._sock = sock
-        self.ifname = ifname
-        n = len(names)
-        self._stats = ctypes.create_string_buffer(struct.pack("II", _ETHTOOL_GSTATS, n) + bytes(8 * n))
-        self._ifr = _ifreq(ifname, self._stats)
-        self._fmt = f"8x{n}Q"
-        self._xmit = [i for i, k in enumerate(names) if _XMIT.match(k)]
-        self._errors = [i for i, k in enumerate(names) if _XMIT_ERRORS.match(k)]
-
-    @classmethod
-    def open(cls, ifname: str) -> _XmitCounters | None:
-        """Raises XdpflowError if the counters exist but cannot be read."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            info = ctypes.create_string_buffer(struct.pack("IIQI", _ETHTOOL_GSSET_INFO, 0, 1 << _ETH_SS_STATS, 0))
-            cls._ioctl(sock, ifname, info)
-            (n,) = struct.unpack_from("I", info.raw, 16)
-            strings = ctypes.create_string_buffer(
-                struct.pack("III", _ETHTOOL_GSTRINGS, _ETH_SS_STATS, n) + bytes(_ETH_GSTRING_LEN * n)
-            )
-            cls._ioctl(sock, ifname, strings)
-        except OSError as e:
-            sock.close()
-            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                return None
-            raise XdpflowError(e.errno or errno.EIO, f"reading the counters of {ifname}: {e.strerror}") from None
-        names = [
-            strings.raw[12 + _ETH_GSTRING_LEN * i : 12 + _ETH_GSTRING_LEN * (i + 1)].split(b"\0")[0].decode()
-            for i in range(n)
-        ]
-        if not any(_XMIT.match(k) for k in names):
-            sock.close()
-            return None
-        return cls(sock, ifname, names)
-
-    @staticmethod
-    def _ioctl(sock: socket.socket, ifname: str, buf: ctypes.Array[ctypes.c_char]) -> None:
-        fcntl.ioctl(sock.fileno(), _SIOCETHTOOL, _ifreq(ifname, buf))
-
-    def read(self) -> tuple[int, int]:
-        """(frames taken, frames refused) since the interface was created."""
-        try:
-            fcntl.ioctl(self._sock.fileno(), _SIOCETHTOOL, self._ifr)
-        except OSError as e:
-            raise XdpflowError(e.errno or errno.EIO, f"reading the counters of {self.ifname}: {e.strerror}") from None
-        values = struct.unpack_from(self._fmt, self._stats.raw)
-        return sum(values[i] for i in self._xmit), sum(values[i] for i in self._errors)
-
-    def close(self) -> None:
-        self._sock.close()
-
-
-def _ifreq(ifname: str, data: ctypes.Array[ctypes.c_char]) -> bytes:
-    """struct ifreq: the name, then a pointer to the ioctl's data (``data``
-    must outlive every use of the result)."""
-    return struct.pack("16sP", ifname.encode(), ctypes.addressof(data)).ljust(40, b"\0")
-
-
 @contextlib.contextmanager
 def _in_xdp_dispatcher(prog: Program) -> Iterator[None]:
     """Keep ``prog`` installed in the kernel's XDP dispatcher meanwhile.
@@ -541,7 +464,7 @@ def blast(
         try:
             with netlink.in_netns(netns):
                 idx = netlink.ifindex(ifname)
-                counters = _XmitCounters.open(ifname)
+                counters = netlink.XdpXmitCounters.open(ifname)
                 hold = _in_xdp_dispatcher(prog) if any(n > 1 for _, n in calls) else contextlib.nullcontext()
                 try:
                     with hold:
@@ -595,7 +518,7 @@ class _Pusher:
     STALLS = 200
 
     def __init__(
-        self, prog: Program, ifindex: int, batch_size: int, counters: _XmitCounters | None, ifname: str
+        self, prog: Program, ifindex: int, batch_size: int, counters: netlink.XdpXmitCounters | None, ifname: str
     ) -> None:
         self.prog = prog
         self.ifindex = ifindex
@@ -750,7 +673,7 @@ def _send_one(sock: socket.socket, frame: bytes, ifname: str, k: int, timeout: f
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python3 -m xdpflow.pktgen",
+        prog="python3 -m xdpflow.testing.pktgen",
         description="Send a mix of test flows out of an interface (needs root).",
     )
     p.add_argument("--netns", help="network namespace of the interface (default: this one)")

@@ -24,8 +24,8 @@ import pytest
 from xdpflow.dataplane import abi
 from xdpflow.rules.blockfile import Rule, parse_cidr
 
-from . import frames
-from .frames import CLASSES, L4, Model, ModelRule, Mutator, check_model, classify
+from .. import frames
+from ..frames import CLASSES, L4, Model, ModelRule, Mutator, check_model, classify
 
 # loaded programs from a pool shared by the session, reset before each test (frames.py)
 prog_pool_fixture = frames.prog_pool_fixture

@@ -6,8 +6,8 @@ import time
 
 from xdpflow.dataplane.clock import CLOCK_PROG, JiffiesClock, measure_hz, sample
 
-from . import frames
-from .frames import kernel_hz
+from .. import frames
+from ..frames import kernel_hz
 
 # loaded programs from a pool shared by the session, reset before each test (frames.py)
 prog_pool_fixture = frames.prog_pool_fixture

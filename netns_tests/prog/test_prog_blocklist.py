@@ -15,9 +15,9 @@ from scapy.packet import Raw
 from xdpflow.dataplane import abi
 from xdpflow.rules.blockfile import Rule, parse_cidr
 
-from . import frames
-from .frames import Model, ModelRule, check_model, ether, expect, flow_key, raw_udp4, read_flows
-from .progtest import XDP_DROP, XDP_PASS
+from .. import frames
+from ..frames import Model, ModelRule, check_model, ether, expect, flow_key, raw_udp4, read_flows
+from ..progtest import XDP_DROP, XDP_PASS
 
 # loaded programs from a pool shared by the session, reset before each test (frames.py)
 prog_pool_fixture = frames.prog_pool_fixture

@@ -1,48 +1,34 @@
-"""Blocklist sources: files and HTTP feeds polled into one union, applied to
-the kernel under the pin-root lock.
+"""Blocklist sources: files and HTTP feeds polled into one union (applying
+it to the kernel: e2e/test_sources_apply.py).
 
-All but the last tests are pure: temp files and an HTTP server on 127.0.0.1
-(port 0) in a thread of this process. Expected keys come from
+Pure: temp files and an HTTP server on 127.0.0.1 (port 0) in a thread of
+this process. Expected keys come from
 blocklist_file.parse_keys of the same text, or from ipaddress by hand.
 """
 
 from __future__ import annotations
 
-import errno
-import json
 import os
 import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from xdpflow.dataplane.blocklist import apply_keys
-from xdpflow.dataplane.pins import PinRoot
-from xdpflow.errors import XdpflowError
 from xdpflow.rules import sources
-from xdpflow.rules.blockfile import parse_keys, rule_from_key
+from xdpflow.rules.blockfile import parse_keys
 from xdpflow.rules.sources import FeedSource, FileSource, SourceResult, SourceSet, Update
-from xdpflow.testing.lab import Lab
+
+from ..sourcetest import DROP, Feed, FeedServer, cidrs, poll_set
 
 A = "192.0.2.0/24\n198.51.100.7\n"
 B = "203.0.113.0/24\n2001:db8::/32 ; SBL1\n"
-DROP = "; Spamhaus DROP List 2024/01/01\n1.10.16.0/20 ; SBL256894\n2001:db8:100::/40 ; SBL1\n"
 
 
 def keys(text: str, direction: str = "src") -> list[int]:
     return parse_keys(text.split("\n"), "-", direction)
-
-
-def cidrs(ks: list[int] | None) -> list[tuple[str, str]]:
-    assert ks is not None
-    return [(str(r.net), r.direction) for r in map(rule_from_key, ks)]
 
 
 def poll_until(src: FileSource, cond: Callable[[SourceResult], bool], within: float = 2.0) -> SourceResult:
@@ -54,18 +40,6 @@ def poll_until(src: FileSource, cond: Callable[[SourceResult], bool], within: fl
             return r
         assert time.monotonic() < deadline, f"not within {within} s: {r}"
         time.sleep(0.05)
-
-
-def poll_set(ss: SourceSet, now: float, polls: int = 3) -> tuple[Update | None, list[SourceResult]]:
-    """Poll a set up to ``polls`` times in a row (a just-written file is read
-    on the second), stopping at an Update; also every error reported."""
-    errors: list[SourceResult] = []
-    for _ in range(polls):
-        up = ss.poll(now)
-        errors += ss.errors
-        if up is not None:
-            return up, errors
-    return None, errors
 
 
 def changed(r: SourceResult) -> bool:
@@ -204,99 +178,11 @@ def test_file_bad_direction() -> None:
 # --- feeds ---------------------------------------------------------------------
 
 
-class Feed:
-    """What the test server answers; it records every request's headers."""
-
-    def __init__(self) -> None:
-        self.status = 200
-        self.body = b""
-        self.etag: str | None = None
-        self.last_modified: str | None = None
-        self.send_length = True  # False: no Content-Length, the body ends at close
-        self.endless = False  # stream valid lines until the client goes away
-        self.trickle = 0.0  # endless: seconds between chunks
-        self.redirects: dict[str, str] = {}  # path -> Location of a 301
-        self.delay = 0.0  # before the status line
-        self.body_delay = 0.0  # after the headers
-        self.requests: list[dict[str, str]] = []
-        self.sent = 0
-
-    def set(self, text: str, etag: str | None = None, last_modified: str | None = None) -> None:
-        self.status, self.body, self.etag, self.last_modified = 200, text.encode(), etag, last_modified
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-
-    def do_GET(self) -> None:
-        feed = self.server.feed
-        feed.requests.append({k.lower(): v for k, v in self.headers.items()})
-        try:
-            self._answer(feed)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def _answer(self, feed: Feed) -> None:
-        time.sleep(feed.delay)
-        if self.path in feed.redirects:
-            self.send_response(301)
-            self.send_header("Location", feed.redirects[self.path])
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        if feed.status != 200:
-            self.send_response(feed.status)
-            self.send_header("Content-Length", "5")
-            self.end_headers()
-            self.wfile.write(b"oops\n")
-            return
-        # RFC 9110 13.2.2: If-Modified-Since counts only without If-None-Match
-        inm, ims = self.headers.get("If-None-Match"), self.headers.get("If-Modified-Since")
-        if (inm is not None and inm == feed.etag) or (inm is None and ims and ims == feed.last_modified):
-            self.send_response(304)
-            self.end_headers()
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        if feed.etag:
-            self.send_header("ETag", feed.etag)
-        if feed.last_modified:
-            self.send_header("Last-Modified", feed.last_modified)
-        if feed.send_length and not feed.endless:
-            self.send_header("Content-Length", str(len(feed.body)))
-        self.end_headers()
-        self.wfile.flush()
-        time.sleep(feed.body_delay)
-        if feed.endless:
-            chunk = b"".join(b"10.%d.%d.0/24\n" % (i >> 8, i & 255) for i in range(4096))
-            while feed.sent < 256 << 20:
-                self.wfile.write(chunk)
-                feed.sent += len(chunk)
-                time.sleep(feed.trickle)
-            return
-        self.wfile.write(feed.body)
-        feed.sent += len(feed.body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-class _Server(ThreadingHTTPServer):
-    feed: Feed
-
-
 @pytest.fixture
 def feed() -> Iterator[tuple[Feed, str]]:
     """A feed on 127.0.0.1 and its URL."""
-    server = _Server(("127.0.0.1", 0), _Handler)
-    server.feed = Feed()
-    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    try:
-        yield server.feed, f"http://127.0.0.1:{server.server_address[1]}/drop.txt"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with FeedServer() as server:
+        yield server.feed, server.url
 
 
 @pytest.fixture(autouse=True)
@@ -644,66 +530,3 @@ def test_result_str_and_repr_stay_short() -> None:
     r = SourceResult("x.txt", True, list(range(100000)))
     assert str(r) == "x.txt: changed, 100000 rules"
     assert len(repr(r)) < 200
-
-
-# --- the kernel ----------------------------------------------------------------
-
-
-def xdpflow(*args: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "xdpflow", *args], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and r.stderr == "", f"xdpflow {' '.join(args)}: exit {r.returncode}\n{r.stderr}"
-    return r.stdout
-
-
-def test_apply_keys_to_a_pin_root(tmp_path: Path, feed: tuple[Feed, str], pin_root: str) -> None:
-    f, url = feed
-    f.set(DROP, etag='"v1"')
-    src_file, dst_file = tmp_path / "src.txt", tmp_path / "dst.txt"
-    src_file.write_text("198.51.100.0/24\n2001:db8:1::/48\n")
-    dst_file.write_text("203.0.113.9\n")
-    ss = SourceSet(
-        [FileSource(str(src_file)), FileSource(str(dst_file), "dst"), FeedSource(url, interval=10)],
-        background=False,
-    )
-    up, _ = poll_set(ss, 0)
-    assert up is not None and up.missing == ()
-    want = {
-        ("198.51.100.0/24", "src"),
-        ("2001:db8:1::/48", "src"),
-        ("203.0.113.9/32", "dst"),
-        ("1.10.16.0/20", "src"),
-        ("2001:db8:100::/40", "src"),
-    }
-    assert set(cidrs(up.keys)) == want
-
-    with Lab("xfsrc") as lab:
-        xdpflow("attach", lab.dut_if, "--netns", lab.dut_ns, "--pin-root", pin_root)
-
-        def listing() -> set[tuple[str, str]]:
-            out = json.loads(xdpflow("block", "list", "--json", "--pin-root", pin_root))
-            assert all(r["hits"] == 0 for r in out)
-            return {(r["cidr"], r["direction"]) for r in out}
-
-        ch = apply_keys(up.keys, PinRoot(pin_root), dry_run=True)
-        assert ch.added_keys == up.keys and ch.deleted_keys == []
-        assert listing() == set()
-
-        ch = apply_keys(up.keys, PinRoot(pin_root))
-        assert ch.added_keys == up.keys and ch.deleted_keys == []
-        assert listing() == want
-
-        # the feed fails, a file drops a rule: only that rule goes
-        f.status = 500
-        src_file.write_text("198.51.100.0/24\n")
-        up2, errors = poll_set(ss, 10)
-        assert up2 is not None and [r.source for r in errors] == [url]
-        ch = apply_keys(up2.keys, PinRoot(pin_root))
-        assert ch.added_keys == [] and ch.added_cidrs() == [] and ch.deleted_cidrs() == ["2001:db8:1::/48"]
-        assert listing() == want - {("2001:db8:1::/48", "src")}
-        assert apply_keys(up2.keys, PinRoot(pin_root)).deleted_keys == []  # nothing left to do
-
-
-def test_apply_keys_without_attach(pin_root: str) -> None:
-    with pytest.raises(XdpflowError) as e:
-        apply_keys([], PinRoot(pin_root))
-    assert e.value.errno == errno.ENOENT and "xdpflow attach" in str(e.value)

@@ -264,7 +264,7 @@ def test_sigterm_closes_labs_and_still_terminates() -> None:
         "print(lab.gen_ns, lab.dut_ns, flush=True)\n"
         "time.sleep(60)\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None

@@ -1,6 +1,6 @@
 """Prometheus metrics end to end: what `/metrics` says equals what the
-`xdpflow` command says, promtool accepts it without a lint warning, the
-listener stays on loopback, and vanished pins never fail a scrape.
+`xdpflow` command says, promtool accepts it without a lint warning, and
+vanished pins never fail a scrape.
 
 xdpflow is driven through the console script inside a lab's dut namespace;
 the metrics server runs in this test process, in the host namespace, and
@@ -10,14 +10,11 @@ which program runs. Scrapes go over HTTP to 127.0.0.1.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +24,13 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
-from xdpflow.app.config import DEFAULT_LISTEN, ConfigError, parse_hostport
+from xdpflow.app.config import parse_hostport
 from xdpflow.dataplane import abi
 from xdpflow.dataplane.pins import PinRoot
 from xdpflow.export import metrics
 from xdpflow.testing.lab import Lab, traffic_mix
 
-from .clitest import XDPFLOW, metric_samples
+from ..clitest import XDPFLOW, metric_samples, scrape
 
 LAB_PREFIX = "xfmet"
 
@@ -84,13 +81,6 @@ def populate(lab: Lab, pin_root: str) -> int:
     frames = [bytes(f) for f in traffic_mix(lab)] + [bytes(f) for f in blocked]
     assert lab.send(frames) == len(frames)
     return len(blocked)
-
-
-def scrape(server: metrics.MetricsServer) -> str:
-    assert server.host == "127.0.0.1"
-    with urllib.request.urlopen(server.url, timeout=30) as r:
-        assert r.status == 200
-        return str(r.read().decode())
 
 
 samples = metric_samples
@@ -241,42 +231,6 @@ def test_attached_follows_the_interface(lab: Lab, pin_root: str) -> None:
     assert attached() == 0
     (status,) = xdpflow_json(lab, pin_root, "status")
     assert status["attached"] is False
-
-
-def test_listens_on_loopback_by_default(pin_root: str) -> None:
-    assert DEFAULT_LISTEN == "127.0.0.1:9437"
-    try:
-        server = metrics.serve(parse_hostport(DEFAULT_LISTEN), PinRoot(pin_root))
-    except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            pytest.skip("port 9437 is taken on this machine")
-        raise
-    with server:
-        assert server._httpd.socket.getsockname() == ("127.0.0.1", 9437)
-        assert server.address == ("127.0.0.1", 9437)
-        # nothing attached under the root: a scrape of the process metrics only
-        assert samples(scrape(server)) == {}
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", 9437), timeout=5).close()
-
-
-def test_listen_addresses(pin_root: str) -> None:
-    with metrics.serve(parse_hostport("[::1]:0"), PinRoot(pin_root)) as server:
-        host, port = server._httpd.socket.getsockname()[:2]
-        assert (host, port) == ("::1", server.port) and port != 0
-        assert server.url == f"http://[::1]:{port}/metrics"
-        with urllib.request.urlopen(server.url, timeout=30) as r:
-            assert r.status == 200
-    assert parse_hostport("localhost:80") == ("localhost", 80)
-    assert parse_hostport("[2001:db8::1]:9437") == ("2001:db8::1", 9437)
-    for bad in ("9437", ":9437", "::1:9437", "127.0.0.1", "127.0.0.1:65536", "[::1]9437", "127.0.0.1:x"):
-        with pytest.raises(ConfigError):
-            parse_hostport(bad)
-    with metrics.serve(parse_hostport("127.0.0.1:0"), PinRoot(pin_root)) as first:
-        with pytest.raises(OSError) as exc:
-            metrics.serve(("127.0.0.1", first.port), PinRoot(pin_root))
-        assert exc.value.errno == errno.EADDRINUSE
-        assert "choose another port" in str(exc.value)
 
 
 @pytest.mark.slow

@@ -24,8 +24,8 @@ from scapy.packet import Raw
 from xdpflow.dataplane.flows import read_table
 from xdpflow.rules.blockfile import Rule, parse_cidr
 
-from . import frames
-from .frames import (
+from .. import frames
+from ..frames import (
     ETH_P_8021AD,
     ETH_P_8021Q,
     Model,
@@ -37,7 +37,7 @@ from .frames import (
     pad,
     read_flows,
 )
-from .progtest import XDP_DROP, XDP_PASS
+from ..progtest import XDP_DROP, XDP_PASS
 
 # loaded programs from a pool shared by the session, reset before each test (frames.py)
 prog_pool_fixture = frames.prog_pool_fixture

@@ -38,7 +38,7 @@ from xdpflow.export.ipfix import (
     template_set,
 )
 
-from .nfcapd import NFCAPD, NFDUMP, Nfcapd, free_udp_port
+from ..nfcapd import NFCAPD, NFDUMP, Nfcapd, free_udp_port
 
 # the templates the brief asks for, as (IE, length); plus icmpTypeCode (see xdpflow/ipfix.py)
 COMMON = [(7, 2), (11, 2), (4, 1), (6, 2), (2, 8), (1, 8), (152, 8), (153, 8), (10, 4), (136, 1)]

@@ -35,7 +35,7 @@ from xdpflow.dataplane.pins import PinRoot
 from xdpflow.testing.lab import DUT_V4, DUT_V6, Lab
 from xdpflow.testing.pktgen import FlowMix, build_frames, send_exact, vary_frame
 
-from .clitest import (
+from ..clitest import (
     COUNTERS,
     Cli,
     assert_one_error_line,
@@ -45,7 +45,7 @@ from .clitest import (
     wait_prog_gone,
     xdp_prog,
 )
-from .reltest import (
+from ..reltest import (
     ONLY_A_SOURCES,
     ONLY_B_SOURCES,
     SHARED_SOURCES,

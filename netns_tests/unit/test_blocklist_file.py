@@ -35,7 +35,7 @@ from xdpflow.rules.blockfile import (
     sort_rules,
 )
 
-HEADER = Path(__file__).resolve().parents[1] / "bpf" / "xdpflow.h"
+HEADER = Path(__file__).resolve().parents[2] / "bpf" / "xdpflow.h"
 
 
 def v4(text: str, direction: str = "src") -> Rule:

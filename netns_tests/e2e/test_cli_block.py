@@ -13,7 +13,7 @@ import pytest
 
 from xdpflow.testing.lab import DUT_V4, DUT_V6, GEN_V4, GEN_V6, Lab
 
-from .clitest import (
+from ..clitest import (
     BLOCK_MAX,
     Cli,
     all_ok,

@@ -26,8 +26,8 @@ from scapy.packet import Raw
 from xdpflow.dataplane.abi import bytes_key
 from xdpflow.errors import XdpflowError
 
-from . import frames
-from .frames import (
+from .. import frames
+from ..frames import (
     ETH_P_8021AD,
     ETH_P_8021Q,
     Model,
@@ -40,7 +40,7 @@ from .frames import (
     read_flows,
     zero_counters,
 )
-from .progtest import XDP_PASS
+from ..progtest import XDP_PASS
 
 # loaded programs from a pool shared by the session, reset before each test (frames.py)
 prog_pool_fixture = frames.prog_pool_fixture

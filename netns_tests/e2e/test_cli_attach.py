@@ -18,7 +18,7 @@ import pytest
 
 from xdpflow.testing.lab import Lab, traffic_mix
 
-from .clitest import (
+from ..clitest import (
     FLOWS_MAX,
     RULES_MAX,
     Cli,

@@ -19,7 +19,7 @@ from scapy.layers.l2 import Ether
 from xdpflow.dataplane.blocklist import V4_LEVELS
 from xdpflow.rules.blockfile import Rule
 
-from .progtest import XDP_DROP, XDP_PASS
+from ..progtest import XDP_DROP, XDP_PASS
 
 BASES = ["198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24"]
 

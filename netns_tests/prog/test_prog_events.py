@@ -15,9 +15,9 @@ from xdpflow.dataplane.abi import ffi
 from xdpflow.dataplane.clock import CLOCK_PROG, sample
 from xdpflow.rules.blockfile import Rule, parse_cidr
 
-from . import frames
-from .frames import arp, ether, kernel_hz, on_cpu, raw_udp4
-from .progtest import XDP_DROP, XDP_PASS
+from .. import frames
+from ..frames import arp, ether, kernel_hz, on_cpu, raw_udp4
+from ..progtest import XDP_DROP, XDP_PASS
 
 # loaded programs from a pool shared by the session, reset before each test (frames.py)
 prog_pool_fixture = frames.prog_pool_fixture
@@ -108,14 +108,14 @@ def test_new_flow_event(prog, pkt, family, src, dst, sport, dport, proto):
         dport,
         proto,
     )
-    assert (ev.len, ev.rule, ev.ifindex) == (len(frame), 0, LO)
+    assert (ev.len, ev.rule, ev.ifindex) == (len(frame), None, LO)
     assert j0 <= ev.ts <= j1  # jiffies, stamped while the frame ran
     assert prog.counters()["events_suppressed"] == prog.counters()["events_lost"] == 0
 
 
 def test_ipv4_event_addresses_are_zero_padded(prog):
-    """IPv4 addresses fill the first 4 bytes of the 16; the rest and both
-    pad fields are zero, never leftovers of earlier records."""
+    """IPv4 addresses fill the first 4 bytes of the 16; the rest, both pad
+    fields and a new flow's rule are zero, never leftovers of earlier records."""
     prog.run(ether() / IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=1, dport=2))
     prog.run(ether() / IP(src="198.18.0.1", dst="198.18.0.2") / UDP(sport=1, dport=2))
     prog.run(ether() / IP(src="198.18.0.1", dst="198.18.0.3") / UDP(sport=1, dport=2))
@@ -126,6 +126,7 @@ def test_ipv4_event_addresses_are_zero_padded(prog):
         assert e.family == 4
         assert bytes(e.saddr)[4:] == bytes(12) and bytes(e.daddr)[4:] == bytes(12)
         assert e.pad == 0 and e.generation == prog.map("config")[0].generation
+        assert (e.type, e.rule) == (NEW_FLOW, 0)
 
 
 def test_no_event_for_non_ip_parse_errors_or_known_flows(prog):

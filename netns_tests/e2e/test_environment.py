@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
@@ -31,19 +33,23 @@ from pathlib import Path
 import pytest
 from pyroute2 import netns as pyroute2_netns
 
+import xdpflow
 from xdpflow.app import config
 from xdpflow.app.config import DEFAULT_LISTEN, parse_hostport
 from xdpflow.dataplane.pins import PinRoot
+from xdpflow.errors import ROOT_HINT
 from xdpflow.export import metrics
 from xdpflow.testing.lab import DUT_V4, Lab, Receiver, run_in_netns, traffic_mix
 from xdpflow.testing.lab import _wait_link_ready as wait_link_ready
 
-from .clitest import (
+from ..clitest import (
     XDPFLOW,
     Cli,
     all_ok,
     assert_one_error_line,
     expect_counters,
+    hostile_config,
+    hostile_lines,
     pins_under,
     raw,
     send_and_receive,
@@ -54,6 +60,7 @@ from .clitest import (
 )
 
 LAB_PREFIX = "xfenv"
+PACKAGE = os.path.dirname(os.path.abspath(xdpflow.__file__))
 NOBODY = 65534
 SETPRIV = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 IFACE_PINS = ["counters", "flows_v4", "flows_v6", "prog"]
@@ -149,15 +156,15 @@ def in_private_mounts(
     ]
 
 
-def _reach_for_nobody() -> str:
-    """Shell setup that lets uid 65534 run this interpreter and the console script.
+def _reach_for_nobody(tree: str) -> str:
+    """Shell setup that lets uid 65534 run this interpreter on the package copy ``tree``.
 
-    They usually live below /root (mode 0700): the setup lays a world-readable
+    The interpreter usually lives below /root (mode 0700): the setup lays a world-readable
     tmpfs over the closed ancestor and puts the installation back on top of it,
     in the private mount namespace only. Nothing else changes: the pins keep
     their owner and modes, the process gets no capability.
     """
-    wanted = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, os.path.dirname(XDPFLOW))}
+    wanted = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, tree)}
     needed = {p for p in wanted if not any(p.startswith(q + "/") for q in wanted)}
     closed: dict[str, set[str]] = {}
     for path in needed:
@@ -179,26 +186,46 @@ def _reach_for_nobody() -> str:
 
 
 _WHOAMI = (
-    "import os; caps = [l.split()[1] for l in open('/proc/self/status') if l.startswith('CapEff')];"
-    "print(os.getuid(), os.geteuid(), os.getgid(), os.getgroups(), caps[0])"
+    "import os, xdpflow; caps = [l.split()[1] for l in open('/proc/self/status') if l.startswith('CapEff')];"
+    "print(os.getuid(), os.geteuid(), os.getgid(), os.getgroups(), caps[0],"
+    " os.path.dirname(os.path.dirname(xdpflow.__file__)))"
 )
 
 
-def as_nobody(*commands: Sequence[str]) -> list[subprocess.CompletedProcess[str]]:
+# The package as uid 65534 runs it: a copy in a world-readable directory,
+# because the checkout under test may sit where that user cannot look (root's
+# home, a `mktemp -d`); python3 -m xdpflow, as the console script would import
+# an installation of its own choosing.
+NOBODY_XDPFLOW = [sys.executable, "-m", "xdpflow"]
+
+
+@pytest.fixture(scope="module")
+def nobody_tree() -> Iterator[str]:
+    """A world-readable copy of the package under test, removed afterwards."""
+    top = tempfile.mkdtemp(prefix="xfenv-pkg-")
+    try:
+        shutil.copytree(PACKAGE, os.path.join(top, "xdpflow"), ignore=shutil.ignore_patterns("__pycache__"))
+        subprocess.run(["chmod", "-R", "a+rX", top], check=True)  # mkdtemp made it 0700
+        yield top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def as_nobody(tree: str, *commands: Sequence[str]) -> list[subprocess.CompletedProcess[str]]:
     """Run commands, all at once, as uid/gid 65534 without groups or
-    capabilities (setpriv); checks that the process really is that unprivileged."""
+    capabilities (setpriv), importing xdpflow from ``tree`` (cwd /, so
+    nothing else is found first); checks that the process really is that
+    unprivileged and runs that copy."""
+    env = ["env", "-C", "/", f"PYTHONPATH={tree}"]
     whoami, *results = in_private_mounts(
-        _reach_for_nobody(),
-        [*SETPRIV, sys.executable, "-c", _WHOAMI],
-        *[[*SETPRIV, *c] for c in commands],
+        _reach_for_nobody(tree),
+        [*SETPRIV, *env, sys.executable, "-c", _WHOAMI],
+        *[[*SETPRIV, *env, *c] for c in commands],
         parallel=True,
     )
     assert whoami.returncode == 0, whoami.stderr
-    assert whoami.stdout.split() == ["65534", "65534", "65534", "[]", "0000000000000000"], whoami.stdout
+    assert whoami.stdout.split() == ["65534", "65534", "65534", "[]", "0000000000000000", tree], whoami.stdout
     return results
-
-
-# --- 1. the interface is deleted ------------------------------------------------
 
 
 def test_deleted_interface(lab: Lab, cli: Cli, pin_root: str) -> None:
@@ -451,7 +478,7 @@ def test_pins_are_root_only_whatever_the_umask(lab: Lab, cli: Cli, pin_root: str
         assert (mode, uid, gid) == (0o700 if is_dir else 0o600, 0, 0), f"{rel}: {oct(mode)} uid {uid} gid {gid}"
 
 
-def test_non_root_is_refused(lab: Lab, cli: Cli, pin_root: str) -> None:
+def test_non_root_is_refused(lab: Lab, cli: Cli, pin_root: str, nobody_tree: str) -> None:
     cli("attach", lab.dut_if)
     cli("block", "add", "203.0.113.0/24")
     before = cli.blocklist()
@@ -471,8 +498,9 @@ def test_non_root_is_refused(lab: Lab, cli: Cli, pin_root: str) -> None:
     )
     pins = [f"{pin_root}/bl4_src", f"{pin_root}/if_{lab.dut_if}/counters", f"{pin_root}/if_{lab.dut_if}/prog"]
     *results, in_netns, direct = as_nobody(
-        *[[XDPFLOW, *c, "--pin-root", pin_root] for c in commands],
-        cli.argv("stats"),
+        nobody_tree,
+        *[[*NOBODY_XDPFLOW, *c, "--pin-root", pin_root] for c in commands],
+        [*NOBODY_XDPFLOW, *cli.argv("stats")[1:]],
         [sys.executable, "-c", probe, *pins],
     )
     for c, r in zip(commands, results, strict=True):
@@ -496,13 +524,27 @@ def test_non_root_is_refused(lab: Lab, cli: Cli, pin_root: str) -> None:
     assert cli.status()[0]["attached"] is True
 
 
-def test_non_root_errors_say_run_as_root(lab: Lab, cli: Cli, pin_root: str) -> None:
+def test_non_root_errors_say_run_as_root(lab: Lab, cli: Cli, pin_root: str, nobody_tree: str) -> None:
     cli("attach", lab.dut_if)
     commands = [("stats",), ("flows",), ("block", "add", "198.51.100.0/24"), ("status",), ("detach", lab.dut_if)]
-    results = as_nobody(*[[XDPFLOW, *c, "--pin-root", pin_root] for c in commands])
+    results = as_nobody(nobody_tree, *[[*NOBODY_XDPFLOW, *c, "--pin-root", pin_root] for c in commands])
     said = {" ".join(c): r.stderr for c, r in zip(commands, results, strict=True)}
     assert all(r.returncode == 1 for r in results), said
     assert all("run as root" in err for err in said.values()), said
+
+
+def test_an_installation_non_root_cannot_read_is_one_line(pin_root: str, tmp_path: Path) -> None:
+    """The package imports, but its bpf/ (header, objects) is root's only:
+    the command says so in one line, not a traceback."""
+    tree = str(tmp_path / "tree")
+    shutil.copytree(PACKAGE, os.path.join(tree, "xdpflow"), ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["chmod", "-R", "a+rX", str(tmp_path)], check=True)
+    bpf_dir = os.path.join(tree, "xdpflow", "bpf")
+    os.chmod(bpf_dir, 0o700)
+    (r,) = as_nobody(tree, [*NOBODY_XDPFLOW, "status", "--pin-root", pin_root])
+    assert (r.returncode, r.stdout) == (1, ""), r.stderr
+    assert_one_error_line(r.stderr)
+    assert r.stderr == f"xdpflow: Permission denied: {bpf_dir}/xdpflow.h; {ROOT_HINT}\n"
 
 
 def test_pin_root_created_by_another_user_is_not_trusted(lab: Lab, cli: Cli, pin_root: str) -> None:
@@ -552,23 +594,12 @@ def test_metrics_listen_on_loopback_by_default(lab: Lab, pin_root: str) -> None:
     assert DEFAULT_LISTEN == config.Config().listen == "127.0.0.1:9437"
 
 
-def _hostile(marker: Path) -> list[str]:
-    m = shlex.quote(str(marker))
-    return [
-        f"$(touch {m})",
-        f"`touch {m}`",
-        f"__import__('os').system('touch {m}')",
-        f"198.18.0.0/24 && touch {m}",
-        f"{{{{ ''.__class__.__mro__[1].__subclasses__() }}}} {m}",
-    ]
-
-
 def test_blocklist_input_is_never_executed(cli: Cli, lab: Lab, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     cli("attach", lab.dut_if)
     cli("block", "add", "203.0.113.0/24")
     before = cli.blocklist()
-    lines = _hostile(marker)
+    lines = hostile_lines(marker)
     path = tmp_path / "blocklist.txt"
     path.write_text("198.18.0.0/24\n" + "\n".join(lines) + "\n")
 
@@ -587,29 +618,13 @@ def test_blocklist_input_is_never_executed(cli: Cli, lab: Lab, tmp_path: Path) -
     assert not marker.exists()
 
 
-def test_config_values_are_only_data(lab: Lab, pin_root: str, tmp_path: Path) -> None:
+def test_the_daemon_takes_config_values_as_names(lab: Lab, pin_root: str, tmp_path: Path) -> None:
+    """The config parser keeps hostile values verbatim (unit/test_config.py);
+    the daemon then takes them as names: no such interface, nothing run."""
     marker = tmp_path / "pwned"
-    hostile = _hostile(marker)[0]
+    hostile = hostile_lines(marker)[0]
     verbatim = tmp_path / "verbatim.toml"
-    verbatim.write_text(
-        f"interfaces = [{json.dumps(hostile)}]\nnetns = {json.dumps(hostile)}\n"
-        f"pin_root = {json.dumps('/sys/fs/bpf/' + hostile)}\n"
-        f"[blocklist]\nfiles = [{json.dumps(hostile)}]\n"
-        f"feeds = [{{url = {json.dumps('http://127.0.0.1:1/' + hostile)}}}]\n"
-    )
-    cfg = config.load_config(str(verbatim))
-    assert cfg.interfaces == [hostile] and cfg.netns == hostile and cfg.blocklist_files == [hostile]
-    assert cfg.pin_root == "/sys/fs/bpf/" + hostile
-    assert cfg.feeds[0].url == "http://127.0.0.1:1/" + hostile
-
-    for key, value in (("mode", _hostile(marker)[2]), ("listen", _hostile(marker)[2]), ("idle_timeout", hostile)):
-        bad = tmp_path / f"bad-{key}.toml"
-        section = "[metrics]\n" if key == "listen" else "[export]\n" if key == "idle_timeout" else ""
-        bad.write_text(f'interfaces = ["eth0"]\n{section}{key} = {json.dumps(value)}\n')
-        with pytest.raises(config.ConfigError):
-            config.load_config(str(bad))
-
-    # and the daemon takes the verbatim names as names: no such interface
+    verbatim.write_text(hostile_config(hostile))
     r = subprocess.run(
         [XDPFLOW, "run", "--config", str(verbatim), "--netns", lab.dut_ns, "--pin-root", pin_root],
         capture_output=True, text=True, timeout=30,

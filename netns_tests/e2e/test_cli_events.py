@@ -17,7 +17,7 @@ import pytest
 from xdpflow.dataplane.abi import bytes_key
 from xdpflow.testing.lab import DUT_V4, DUT_V6, GEN_V4, GEN_V6, Lab, traffic_mix
 
-from .clitest import (
+from ..clitest import (
     COUNTERS,
     Cli,
     expect_counters,

@@ -1,0 +1,526 @@
+"""The `xdpflow` command's subcommands: what an operator types.
+
+Argument parsing and output only (the entry point around it is cli.py): every command calls the data plane (or
+the daemon) and prints what it got. Each is a short-lived process; the
+state is in pinned maps. Errors print one line on stderr (``xdpflow: ...``)
+and exit non-zero: 1 for a failed operation, 2 for input to correct.
+``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from xdpflow.app.output import clear_screen, emit_json, human, proto_name, table
+from xdpflow.bindings import netlink
+from xdpflow.dataplane import abi, lifecycle, maps
+from xdpflow.dataplane.lifecycle import FLOWS_DEFAULT, AttachOptions
+from xdpflow.dataplane.pins import PinRoot, default_root
+from xdpflow.errors import InputError, NotAttachedError, one_line
+from xdpflow.rules.blockfile import BlocklistFileError, Rule, parse_cidr, read_file_keys
+
+# numpy-backed modules (flows, blocklist, events) are imported by the commands
+# that use them: `stats` must start fast.
+SORT_KEYS = ("packets", "bytes", "last-seen")  # flows.SORT_KEYS, without importing numpy
+
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+
+STATS_ORDER = list(abi.COUNTER_NAMES.values())
+
+
+def _ifaces(args: argparse.Namespace) -> list[str]:
+    """The interface named on the command line, or every attached one."""
+    pins: PinRoot = args.pins
+    names = pins.interfaces()
+    wanted = getattr(args, "iface", None)
+    if wanted:
+        if wanted not in names:
+            raise pins.not_attached(wanted)
+        return [wanted]
+    if not names:
+        raise pins.not_attached()
+    return names
+
+
+# --- commands ----------------------------------------------------------------
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    opts = AttachOptions(
+        mode=args.mode,
+        flows=args.flows,
+        sink=args.sink,
+        monitor=True if args.monitor else None,
+        force=args.force,
+        shared_flows=not args.percpu_flows,
+    )
+    results = []
+    for ifname in args.ifaces:
+        r = lifecycle.attach(ifname, opts, args.pins)
+        results.append(r)
+        if not args.json:
+            verb = "upgraded" if r.replaced else "attached"
+            print(f"{verb} xdpflow on {ifname}: program id {r.prog_id}, {r.mode} mode")
+    if args.json:
+        emit_json([{"ifname": r.ifname, "prog_id": r.prog_id, "mode": r.mode, "replaced": r.replaced} for r in results])
+    return 0
+
+
+def cmd_detach(args: argparse.Namespace) -> int:
+    for ifname in args.ifaces:
+        r = lifecycle.detach(ifname, args.pins)
+        if args.json:
+            continue
+        if r.found_as is None:
+            print(f"{ifname} runs no xdpflow program any more (gone?); removed its pins")
+        elif r.found_as != ifname or r.netns:
+            where = f" in namespace {r.netns}" if r.netns else ""
+            print(f"detached xdpflow from {ifname} (now {r.found_as}{where})")
+        else:
+            print(f"detached xdpflow from {ifname}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from xdpflow.dataplane.status import status_rows
+
+    rows = status_rows(args.pins)
+    if args.json:
+        emit_json(rows)
+        return 0
+    if not rows:
+        print(f"nothing attached under {args.pins.root}")
+        return 0
+    out = []
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["attached_at"])) if r["attached_at"] else "-"
+        state = (r["mode"] or "?") if r["attached"] else "NOT ATTACHED (interface gone or program replaced)"
+        if r["sink"]:
+            state += " sink"
+        out.append([r["ifname"], state, r["prog_id"], when, f"{r['flows']}/{r['flows_max']}"])
+    print(table(out, ["interface", "mode", "prog", "attached", "flows"]))
+    first = rows[0]
+    monitor = "on" if first["monitor"] else "off"
+    print(f"blocklist: {first['blocklist']}/{first['blocklist_max']} rules, monitor mode {monitor}")
+    return 0
+
+
+def read_stats(args: argparse.Namespace) -> dict[str, dict[str, int]]:
+    out = {}
+    for ifname in _ifaces(args):
+        try:
+            out[ifname] = maps.read_counters(args.pins, ifname)
+        except NotAttachedError:
+            if args.iface:
+                raise
+            # an attach that died half-way left a directory without counters
+    return out
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    if args.watch is not None:
+        return watch_stats(args)
+    stats = read_stats(args)
+    if args.json:
+        emit_json(stats)
+        return 0
+    for ifname, c in stats.items():
+        print(f"{ifname}:")
+        print(table([[n, c[n], c[abi.bytes_key(n)]] for n in STATS_ORDER], ["counter", "packets", "bytes"]))
+    return 0
+
+
+def watch_stats(args: argparse.Namespace) -> int:
+    prev = read_stats(args)
+    t_prev = time.monotonic()
+    try:
+        while True:
+            time.sleep(args.watch)
+            now = read_stats(args)
+            t_now = time.monotonic()
+            dt = max(t_now - t_prev, 1e-9)
+
+            def rate(ifname: str, key: str, c: dict[str, int], prev: dict = prev, dt: float = dt) -> float:
+                return (c[key] - prev.get(ifname, {}).get(key, 0)) / dt
+
+            if args.json:
+                out = {
+                    ifname: {
+                        n: {
+                            "packets": c[n],
+                            "bytes": c[abi.bytes_key(n)],
+                            "pps": rate(ifname, n, c),
+                            "bps": 8 * rate(ifname, abi.bytes_key(n), c),
+                        }
+                        for n in STATS_ORDER
+                    }
+                    for ifname, c in now.items()
+                }
+                emit_json(out)
+            else:
+                clear_screen()
+                print(time.strftime("%H:%M:%S"), f"every {args.watch:g}s, Ctrl-C to stop")
+                for ifname, c in now.items():
+                    rows = [
+                        [
+                            n,
+                            c[n],
+                            c[abi.bytes_key(n)],
+                            human(rate(ifname, n, c)),
+                            human(8 * rate(ifname, abi.bytes_key(n), c)),
+                        ]
+                        for n in STATS_ORDER
+                    ]
+                    print(f"{ifname}:")
+                    print(table(rows, ["counter", "packets", "bytes", "pps", "bit/s"]))
+            sys.stdout.flush()
+            prev, t_prev = now, t_now
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_flows(args: argparse.Namespace) -> int:
+    from xdpflow.dataplane.flows import tcp_flags_str, top_flows
+
+    cidr = None
+    if args.filter:
+        try:
+            cidr = parse_cidr(args.filter)
+        except ValueError as e:
+            raise InputError(f"--filter: {e}") from None
+    flows = []
+    for ifname in _ifaces(args):
+        try:
+            flows.extend(top_flows(args.pins, ifname, top=args.top, sort=args.sort, cidr=cidr))
+        except NotAttachedError:
+            if args.iface:
+                raise
+    key = {"packets": lambda f: f.packets, "bytes": lambda f: f.bytes, "last-seen": lambda f: f.last_seen}[args.sort]
+    flows.sort(key=key, reverse=True)
+    if args.top is not None:
+        flows = flows[: args.top]
+    if args.json:
+        emit_json([f.to_json() for f in flows])
+        return 0
+    now = time.time()
+    rows = []
+    for f in flows:
+        src = f"{f.src}:{f.sport}" if f.family == 4 else f"[{f.src}]:{f.sport}"
+        dst = f"{f.dst}:{f.dport}" if f.family == 4 else f"[{f.dst}]:{f.dport}"
+        rows.append(
+            [
+                f.ifname,
+                proto_name(f.proto),
+                src,
+                dst,
+                f.packets,
+                f.bytes,
+                tcp_flags_str(f.tcp_flags) or "-",
+                f"{max(now - f.last_seen, 0):.1f}s",
+            ]
+        )
+    print(table(rows, ["iface", "proto", "source", "destination", "packets", "bytes", "flags", "idle"]))
+    return 0
+
+
+def _parse_cidrs(texts: list[str], direction: str) -> list[Rule]:
+    rules, errors = [], []
+    for t in texts:
+        try:
+            rules.append(Rule(parse_cidr(t), direction))
+        except ValueError as e:
+            errors.append(str(e))
+    if errors:
+        raise InputError("; ".join(errors) + "; nothing was changed")
+    return rules
+
+
+def _file_errors(e: BlocklistFileError, what: str) -> int:
+    """Print every bad line of a refused file (the first 20) and say nothing changed."""
+    errs = getattr(e, "errors", None) or [e]
+    for err in errs[:20]:
+        print(f"xdpflow: {err}", file=sys.stderr)
+    if len(errs) > 20:
+        print(f"xdpflow: ... and {len(errs) - 20} more bad lines", file=sys.stderr)
+    print(f"xdpflow: {what} was not changed", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def cmd_block(args: argparse.Namespace) -> int:
+    from xdpflow.dataplane.blocklist import blocklist_of, key_cidr
+
+    pins: PinRoot = args.pins
+    direction = "dst" if getattr(args, "dst", False) else "src"
+    if args.block_cmd == "list":
+        with blocklist_of(pins) as bl:
+            listing = bl.listing_keys()
+        rows = [(key_cidr(k), "dst" if k & 1 else "src", h) for k, h in listing]
+        if args.json:
+            emit_json([{"cidr": c, "direction": d, "hits": h} for c, d, h in rows])
+        else:
+            print(table(rows, ["cidr", "direction", "hits"]))
+        return 0
+
+    if args.block_cmd in ("add", "del"):
+        rules = _parse_cidrs(args.cidrs, direction)
+    elif args.block_cmd == "sync":
+        try:
+            keys = read_file_keys(args.file, direction)
+        except BlocklistFileError as e:
+            return _file_errors(e, "the blocklist")
+
+    with pins.lock(), blocklist_of(pins) as bl:
+        if args.block_cmd == "add":
+            ch = bl.add(rules)
+        elif args.block_cmd == "del":
+            missing = bl.missing(rules)
+            if missing:
+                raise InputError(
+                    "not in the blocklist: "
+                    + ", ".join(f"{r.net} ({r.direction})" for r in missing)
+                    + "; nothing was changed"
+                )
+            ch = bl.delete(rules)
+        elif args.block_cmd == "flush":
+            ch = bl.flush()
+        else:
+            # a file names one direction's rules; the other direction's stay
+            ch = bl.sync_keys(keys, dry_run=args.dry_run, direction=direction)
+    if args.json:
+        emit_json({"added": ch.added_cidrs(), "deleted": ch.deleted_cidrs()})
+    else:
+        what = "would add" if getattr(args, "dry_run", False) else "added"
+        gone = "would delete" if getattr(args, "dry_run", False) else "deleted"
+        print(f"{what} {len(ch.added_keys)}, {gone} {len(ch.deleted_keys)} rules")
+    return 0
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    maps.set_monitor(args.pins, args.state == "on")
+    if not args.json:
+        print(f"monitor mode {args.state}")
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from xdpflow.bindings.libbpf import RingBuffer
+    from xdpflow.dataplane.events import RuleNames, decode_event
+
+    pins: PinRoot = args.pins
+    rules = RuleNames(pins)
+    clock = maps.open_clock(pins)
+    fd = maps.open_events_fd(pins)
+    count = 0
+
+    # The ring keeps what no reader took yet: stream what happens from now on.
+    # (A ring buffer has one consumer position: run one `events` at a time.)
+    stale = RingBuffer(fd, lambda data: None)
+    stale.consume()
+    stale.close()
+
+    def on_event(data: bytes) -> None:
+        nonlocal count
+        ev = decode_event(data, rules, clock)
+        if args.json:
+            print(json.dumps(ev), flush=True)
+        else:
+            t = time.strftime("%H:%M:%S", time.localtime(ev["time"]))
+            extra = f" rule {ev['rule']}" if "rule" in ev else ""
+            print(
+                f"{t} {ev['ifname']} {ev['type']} {proto_name(ev['proto'])} "
+                f"{ev['src']}:{ev['sport']} -> {ev['dst']}:{ev['dport']} len {ev['len']}{extra}",
+                flush=True,
+            )
+        count += 1
+
+    rb = RingBuffer(fd, on_event)
+    deadline = time.monotonic() + args.duration if args.duration else None
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            rb.poll(200)
+            if args.count and count >= args.count:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        rb.close()
+        os.close(fd)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from xdpflow.app.daemon import main as run_daemon
+
+    return run_daemon(args)
+
+
+# --- argument parsing --------------------------------------------------------
+
+
+def positive_of(kind: type, what: str) -> Any:
+    """An argparse type: a positive ``kind`` (int or float)."""
+
+    def parse(text: str) -> Any:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+        return v
+
+    return parse
+
+
+positive_int = positive_of(int, "a whole number")
+positive_float = positive_of(float, "a number")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    common.add_argument(
+        "--pin-root",
+        default=argparse.SUPPRESS,
+        help="bpffs directory of this instance's state (default $XDPFLOW_PIN_ROOT or /sys/fs/bpf/xdpflow)",
+    )
+    common.add_argument("--netns", default=argparse.SUPPRESS, help="act inside this named network namespace")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="tracebacks on errors")
+
+    p = argparse.ArgumentParser(
+        prog="xdpflow",
+        description="XDP packet counting, flow tracking and blocking.",
+        parents=[common],
+    )
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    a = sub.add_parser("attach", parents=[common], help="load, pin and attach to interfaces")
+    a.add_argument("ifaces", nargs="+", metavar="IFACE")
+    a.add_argument("--mode", choices=["auto", "native", "skb", "hw"], default="auto", help="XDP mode (default auto)")
+    a.add_argument(
+        "--flows",
+        type=lambda t: _at_least(t, 2),
+        default=None,
+        metavar="N",
+        help=f"flows the IPv4 and IPv6 tables hold together, half each (default {FLOWS_DEFAULT}); "
+        "an upgrade keeps the current tables",
+    )
+    a.add_argument("--monitor", action="store_true", help="switch monitor mode on")
+    a.add_argument(
+        "--sink",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="drop every frame after accounting it (SPAN ports); an upgrade keeps the current setting",
+    )
+    a.add_argument("--force", action="store_true", help="replace a foreign XDP program")
+    a.add_argument(
+        "--percpu-flows",
+        action="store_true",
+        help="per-CPU flow tables (no atomics; memory grows with CPUs) instead of shared ones",
+    )
+    a.set_defaults(func=cmd_attach)
+
+    d = sub.add_parser("detach", parents=[common], help="detach and remove an interface's pins")
+    d.add_argument("ifaces", nargs="+", metavar="IFACE")
+    d.set_defaults(func=cmd_detach)
+
+    s = sub.add_parser("status", parents=[common], help="interfaces, programs, table occupancy")
+    s.set_defaults(func=cmd_status)
+
+    st = sub.add_parser("stats", parents=[common], help="interface counters")
+    st.add_argument("iface", nargs="?", metavar="IFACE")
+    st.add_argument(
+        "--watch",
+        nargs="?",
+        type=positive_float,
+        const=1.0,
+        default=None,
+        metavar="SECONDS",
+        help="redraw with rates every SECONDS (default 1)",
+    )
+    st.set_defaults(func=cmd_stats)
+
+    f = sub.add_parser("flows", parents=[common], help="the flow table")
+    f.add_argument("iface", nargs="?", metavar="IFACE")
+    f.add_argument("--top", type=positive_int, default=None, metavar="N", help="only the N largest")
+    f.add_argument("--sort", choices=SORT_KEYS, default="packets", help="largest by (default packets)")
+    f.add_argument("--filter", metavar="CIDR", help="only flows with source or destination inside CIDR")
+    f.set_defaults(func=cmd_flows)
+
+    b = sub.add_parser("block", parents=[common], help="manage the blocklist")
+    bsub = b.add_subparsers(dest="block_cmd", required=True, metavar="ACTION")
+    for name, helptext in (("add", "add rules"), ("del", "delete rules")):
+        x = bsub.add_parser(name, parents=[common], help=helptext)
+        x.add_argument("cidrs", nargs="+", metavar="CIDR")
+        x.add_argument("--dst", action="store_true", help="match the destination address, not the source")
+    bsub.add_parser("list", parents=[common], help="rules and their hits")
+    bsub.add_parser("flush", parents=[common], help="delete every rule")
+    y = bsub.add_parser("sync", parents=[common], help="make the blocklist equal to FILE (- for stdin)")
+    y.add_argument("file", metavar="FILE")
+    y.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
+    y.add_argument("--dst", action="store_true", help="the file lists destination rules")
+    b.set_defaults(func=cmd_block)
+
+    m = sub.add_parser("monitor", parents=[common], help="count would-be drops but pass them")
+    m.add_argument("state", choices=["on", "off"])
+    m.set_defaults(func=cmd_monitor)
+
+    e = sub.add_parser("events", parents=[common], help="stream new-flow and blocklist events")
+    e.add_argument("--count", type=positive_int, default=None, help="stop after N events")
+    e.add_argument("--duration", type=positive_float, default=None, help="stop after SECONDS")
+    e.set_defaults(func=cmd_events)
+
+    from xdpflow.app.config import add_run_arguments
+
+    r = sub.add_parser(
+        "run",
+        parents=[common],
+        help="the daemon: attach, export IPFIX, serve metrics, sync feeds",
+        description="Run the daemon. Every option overrides the key of the same name in --config; "
+        "defaults are those of contrib/xdpflow.toml.",
+    )
+    add_run_arguments(r)
+    r.set_defaults(func=cmd_run)
+    return p
+
+
+def _at_least(text: str, low: int) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < low:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least {low}")
+    return v
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.json = getattr(args, "json", False)
+    args.debug = getattr(args, "debug", False) or bool(os.environ.get("XDPFLOW_DEBUG"))
+    args.pin_root_given = getattr(args, "pin_root", None)
+    args.pins = PinRoot(args.pin_root_given or default_root())
+    args.netns = getattr(args, "netns", None)
+    # a closed pipe (xdpflow ... | head) is not an error worth a traceback
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        if args.func is cmd_run:  # the daemon enters its (configured) namespace itself
+            return int(args.func(args))
+        with netlink.in_netns(args.netns):
+            return int(args.func(args))
+    except OSError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"xdpflow: {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, InputError) else EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
