@@ -57,8 +57,10 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "bl4_l1_dst": ("__u32", "__u32"),
     "bl4_l2_dst": ("__u32", "__u32"),
     "bl4_l3_dst": ("__u32", "__u32"),
-    "pf6_src": ("__u32", "__u64"),
-    "pf6_dst": ("__u32", "__u64"),
+    "bl6_l0_src": ("__u32", "__u32"),
+    "bl6_deep_src": ("struct xf_bl6_key", "__u32"),
+    "bl6_l0_dst": ("__u32", "__u32"),
+    "bl6_deep_dst": ("struct xf_bl6_key", "__u32"),
     "rule_hits": ("__u32", "__u64"),
     "event_budget": ("__u32", "struct xf_ratelimit"),
 }
