@@ -90,9 +90,11 @@ BLOCKLIST_TRIE(bl6_dst, struct xf_lpm6);
 	} name SEC(".maps")
 
 BL4_LEVEL(bl4_l1_src, BPF_MAP_TYPE_ARRAY, XF_BL4_L1_SIZE, 0);
+BL4_LEVEL(bl4_l2c_src, BPF_MAP_TYPE_ARRAY, XF_BL4_L2C_SIZE, 0);
 BL4_LEVEL(bl4_l2_src, BPF_MAP_TYPE_HASH, XF_BL4_L2_MAX, BPF_F_NO_PREALLOC);
 BL4_LEVEL(bl4_l3_src, BPF_MAP_TYPE_HASH, XF_BL4_L3_MAX, BPF_F_NO_PREALLOC);
 BL4_LEVEL(bl4_l1_dst, BPF_MAP_TYPE_ARRAY, XF_BL4_L1_SIZE, 0);
+BL4_LEVEL(bl4_l2c_dst, BPF_MAP_TYPE_ARRAY, XF_BL4_L2C_SIZE, 0);
 BL4_LEVEL(bl4_l2_dst, BPF_MAP_TYPE_HASH, XF_BL4_L2_MAX, BPF_F_NO_PREALLOC);
 BL4_LEVEL(bl4_l3_dst, BPF_MAP_TYPE_HASH, XF_BL4_L3_MAX, BPF_F_NO_PREALLOC);
 
@@ -212,7 +214,8 @@ static __always_inline int parse_l4(struct hdr_cursor *nh, void *data_end,
 /* Longest-prefix match of a host-order address in one direction's table:
  * returns rule index + 1, or 0.
  */
-static __always_inline __u32 bl4_lookup(void *l1, void *l2, void *l3, __u32 addr)
+static __always_inline __u32 bl4_lookup(void *l1, void *l2c, void *l2, void *l3,
+					 __u32 addr)
 {
 	__u32 key = addr >> 16;
 	__u32 *e = bpf_map_lookup_elem(l1, &key);
@@ -223,7 +226,14 @@ static __always_inline __u32 bl4_lookup(void *l1, void *l2, void *l3, __u32 addr
 	v = *e;
 	if (!(v & (XF_BL_D24 | XF_BL_HOSTS)))
 		return v;
-	if (v & XF_BL_D24) {
+	if (v & XF_BL_CHUNK) {
+		/* the /16's chunk: one slot per /24, each a complete answer */
+		key = ((v & XF_BL_RULE_MASK) << 8) | ((addr >> 8) & 0xff);
+		e = bpf_map_lookup_elem(l2c, &key);
+		if (!e)
+			return 0;
+		v = *e;
+	} else if (v & XF_BL_D24) {
 		/* every /24 holding a longer rule has an entry */
 		key = addr >> 8;
 		e = bpf_map_lookup_elem(l2, &key);
@@ -243,14 +253,14 @@ static __always_inline __u32 bl4_match(__u32 flags, struct xf_flow4 *k)
 	__u32 r;
 
 	if (flags & XF_CFG_BL4_SRC) {
-		r = bl4_lookup(&bl4_l1_src, &bl4_l2_src, &bl4_l3_src,
-			       bpf_ntohl(k->saddr));
+		r = bl4_lookup(&bl4_l1_src, &bl4_l2c_src, &bl4_l2_src,
+			       &bl4_l3_src, bpf_ntohl(k->saddr));
 		if (r)
 			return r;
 	}
 	if (flags & XF_CFG_BL4_DST)
-		return bl4_lookup(&bl4_l1_dst, &bl4_l2_dst, &bl4_l3_dst,
-				  bpf_ntohl(k->daddr));
+		return bl4_lookup(&bl4_l1_dst, &bl4_l2c_dst, &bl4_l2_dst,
+				  &bl4_l3_dst, bpf_ntohl(k->daddr));
 	return 0;
 }
 

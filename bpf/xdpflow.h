@@ -23,18 +23,25 @@
 #define XF_IPV6_EXT_MAX 6
 
 /* IPv4 blocklist: a three-level table, like a router's DIR-16-8-8 FIB:
- * an array indexed by the /16 (L1), a hash of /24s (L2) and a hash of hosts
- * (L3). An entry is rule index + 1 (0: no rule) in its low bits, the answer
- * unless a flag sends the lookup down: XF_BL_D24 (L1 only) "a /17-/24 rule
- * lies inside: look up the /24", XF_BL_HOSTS "a /25-/32 rule lies inside:
- * look up the host". A /16 holding only host rules skips L2.
+ * an array indexed by the /16 (L1), the /24s below it (L2) and a hash of
+ * hosts (L3). An entry is rule index + 1 (0: no rule) in its low bits, the
+ * answer unless a flag sends the lookup down: XF_BL_D24 (L1 only) "a /17-/24
+ * rule lies inside: look up the /24", XF_BL_HOSTS "a /25-/32 rule lies
+ * inside: look up the host". L2 is an array of 256-entry chunks, one per /16
+ * that needs one (L1 then holds XF_BL_D24 | XF_BL_CHUNK | chunk number, and
+ * every /24 slot the complete answer), so the second level is an array load
+ * too; /16s beyond XF_BL4_CHUNKS fall back to a hash of /24s (L1 holds
+ * XF_BL_D24 | the /16's own answer). A /16 holding only host rules skips L2.
  */
 #define XF_BL4_L1_SIZE 65536
+#define XF_BL4_CHUNKS 4096
+#define XF_BL4_L2C_SIZE 1048576 /* XF_BL4_CHUNKS x 256 */
 #define XF_BL4_L2_MAX 1048576
 #define XF_BL4_L3_MAX 1048576
 #define XF_BL_D24 2147483648
 #define XF_BL_HOSTS 1073741824
-#define XF_BL_RULE_MASK 1073741823
+#define XF_BL_CHUNK 536870912
+#define XF_BL_RULE_MASK 536870911
 
 /* IPv6 blocklist: an array indexed by the top 16 bits (L0) and, per
  * direction, one hash of deeper regions at /24, /32, ... /128 (8-bit steps;

@@ -49,9 +49,12 @@ V4_LEVELS = {
     "src": ("bl4_l1_src", "bl4_l2_src", "bl4_l3_src"),
     "dst": ("bl4_l1_dst", "bl4_l2_dst", "bl4_l3_dst"),
 }
+V4_CHUNKS = {"src": "bl4_l2c_src", "dst": "bl4_l2c_dst"}
 ALL_TRIE_FLAGS = sum(t[1] for t in TRIES.values())
 D24 = abi.C.XF_BL_D24
 HOSTS = abi.C.XF_BL_HOSTS
+CHUNK = abi.C.XF_BL_CHUNK
+RULE_MASK = abi.C.XF_BL_RULE_MASK
 _DIRS = ("src", "dst")
 _U128 = (1 << 128) - 1
 
@@ -168,6 +171,53 @@ def v4_tables(addrs: np.ndarray, plens: np.ndarray, idx: np.ndarray) -> V4Tables
     if hosts16:
         l1[np.fromiter(hosts16, dtype=np.int64)] |= np.uint32(HOSTS)
     return V4Tables(l1, l2, l3)
+
+
+@dataclass
+class V4Placed:
+    """A V4Tables as written: /16s that need L2 get a 256-slot chunk of the
+    L2 array where there is one, the rest keep /24 entries in the L2 hash."""
+
+    l1: np.ndarray
+    chunks: dict[int, np.ndarray]  # chunk number -> its 256 slots
+    l2: dict[int, int]  # /24 -> entry, for /16s without a chunk
+    l3: dict[int, int]
+
+
+def place_chunks(t: V4Tables, old_l1: np.ndarray, capacity: int) -> V4Placed:
+    """Give every /16 of ``t`` that needs L2 a chunk, keeping the chunk it has
+    in ``old_l1`` (the table the program reads now) and never handing a
+    chunk in use there to another /16: a frame that read the old /16 entry
+    then reads either the old or the new slot of the same /16. New chunks go
+    to the /16s with the most /24 entries first; past ``capacity`` the rest
+    use the L2 hash.
+    """
+    need = np.flatnonzero(t.l1 & np.uint32(D24))
+    was = old_l1[need]
+    had = (was & np.uint32(D24 | CHUNK)) == np.uint32(D24 | CHUNK)
+    assign = dict(zip(need[had].tolist(), (was[had] & np.uint32(RULE_MASK)).tolist()))
+    used = set(((old_l1[(old_l1 & np.uint32(CHUNK)) != 0]) & np.uint32(RULE_MASK)).tolist())
+    free = (k for k in range(capacity) if k not in used)
+    per16: dict[int, int] = {}
+    for c24 in t.l2:
+        per16[c24 >> 8] = per16.get(c24 >> 8, 0) + 1
+    for c in sorted(set(need.tolist()) - assign.keys(), key=lambda c: (-per16.get(c, 0), c)):
+        k = next(free, None)
+        if k is None:
+            break
+        assign[c] = k
+    l1 = t.l1.copy()
+    chunks = {}
+    for c, k in assign.items():
+        slots = np.full(256, int(t.l1[c]) & RULE_MASK, dtype=np.uint32)
+        for i in range(256):
+            v = t.l2.get((c << 8) | i)
+            if v is not None:
+                slots[i] = v
+        chunks[k] = slots
+        l1[c] = D24 | CHUNK | k
+    l2 = {c24: v for c24, v in t.l2.items() if (c24 >> 8) not in assign}
+    return V4Placed(l1, chunks, l2, t.l3)
 
 
 @dataclass
@@ -431,7 +481,7 @@ class Blocklist:
             final.update(zip(to_add, free.tolist()))
             self._zero_hits(free)
 
-        v4 = {d: self._v4_tables(final, d) for d in V4_LEVELS}
+        v4 = {d: self._v4_placed(final, d) for d in V4_LEVELS}
         self._check_v4_sizes(v4)
         v6 = {d: self._v6_tables(final, d) for d in V6_TABLES}
         self._check_v6_sizes(v6)
@@ -473,7 +523,18 @@ class Blocklist:
                     "use fewer prefixes whose length is not a multiple of 8; nothing was changed",
                 )
 
-    def _check_v4_sizes(self, v4: dict[str, V4Tables]) -> None:
+    def _v4_placed(self, rules: dict[int, int], direction: str) -> V4Placed:
+        l1m = self._map(V4_LEVELS[direction][0])
+        capacity = self._map(V4_CHUNKS[direction]).info.max_entries // 256
+        return place_chunks(self._v4_tables(rules, direction), self._read_l1(l1m), capacity)
+
+    def _read_l1(self, m: Map) -> np.ndarray:
+        raw = m.lookup_batch_raw(chunk=m.info.max_entries)
+        if raw is None:
+            return np.array([v for _, v in sorted(m.items())], dtype=np.uint32)
+        return np.frombuffer(raw[1], "<u4", raw[2]).copy()
+
+    def _check_v4_sizes(self, v4: dict[str, V4Placed]) -> None:
         for direction, t in v4.items():
             _l1, l2, l3 = V4_LEVELS[direction]
             for name, n in ((l2, len(t.l2)), (l3, len(t.l3))):
@@ -519,16 +580,24 @@ class Blocklist:
         keys, vals, n = raw
         return dict(zip(np.frombuffer(keys, "<u4", n).tolist(), np.frombuffer(vals, "<u4", n).tolist()))
 
-    def _write_v4(self, direction: str, t: V4Tables) -> None:
-        """Rewrite one direction's IPv4 table: hosts and /24s first, then the
-        /16 array, then remove what the new table no longer has.
+    def _write_v4(self, direction: str, t: V4Placed) -> None:
+        """Rewrite one direction's IPv4 table: hosts, /24 entries and chunks
+        first, then the /16 array, then remove what the new table no longer
+        has (chunks no /16 points to need no clearing).
         """
         l1m, l2m, l3m = (self._map(n) for n in V4_LEVELS[direction])
         have3, have2 = self._read_u32_map(l3m), self._read_u32_map(l2m)
         _upsert(l3m, {k: v for k, v in t.l3.items() if have3.get(k) != v})
         _upsert(l2m, {k: v for k, v in t.l2.items() if have2.get(k) != v})
-        raw = l1m.lookup_batch_raw(chunk=len(t.l1))
-        have1 = np.frombuffer(raw[1], "<u4", raw[2]) if raw else np.array([v for _, v in sorted(l1m.items())])
+        if t.chunks:
+            l2c = self._map(V4_CHUNKS[direction])
+            have_c = self._read_l1(l2c)
+            want = have_c.copy()
+            for k, slots in t.chunks.items():
+                want[k * 256 : (k + 1) * 256] = slots
+            diff = np.flatnonzero(have_c != want)
+            _upsert(l2c, dict(zip(diff.tolist(), want[diff].tolist())))
+        have1 = self._read_l1(l1m)
         changed = np.flatnonzero(have1 != t.l1)
         _upsert(l1m, dict(zip(changed.tolist(), t.l1[changed].tolist())))
         _remove(l2m, [k for k in have2 if k not in t.l2])
