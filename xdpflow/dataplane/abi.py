@@ -24,7 +24,8 @@ HEADER = BPF_DIR / "xdpflow.h"
 _DEFINE = re.compile(r"^#define\s+(XF_\w+)\s+(\d+)\b")
 
 
-def _declarations(text: str) -> str:
+def declarations(text: str) -> str:
+    """The header as cffi takes it."""
     out = []
     for line in text.splitlines():
         if line.lstrip().startswith("#"):
@@ -36,9 +37,19 @@ def _declarations(text: str) -> str:
     return "\n".join(out)
 
 
+def _load_ffi() -> Any:
+    try:
+        # compiled from this header by `make build` (scripts/ffigen.py)
+        from xdpflow.dataplane._abi_ffi import ffi as built  # type: ignore[import-not-found]
+
+        return built
+    except ImportError:
+        return libbpf.declare_types(declarations(HEADER.read_text()))
+
+
 # The header's types live in this FFI of their own (the binding's stays as
 # it is); maps and structs of the product are made through it.
-ffi = libbpf.declare_types(_declarations(HEADER.read_text()))
+ffi = _load_ffi()
 C = ffi.dlopen(None)  # gives access to the header's enums and #defines
 
 # map name -> (key type, value type), for every map the program defines
