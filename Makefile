@@ -60,7 +60,14 @@ pip: apt
 
 deps: apt pip
 
-build: $(BPF_OBJS) xdpflow/bpf/xdpflow.h
+FFI_MODS := xdpflow/bindings/_libbpf_ffi.py xdpflow/dataplane/_abi_ffi.py
+
+build: $(BPF_OBJS) xdpflow/bpf/xdpflow.h $(FFI_MODS)
+
+# cffi's parsed declarations as Python modules: commands start without pycparser
+$(FFI_MODS) &: bpf/xdpflow.h xdpflow/bindings/libbpf.py scripts/ffigen.py
+	@echo "  FFIGEN $(FFI_MODS)"
+	$(Q)$(PYTHON) scripts/ffigen.py bpf/xdpflow.h >/dev/null
 
 xdpflow/bpf/%.bpf.o: bpf/%.bpf.c bpf/xdpflow.h bpf/parsing.h | xdpflow/bpf
 	@echo "  CLANG  $@"
@@ -94,4 +101,4 @@ lint: deps
 	$(Q)lint-imports --no-cache
 
 clean:
-	$(Q)rm -rf xdpflow/bpf build dist *.egg-info
+	$(Q)rm -rf xdpflow/bpf $(FFI_MODS) build dist *.egg-info

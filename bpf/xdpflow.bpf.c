@@ -70,7 +70,8 @@ struct {
 		__type(value, __u32);                                          \
 	} name SEC(".maps")
 
-/* every rule lives in its trie; the IPv6 path looks them up there */
+/* every rule lives in its trie: the store the controller reads back; no
+ * frame walks it */
 BLOCKLIST_TRIE(bl4_src, struct xf_lpm4);
 BLOCKLIST_TRIE(bl4_dst, struct xf_lpm4);
 BLOCKLIST_TRIE(bl6_src, struct xf_lpm6);
@@ -89,26 +90,36 @@ BLOCKLIST_TRIE(bl6_dst, struct xf_lpm6);
 	} name SEC(".maps")
 
 BL4_LEVEL(bl4_l1_src, BPF_MAP_TYPE_ARRAY, XF_BL4_L1_SIZE, 0);
+BL4_LEVEL(bl4_l2c_src, BPF_MAP_TYPE_ARRAY, XF_BL4_L2C_SIZE, 0);
 BL4_LEVEL(bl4_l2_src, BPF_MAP_TYPE_HASH, XF_BL4_L2_MAX, BPF_F_NO_PREALLOC);
 BL4_LEVEL(bl4_l3_src, BPF_MAP_TYPE_HASH, XF_BL4_L3_MAX, BPF_F_NO_PREALLOC);
 BL4_LEVEL(bl4_l1_dst, BPF_MAP_TYPE_ARRAY, XF_BL4_L1_SIZE, 0);
+BL4_LEVEL(bl4_l2c_dst, BPF_MAP_TYPE_ARRAY, XF_BL4_L2C_SIZE, 0);
 BL4_LEVEL(bl4_l2_dst, BPF_MAP_TYPE_HASH, XF_BL4_L2_MAX, BPF_F_NO_PREALLOC);
 BL4_LEVEL(bl4_l3_dst, BPF_MAP_TYPE_HASH, XF_BL4_L3_MAX, BPF_F_NO_PREALLOC);
 
-/* Prefilter bitmaps in front of the IPv6 tries: most traffic misses the
- * blocklist, and an inlined array load is far cheaper than a trie walk.
- * A set bit only means "consult the trie".
- */
-#define PREFILTER(name, words)                                                 \
+/* The IPv6 table (see XF_BL6_* in xdpflow.h), computed by the controller. */
+#define BL6_L0(name)                                                           \
 	struct {                                                               \
 		__uint(type, BPF_MAP_TYPE_ARRAY);                              \
-		__uint(max_entries, words);                                    \
+		__uint(max_entries, XF_BL6_L0_SIZE);                           \
 		__type(key, __u32);                                            \
-		__type(value, __u64);                                          \
+		__type(value, __u32);                                          \
 	} name SEC(".maps")
 
-PREFILTER(pf6_src, XF_PF6_WORDS);
-PREFILTER(pf6_dst, XF_PF6_WORDS);
+#define BL6_DEEP(name)                                                         \
+	struct {                                                               \
+		__uint(type, BPF_MAP_TYPE_HASH);                               \
+		__uint(max_entries, XF_BL6_DEEP_MAX);                          \
+		__uint(map_flags, BPF_F_NO_PREALLOC);                          \
+		__type(key, struct xf_bl6_key);                                \
+		__type(value, __u32);                                          \
+	} name SEC(".maps")
+
+BL6_L0(bl6_l0_src);
+BL6_DEEP(bl6_deep_src);
+BL6_L0(bl6_l0_dst);
+BL6_DEEP(bl6_deep_dst);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -200,26 +211,11 @@ static __always_inline int parse_l4(struct hdr_cursor *nh, void *data_end,
 	return 0;
 }
 
-static __always_inline int pf_test(void *map, __u32 bit)
-{
-	__u32 word = bit >> 6;
-	__u64 *w = bpf_map_lookup_elem(map, &word);
-
-	return w && ((*w >> (bit & 63)) & 1);
-}
-
-static __always_inline __u32 pf6_bit(const __u8 *addr)
-{
-	__u32 top = ((__u32)addr[0] << 24) | ((__u32)addr[1] << 16) |
-		    ((__u32)addr[2] << 8) | addr[3];
-
-	return (__u32)(top * (__u32)XF_PF6_MULT) >> XF_PF6_SHIFT;
-}
-
 /* Longest-prefix match of a host-order address in one direction's table:
  * returns rule index + 1, or 0.
  */
-static __always_inline __u32 bl4_lookup(void *l1, void *l2, void *l3, __u32 addr)
+static __always_inline __u32 bl4_lookup(void *l1, void *l2c, void *l2, void *l3,
+					 __u32 addr)
 {
 	__u32 key = addr >> 16;
 	__u32 *e = bpf_map_lookup_elem(l1, &key);
@@ -230,7 +226,14 @@ static __always_inline __u32 bl4_lookup(void *l1, void *l2, void *l3, __u32 addr
 	v = *e;
 	if (!(v & (XF_BL_D24 | XF_BL_HOSTS)))
 		return v;
-	if (v & XF_BL_D24) {
+	if (v & XF_BL_CHUNK) {
+		/* the /16's chunk: one slot per /24, each a complete answer */
+		key = ((v & XF_BL_RULE_MASK) << 8) | ((addr >> 8) & 0xff);
+		e = bpf_map_lookup_elem(l2c, &key);
+		if (!e)
+			return 0;
+		v = *e;
+	} else if (v & XF_BL_D24) {
 		/* every /24 holding a longer rule has an entry */
 		key = addr >> 8;
 		e = bpf_map_lookup_elem(l2, &key);
@@ -250,35 +253,79 @@ static __always_inline __u32 bl4_match(__u32 flags, struct xf_flow4 *k)
 	__u32 r;
 
 	if (flags & XF_CFG_BL4_SRC) {
-		r = bl4_lookup(&bl4_l1_src, &bl4_l2_src, &bl4_l3_src,
-			       bpf_ntohl(k->saddr));
+		r = bl4_lookup(&bl4_l1_src, &bl4_l2c_src, &bl4_l2_src,
+			       &bl4_l3_src, bpf_ntohl(k->saddr));
 		if (r)
 			return r;
 	}
 	if (flags & XF_CFG_BL4_DST)
-		return bl4_lookup(&bl4_l1_dst, &bl4_l2_dst, &bl4_l3_dst,
-				  bpf_ntohl(k->daddr));
+		return bl4_lookup(&bl4_l1_dst, &bl4_l2c_dst, &bl4_l2_dst,
+				  &bl4_l3_dst, bpf_ntohl(k->daddr));
 	return 0;
 }
 
-static __always_inline __u32 *bl6_match(__u32 flags, struct xf_flow6 *k)
+/* Longest-prefix match of an IPv6 address in one direction's table:
+ * returns rule index + 1, or 0. Each entry found is the complete answer for
+ * its region; a miss means nothing longer covers the address.
+ */
+static __always_inline __u32 bl6_lookup(void *l0, void *deep, const __u8 *addr)
 {
-	struct xf_lpm6 lk;
-	__u32 *rule;
+	__u32 key0 = ((__u32)addr[0] << 8) | addr[1];
+	__u32 *e = bpf_map_lookup_elem(l0, &key0);
+	struct xf_bl6_key k;
+	__u32 v, next;
+	__u64 hi, lo;
 
-	lk.prefixlen = 128;
+	if (!e)
+		return 0;
+	v = *e;
+	next = v >> XF_BL6_NEXT_SHIFT;
+	if (!next)
+		return v & XF_BL6_RULE_MASK;
+	__builtin_memcpy(&hi, addr, 8);
+	__builtin_memcpy(&lo, addr + 8, 8);
+	hi = bpf_be64_to_cpu(hi);
+	lo = bpf_be64_to_cpu(lo);
+	k.pad = 0;
+#pragma unroll
+	for (int i = 0; i < XF_BL6_LEVELS; i++) {
+		k.plen = next;
+		if (next < 64) {
+			k.hi = hi & ~(~0ULL >> next);
+			k.lo = 0;
+		} else if (next == 64) {
+			k.hi = hi;
+			k.lo = 0;
+		} else if (next < 128) {
+			k.hi = hi;
+			k.lo = lo & ~(~0ULL >> (next - 64));
+		} else {
+			k.hi = hi;
+			k.lo = lo;
+		}
+		e = bpf_map_lookup_elem(deep, &k);
+		if (!e)
+			break;
+		v = *e;
+		next = v >> XF_BL6_NEXT_SHIFT;
+		if (!next)
+			break;
+	}
+	return v & XF_BL6_RULE_MASK;
+}
 
-	if ((flags & XF_CFG_BL6_SRC) && pf_test(&pf6_src, pf6_bit(k->saddr))) {
-		__builtin_memcpy(lk.addr, k->saddr, 16);
-		rule = bpf_map_lookup_elem(&bl6_src, &lk);
-		if (rule)
-			return rule;
+static __always_inline __u32 bl6_match(__u32 flags, struct xf_flow6 *k)
+{
+	__u32 r;
+
+	if (flags & XF_CFG_BL6_SRC) {
+		r = bl6_lookup(&bl6_l0_src, &bl6_deep_src, k->saddr);
+		if (r)
+			return r;
 	}
-	if ((flags & XF_CFG_BL6_DST) && pf_test(&pf6_dst, pf6_bit(k->daddr))) {
-		__builtin_memcpy(lk.addr, k->daddr, 16);
-		return bpf_map_lookup_elem(&bl6_dst, &lk);
-	}
-	return NULL;
+	if (flags & XF_CFG_BL6_DST)
+		return bl6_lookup(&bl6_l0_dst, &bl6_deep_dst, k->daddr);
+	return 0;
 }
 
 /* New-flow and blocklist events, at most knobs.events_per_sec per CPU per
@@ -443,7 +490,6 @@ int xdpflow(struct xdp_md *ctx)
 	struct xf_counters *c;
 	struct xf_config *cfg;
 	struct pkt p;
-	__u32 *rule;
 
 	c = bpf_map_lookup_elem(&counters, &zero);
 	if (!c)
@@ -504,9 +550,10 @@ int xdpflow(struct xdp_md *ctx)
 		l4cnt = l4_class(ipproto);
 
 		if (flags & (XF_CFG_BL6_SRC | XF_CFG_BL6_DST)) {
-			rule = bl6_match(flags, &p.k6);
-			if (rule) {
-				action = blocked(c, ctx, &p, *rule, cfg, &act,
+			__u32 r = bl6_match(flags, &p.k6);
+
+			if (r) {
+				action = blocked(c, ctx, &p, r - 1, cfg, &act,
 						 &nh, data_end, ipproto, l4_ok);
 				goto out;
 			}

@@ -23,23 +23,40 @@
 #define XF_IPV6_EXT_MAX 6
 
 /* IPv4 blocklist: a three-level table, like a router's DIR-16-8-8 FIB:
- * an array indexed by the /16 (L1), a hash of /24s (L2) and a hash of hosts
- * (L3). An entry is rule index + 1 (0: no rule) in its low bits, the answer
- * unless a flag sends the lookup down: XF_BL_D24 (L1 only) "a /17-/24 rule
- * lies inside: look up the /24", XF_BL_HOSTS "a /25-/32 rule lies inside:
- * look up the host". A /16 holding only host rules skips L2.
+ * an array indexed by the /16 (L1), the /24s below it (L2) and a hash of
+ * hosts (L3). An entry is rule index + 1 (0: no rule) in its low bits, the
+ * answer unless a flag sends the lookup down: XF_BL_D24 (L1 only) "a /17-/24
+ * rule lies inside: look up the /24", XF_BL_HOSTS "a /25-/32 rule lies
+ * inside: look up the host". L2 is an array of 256-entry chunks, one per /16
+ * that needs one (L1 then holds XF_BL_D24 | XF_BL_CHUNK | chunk number, and
+ * every /24 slot the complete answer), so the second level is an array load
+ * too; /16s beyond XF_BL4_CHUNKS fall back to a hash of /24s (L1 holds
+ * XF_BL_D24 | the /16's own answer). A /16 holding only host rules skips L2.
  */
 #define XF_BL4_L1_SIZE 65536
+#define XF_BL4_CHUNKS 4096
+#define XF_BL4_L2C_SIZE 1048576 /* XF_BL4_CHUNKS x 256 */
 #define XF_BL4_L2_MAX 1048576
 #define XF_BL4_L3_MAX 1048576
 #define XF_BL_D24 2147483648
 #define XF_BL_HOSTS 1073741824
-#define XF_BL_RULE_MASK 1073741823
+#define XF_BL_CHUNK 536870912
+#define XF_BL_RULE_MASK 536870911
 
-/* IPv6 blocklist prefilter in front of the tries: one bit per hashed /32 */
-#define XF_PF6_WORDS 16384
-#define XF_PF6_MULT 2654435761
-#define XF_PF6_SHIFT 12
+/* IPv6 blocklist: an array indexed by the top 16 bits (L0) and, per
+ * direction, one hash of deeper regions at /24, /32, ... /128 (8-bit steps;
+ * a rule between steps is expanded to the next one). An entry holds rule
+ * index + 1 (0: none) of the longest rule covering its whole region, and
+ * above XF_BL6_NEXT_SHIFT the prefix length of the next region to look up
+ * (0: nothing longer lies inside). The lookup jumps straight to the levels
+ * where longer rules branch, so traffic outside every rule's /16 costs one
+ * array load, and no lookup walks a trie.
+ */
+#define XF_BL6_L0_SIZE 65536
+#define XF_BL6_DEEP_MAX 1048576
+#define XF_BL6_NEXT_SHIFT 24
+#define XF_BL6_RULE_MASK 16777215
+#define XF_BL6_LEVELS 14 /* /24 .. /128 */
 
 /* default event budget per CPU per second */
 #define XF_EVENTS_PER_SEC 1000
@@ -117,6 +134,15 @@ struct xf_lpm4 {
 struct xf_lpm6 {
 	__u32 prefixlen;
 	__u8 addr[16];
+};
+
+/* a deeper IPv6 region: the address's top plen bits as two host-order
+ * halves, the rest zero */
+struct xf_bl6_key {
+	__u64 hi;
+	__u64 lo;
+	__u32 plen;
+	__u32 pad;
 };
 
 /* run-time switches in the shared "config" array, written by the controller */

@@ -611,10 +611,10 @@ def on_cpu(cpu: int) -> Iterator[None]:
 
 def reset(prog: Any, config: bytes) -> None:
     """Bring a loaded program back to the state of a fresh load: zero
-    counters, empty flow tables, an empty blocklist (tries, IPv4 table, IPv6
-    prefilters, config flags), ``config`` as it was after loading (with the
+    counters, empty flow tables, an empty blocklist (tries, IPv4 and IPv6
+    tables, config flags), ``config`` as it was after loading (with the
     controller's HZ), event budget 0, event ring drained."""
-    # flush() rewrites every lookup-table and prefilter word that is not
+    # flush() rewrites every lookup-table word that is not
     # zero, which takes a while; skip it when no rule was ever touched
     if prog.blocklist.entries() or bytes(ffi.buffer(prog.map("config")[0])) != config:
         prog.blocklist.flush()

@@ -56,7 +56,7 @@ def test_block_add_list_del_flush(lab: Lab, cli: Cli) -> None:
         "v4 /8": tcp("203.0.113.50", DUT_V4, 5003, 80),  # shorter than /16: spans many /16 slots
         "v4 dst": udp(GEN_V4, "203.0.113.9", 5004, 53),
         "v6 /64": udp("2001:db8:0:1::1", DUT_V6, 5005, 53),
-        "v6 /24": icmp("2001:db8:ffff::1", DUT_V6),  # /16../31: a range of hashed prefilter bits
+        "v6 /24": icmp("2001:db8:ffff::1", DUT_V6),  # /17../23: expanded to /24 regions
         "v6 dst": icmp(GEN_V6, "2001:db8:1::5"),
         "v6 /24, outside the /64": udp("2001:db8::1", DUT_V6, 5008, 53),
     }

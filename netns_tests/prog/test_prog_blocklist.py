@@ -194,8 +194,8 @@ def test_delete_restores_passing(prog):
 
 
 def test_delete_one_of_two_in_same_slot_keeps_the_other(prog):
-    """Both /25s share a /16 (IPv4 table) and both /64s a /32 (IPv6
-    prefilter bit): deleting one must not unblock the other."""
+    """Both /25s share a /16 (IPv4 table) and both /64s a /48 (IPv6
+    table region): deleting one must not unblock the other."""
     prog.blocklist.add([R("198.51.100.0/25"), R("198.51.100.128/25"), R("2001:db8:0:1::/64"), R("2001:db8:0:2::/64")])
     prog.blocklist.delete([R("198.51.100.0/25"), R("2001:db8:0:1::/64")])
     assert prog.run(udp("198.51.100.1", "198.18.0.1")) == XDP_PASS
@@ -411,7 +411,7 @@ def test_many_v6_rules_against_model(prog):
 
 
 def test_match_all_rules(prog):
-    """/0 rules: every IPv4 /16 entry, and the all-bits IPv6 prefilter."""
+    """/0 rules: every IPv4 /16 entry and every IPv6 L0 entry."""
     prog.blocklist.add([R("0.0.0.0/0"), R("::/0", "dst"), R("2001:db8::/32")])
     assert prog.run(udp("198.18.0.1", "198.19.0.1")) == XDP_DROP
     assert prog.run(udp("203.0.113.255", "198.51.100.1")) == XDP_DROP

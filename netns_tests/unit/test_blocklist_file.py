@@ -1,13 +1,11 @@
-"""Tests of blocklist parsing, validation, diffing and prefilter bits.
+"""Tests of blocklist parsing, validation and diffing.
 
 Pure Python, no kernel: every expected value here is computed independently of
-xdpflow.blocklist_file, from ipaddress or written out by hand, and the prefilter
-hash is recomputed the way the C side does it (32-bit unsigned wraparound).
+xdpflow.rules.blockfile, from ipaddress or written out by hand.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import io
 import ipaddress
@@ -23,14 +21,11 @@ import pytest
 
 from xdpflow.rules import blockfile as bf
 from xdpflow.rules.blockfile import (
-    PF6_BITS,
     BlocklistFileError,
     Rule,
-    bitmap_words,
     diff,
     parse_cidr,
     parse_lines,
-    prefilter_bits,
     read_file,
     sort_rules,
 )
@@ -44,12 +39,6 @@ def v4(text: str, direction: str = "src") -> Rule:
 
 def v6(text: str, direction: str = "src") -> Rule:
     return Rule(IPv6Network(text), direction)
-
-
-def c_pf6_bit(net: str) -> int:
-    """The kernel's pf6_bit(): (__u32)(top * (__u32)XF_PF6_MULT) >> XF_PF6_SHIFT."""
-    top = int.from_bytes(IPv6Network(net).network_address.packed[:4], "big")
-    return ctypes.c_uint32(top * ctypes.c_uint32(2654435761).value).value >> 12
 
 
 # --- parse_cidr -------------------------------------------------------------------------
@@ -701,131 +690,6 @@ def test_diff_large_matches_set_arithmetic() -> None:
     assert to_add == sorted(to_add) and to_delete == sorted(to_delete)
 
 
-# --- prefilter bits ---------------------------------------------------------------------
-
-
-def test_prefilter_constants_match_the_header() -> None:
-    if not HEADER.exists():
-        pytest.skip(f"{HEADER} not found")
-    defines = dict(re.findall(r"^#define\s+(XF_\w+)\s+(\d+)", HEADER.read_text(), re.M))
-    assert PF6_BITS == 64 * int(defines["XF_PF6_WORDS"])
-    assert bf.PF6_HASH_MUL == int(defines["XF_PF6_MULT"])
-    assert bf.PF6_HASH_SHIFT == int(defines["XF_PF6_SHIFT"])
-    assert 1 << (32 - bf.PF6_HASH_SHIFT) == PF6_BITS
-
-
-def test_pf6_hash_pinned_values() -> None:
-    # written out once by hand: (top * 2654435761) mod 2**32 >> 12
-    assert c_pf6_bit("2001:db8::/32") == 142311  # top 0x20010db8
-    assert c_pf6_bit("2001:2::/48") == 877055  # top 0x20010002
-    assert c_pf6_bit("::/128") == 0
-    assert c_pf6_bit("ffff:ffff::/32") == 400520
-
-
-def test_prefilter_bits_ignore_ipv4() -> None:
-    assert prefilter_bits([v4("198.51.100.0/24", "dst"), v4("0.0.0.0/0")]) == {(6, "src"): set(), (6, "dst"): set()}
-
-
-@pytest.mark.parametrize(
-    "net, bits",
-    [
-        ("2001:db8::/29", {c_pf6_bit(f"2001:{0xDB8 + i:x}::/32") for i in range(8)}),
-        ("2001:db8::/32", {142311}),
-        ("2001:db8:1::/48", {142311}),
-        ("2001:db8:1:2::/64", {142311}),
-        ("2001:2::/48", {877055}),
-        ("2001:2::1/128", {877055}),
-        ("::ffff:192.0.2.1/128", {0}),
-        ("2001:db8::/31", {c_pf6_bit("2001:db8::/32"), c_pf6_bit("2001:db9::/32")}),
-    ],
-)
-def test_prefilter_bits_v6(net: str, bits: set[int]) -> None:
-    out = prefilter_bits([v6(net)])
-    assert out[(6, "src")] == bits
-    assert out[(6, "dst")] == set()
-
-
-def test_prefilter_bits_v6_slash16_and_29_by_enumeration() -> None:
-    # every /32 inside, hashed the C way
-    want16 = {c_pf6_bit(str(IPv6Network(((0x2001 << 112) | (i << 96), 32)))) for i in range(65536)}
-    assert prefilter_bits([v6("2001::/16")])[(6, "src")] == want16
-    want29 = {c_pf6_bit(str(n)) for n in IPv6Network("2001:db8::/29").subnets(new_prefix=32)}
-    assert len(want29) == 8
-    assert prefilter_bits([v6("2001:db8::/29")])[(6, "src")] == want29
-
-
-@pytest.mark.parametrize("net", ["::/0", "2000::/3", "2000::/15", "fc00::/7"])
-def test_prefilter_bits_v6_short_prefix_means_all_bits(net: str) -> None:
-    out = prefilter_bits([v6("2001:db8::/32"), v6(net), v6("2001:2::/48")])
-    assert out[(6, "src")] is None
-    assert out[(6, "dst")] == set()
-
-
-def test_prefilter_bits_keys_and_directions() -> None:
-    assert prefilter_bits([]) == {(6, "src"): set(), (6, "dst"): set()}
-    out = prefilter_bits(
-        [
-            v4("198.51.100.0/24", "src"),
-            v4("203.0.113.0/24", "dst"),
-            v6("2001:db8::/32", "dst"),
-            v6("::/0", "src"),
-        ]
-    )
-    assert out == {(6, "src"): None, (6, "dst"): {142311}}
-    with pytest.raises(ValueError, match="direction"):
-        prefilter_bits([v4("198.51.100.0/24", "out")])
-
-
-def test_prefilter_bits_in_range_for_random_rules() -> None:
-    rules = parse_lines(_random_feed(random.Random(4), 3000))
-    out = prefilter_bits(rules)
-    for bits in out.values():
-        if bits is not None:
-            assert all(0 <= b < PF6_BITS for b in bits)
-    # every long v6 rule's hashed bit is set
-    for r in rules:
-        if r.net.version == 6 and r.net.prefixlen >= 32:
-            bits = out[(6, r.direction)]
-            assert bits is None or c_pf6_bit(str(r.net.supernet(new_prefix=32))) in bits
-
-
-# --- bitmap_words -----------------------------------------------------------------------
-
-
-def test_bitmap_words_layout() -> None:
-    words = bitmap_words({0, 1, 63, 64, 127, 130, 65535}, 65536)
-    assert len(words) == 1024
-    assert words[0] == (1 << 0) | (1 << 1) | (1 << 63)
-    assert words[1] == (1 << 0) | (1 << 63)
-    assert words[2] == 1 << 2
-    assert words[1023] == 1 << 63
-    assert all(w == 0 for w in words[3:1023])
-    assert all(0 <= w < 1 << 64 for w in words)
-
-
-def test_bitmap_words_matches_little_endian_bytes() -> None:
-    # the kernel reads __u64 words; bit i is byte i // 8, bit i % 8 of the little-endian array
-    rnd = random.Random(8)
-    bits = {rnd.randrange(PF6_BITS) for _ in range(5000)}
-    words = bitmap_words(bits, PF6_BITS)
-    assert len(words) == PF6_BITS // 64
-    raw = b"".join(w.to_bytes(8, "little") for w in words)
-    assert {i for i in range(PF6_BITS) if raw[i >> 3] >> (i & 7) & 1} == bits
-
-
-def test_bitmap_words_all_and_none() -> None:
-    assert bitmap_words(None, 128) == [0xFFFF_FFFF_FFFF_FFFF] * 2
-    assert bitmap_words(None, PF6_BITS) == [(1 << 64) - 1] * 16384
-    assert bitmap_words(set(), 128) == [0, 0]
-    assert bitmap_words(set(range(128)), 128) == [(1 << 64) - 1] * 2
-
-
-@pytest.mark.parametrize("bits, nbits", [({0}, 0), ({0}, 100), ({0}, -64), ({-1}, 64), ({64}, 64)])
-def test_bitmap_words_rejects(bits: set[int], nbits: int) -> None:
-    with pytest.raises(ValueError):
-        bitmap_words(bits, nbits)
-
-
 # --- speed ------------------------------------------------------------------------------
 
 
@@ -859,20 +723,14 @@ def test_100k_rules(tmp_path: Path) -> None:
     current = parse_lines([str(r.net) for r in wanted[::3]]) + parse_lines(["192.0.2.0/24"])
     cpu2, wall2 = time.process_time(), time.perf_counter()
     to_add, to_delete = diff(current, wanted)
-    cpu3 = time.process_time()
-    bits = prefilter_bits(wanted)
-    cpu4 = time.process_time()
-    words = {key: bitmap_words(b, PF6_BITS) for key, b in bits.items()}
-    cpu5, wall5 = time.process_time(), time.perf_counter()
-    cpu = (cpu1 - cpu0) + (cpu5 - cpu2)
-    wall = (wall1 - wall0) + (wall5 - wall2)
+    cpu3, wall3 = time.process_time(), time.perf_counter()
+    cpu = (cpu1 - cpu0) + (cpu3 - cpu2)
+    wall = (wall1 - wall0) + (wall3 - wall2)
     print(
         f"\n100k-line feed, {len(wanted)} rules, CPU ms: read+parse {1e3 * (cpu1 - cpu0):.0f}, "
-        f"diff vs {len(current)} {1e3 * (cpu3 - cpu2):.0f}, prefilter bits {1e3 * (cpu4 - cpu3):.0f}, "
-        f"bitmap words {1e3 * (cpu5 - cpu4):.0f}; total {1e3 * cpu:.0f} (wall {1e3 * wall:.0f})"
+        f"diff vs {len(current)} {1e3 * (cpu3 - cpu2):.0f}; total {1e3 * cpu:.0f} (wall {1e3 * wall:.0f})"
     )
     assert len(wanted) > 95_000
     assert len(to_add) == len(wanted) - len(current) + 1 and to_delete == [v4("192.0.2.0/24")]
-    assert len(words[(6, "src")]) == 16384
     # speed is measured by `make bench` (block sync of 100k prefixes), not asserted here:
     # a shared machine makes wall-clock assertions flaky

@@ -23,9 +23,11 @@ import cffi
 
 from xdpflow.errors import VerifierError, XdpflowError, os_error
 
-ffi = cffi.FFI()
-ffi.cdef(
-    """
+# Every libbpf function and struct used here, as libbpf 1.x declares them.
+# `make build` compiles these declarations (and the product's, see
+# dataplane/abi.py) into generated modules with scripts/ffigen.py, so a
+# command does not parse C at start-up; an unbuilt tree parses them here.
+CDEF = """
     typedef uint8_t __u8;
     typedef uint16_t __u16;
     typedef uint32_t __u32;
@@ -190,20 +192,34 @@ ffi.cdef(
     int ring_buffer__poll(struct ring_buffer *rb, int timeout_ms);
     int ring_buffer__consume(struct ring_buffer *rb);
     """
-)
+
+
+def _load_ffi() -> Any:
+    try:
+        from xdpflow.bindings._libbpf_ffi import ffi as built  # type: ignore[import-not-found]
+
+        return built
+    except ImportError:
+        parsed = cffi.FFI()
+        parsed.cdef(CDEF)
+        return parsed
+
+
+ffi: Any = _load_ffi()
 
 lib: Any = ffi.dlopen("libbpf.so.1")
 
 
-def declare_types(declarations: str) -> cffi.FFI:
+def declare_types(declarations: str) -> Any:
     """A new FFI that knows this binding's types (``__u32``...) plus
     ``declarations``: the product's ABI is declared there, explicitly, and
     handed to ``Map``/``Object.map`` as ``types``. The binding's own FFI is
     never extended, so what a module can use does not depend on what some
-    other module imported first.
+    other module imported first. (An unbuilt tree's path: a built one loads
+    the same declarations compiled, see dataplane/abi.py.)
     """
     types = cffi.FFI()
-    types.include(ffi)
+    types.cdef(CDEF)
     types.cdef(declarations)
     return types
 
@@ -613,7 +629,7 @@ class Map(MutableMapping[Any, Any]):
         in_b = self.types.new("char[]", cursor_len)
         out_b = self.types.new("char[]", cursor_len)
         count = self.types.new("uint32_t *")
-        opts = self.types.new("struct bpf_map_batch_opts *", {"sz": self.types.sizeof("struct bpf_map_batch_opts")})
+        opts = ffi.new("struct bpf_map_batch_opts *", {"sz": ffi.sizeof("struct bpf_map_batch_opts")})
         fn = lib.bpf_map_lookup_and_delete_batch if delete else lib.bpf_map_lookup_batch
         first = True
         kparts: list[bytes] = []
@@ -679,9 +695,9 @@ class Map(MutableMapping[Any, Any]):
         if n == 0:
             return
         count = self.types.new("uint32_t *", n)
-        opts = self.types.new(
+        opts = ffi.new(
             "struct bpf_map_batch_opts *",
-            {"sz": self.types.sizeof("struct bpf_map_batch_opts"), "elem_flags": flags},
+            {"sz": ffi.sizeof("struct bpf_map_batch_opts"), "elem_flags": flags},
         )
         ret = lib.bpf_map_update_batch(self.fd, keys, values, count, opts)
         if ret < 0 and -ret in _BATCH_UNSUPPORTED and count[0] == 0:
@@ -711,7 +727,7 @@ class Map(MutableMapping[Any, Any]):
         if n == 0:
             return
         count = self.types.new("uint32_t *", n)
-        opts = self.types.new("struct bpf_map_batch_opts *", {"sz": self.types.sizeof("struct bpf_map_batch_opts")})
+        opts = ffi.new("struct bpf_map_batch_opts *", {"sz": ffi.sizeof("struct bpf_map_batch_opts")})
         ret = lib.bpf_map_delete_batch(self.fd, keys, count, opts)
         if ret < 0 and -ret in _BATCH_UNSUPPORTED and count[0] == 0:
             ks = self.info.key_size

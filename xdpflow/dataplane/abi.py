@@ -24,7 +24,8 @@ HEADER = BPF_DIR / "xdpflow.h"
 _DEFINE = re.compile(r"^#define\s+(XF_\w+)\s+(\d+)\b")
 
 
-def _declarations(text: str) -> str:
+def declarations(text: str) -> str:
+    """The header as cffi takes it."""
     out = []
     for line in text.splitlines():
         if line.lstrip().startswith("#"):
@@ -36,9 +37,19 @@ def _declarations(text: str) -> str:
     return "\n".join(out)
 
 
+def _load_ffi() -> Any:
+    try:
+        # compiled from this header by `make build` (scripts/ffigen.py)
+        from xdpflow.dataplane._abi_ffi import ffi as built  # type: ignore[import-not-found]
+
+        return built
+    except ImportError:
+        return libbpf.declare_types(declarations(HEADER.read_text()))
+
+
 # The header's types live in this FFI of their own (the binding's stays as
 # it is); maps and structs of the product are made through it.
-ffi = libbpf.declare_types(_declarations(HEADER.read_text()))
+ffi = _load_ffi()
 C = ffi.dlopen(None)  # gives access to the header's enums and #defines
 
 # map name -> (key type, value type), for every map the program defines
@@ -52,13 +63,17 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "bl6_src": ("struct xf_lpm6", "__u32"),
     "bl6_dst": ("struct xf_lpm6", "__u32"),
     "bl4_l1_src": ("__u32", "__u32"),
+    "bl4_l2c_src": ("__u32", "__u32"),
     "bl4_l2_src": ("__u32", "__u32"),
     "bl4_l3_src": ("__u32", "__u32"),
     "bl4_l1_dst": ("__u32", "__u32"),
+    "bl4_l2c_dst": ("__u32", "__u32"),
     "bl4_l2_dst": ("__u32", "__u32"),
     "bl4_l3_dst": ("__u32", "__u32"),
-    "pf6_src": ("__u32", "__u64"),
-    "pf6_dst": ("__u32", "__u64"),
+    "bl6_l0_src": ("__u32", "__u32"),
+    "bl6_deep_src": ("struct xf_bl6_key", "__u32"),
+    "bl6_l0_dst": ("__u32", "__u32"),
+    "bl6_deep_dst": ("struct xf_bl6_key", "__u32"),
     "rule_hits": ("__u32", "__u64"),
     "event_budget": ("__u32", "struct xf_ratelimit"),
 }

@@ -1,19 +1,21 @@
-"""The kernel blocklist: rule store, IPv4 table, IPv6 tries, hit counters.
+"""The kernel blocklist: rule store, IPv4 and IPv6 tables, hit counters.
 
 Each rule (CIDR + direction) lives in one of four LPM tries (v4/v6 x src/dst),
-the store of every rule; its value is a rule index into the per-CPU
-``rule_hits`` array. IPv6 traffic is matched in the tries, behind a bitmap
-prefilter that says which hashed /32 may hold a rule. IPv4 traffic is matched
-in a three-level table computed here from the rules (``v4_tables``): an array
-indexed by /16, a hash of /24s and a hash of hosts, each entry a rule index + 1
-with flags meaning "look one level down". The shared ``config`` flags
-say which directions are non-empty, so traffic skips empty ones entirely.
+the store of every rule, which no frame walks; its value is a rule index into
+the per-CPU ``rule_hits`` array. Traffic is matched in tables computed here
+from the rules: for IPv4 (``v4_tables``) an array indexed by /16, a hash of
+/24s and a hash of hosts, each entry a rule index + 1 with flags meaning
+"look one level down"; for IPv6 (``v6_tables``) an array indexed by the top
+16 bits and a hash of deeper regions at 8-bit steps whose entries name the
+next prefix length to look up, so a lookup jumps straight to where longer
+rules branch. The shared ``config`` flags say which directions are
+non-empty, so traffic skips empty ones entirely.
 
 Changes keep every address that stays listed blocked at every moment: rules
-and bits are added before anything is deleted, bits are cleared only once no
-remaining rule needs them, and the IPv4 table is rewritten bottom-up (hosts,
-/24s, /16s) and pruned top-down, so a frame walking it mid-change gets either
-the old or the new answer.
+are added to the store before anything is deleted, and each table is
+rewritten bottom-up (deeper entries, then the top array) and pruned after,
+so a frame walking it mid-change gets either the old or the new answer (every
+entry is the complete answer for its region under one of the two sets).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from xdpflow.dataplane.abi import ffi, np_dtype
 from xdpflow.dataplane.maps import PinnedMaps
 from xdpflow.dataplane.pins import PinRoot
 from xdpflow.errors import MapFullError
-from xdpflow.rules.blockfile import KEY6, PF6_BITS, Rule, bitmap_words, prefilter_bits, rule_from_key, rule_key
+from xdpflow.rules.blockfile import KEY6, Rule, rule_from_key, rule_key
 
 # (family, direction) -> (trie, config flag)
 TRIES: dict[tuple[int, str], tuple[str, int]] = {
@@ -42,14 +44,17 @@ TRIES: dict[tuple[int, str], tuple[str, int]] = {
     (6, "src"): ("bl6_src", abi.C.XF_CFG_BL6_SRC),
     (6, "dst"): ("bl6_dst", abi.C.XF_CFG_BL6_DST),
 }
-PREFILTERS = {(6, "src"): "pf6_src", (6, "dst"): "pf6_dst"}
+V6_TABLES = {"src": ("bl6_l0_src", "bl6_deep_src"), "dst": ("bl6_l0_dst", "bl6_deep_dst")}
 V4_LEVELS = {
     "src": ("bl4_l1_src", "bl4_l2_src", "bl4_l3_src"),
     "dst": ("bl4_l1_dst", "bl4_l2_dst", "bl4_l3_dst"),
 }
+V4_CHUNKS = {"src": "bl4_l2c_src", "dst": "bl4_l2c_dst"}
 ALL_TRIE_FLAGS = sum(t[1] for t in TRIES.values())
 D24 = abi.C.XF_BL_D24
 HOSTS = abi.C.XF_BL_HOSTS
+CHUNK = abi.C.XF_BL_CHUNK
+RULE_MASK = abi.C.XF_BL_RULE_MASK
 _DIRS = ("src", "dst")
 _U128 = (1 << 128) - 1
 
@@ -166,6 +171,120 @@ def v4_tables(addrs: np.ndarray, plens: np.ndarray, idx: np.ndarray) -> V4Tables
     if hosts16:
         l1[np.fromiter(hosts16, dtype=np.int64)] |= np.uint32(HOSTS)
     return V4Tables(l1, l2, l3)
+
+
+@dataclass
+class V4Placed:
+    """A V4Tables as written: /16s that need L2 get a 256-slot chunk of the
+    L2 array where there is one, the rest keep /24 entries in the L2 hash."""
+
+    l1: np.ndarray
+    chunks: dict[int, np.ndarray]  # chunk number -> its 256 slots
+    l2: dict[int, int]  # /24 -> entry, for /16s without a chunk
+    l3: dict[int, int]
+
+
+def place_chunks(t: V4Tables, old_l1: np.ndarray, capacity: int) -> V4Placed:
+    """Give every /16 of ``t`` that needs L2 a chunk, keeping the chunk it has
+    in ``old_l1`` (the table the program reads now) and never handing a
+    chunk in use there to another /16: a frame that read the old /16 entry
+    then reads either the old or the new slot of the same /16. New chunks go
+    to the /16s with the most /24 entries first; past ``capacity`` the rest
+    use the L2 hash.
+    """
+    need = np.flatnonzero(t.l1 & np.uint32(D24))
+    was = old_l1[need]
+    had = (was & np.uint32(D24 | CHUNK)) == np.uint32(D24 | CHUNK)
+    assign = dict(zip(need[had].tolist(), (was[had] & np.uint32(RULE_MASK)).tolist()))
+    used = set(((old_l1[(old_l1 & np.uint32(CHUNK)) != 0]) & np.uint32(RULE_MASK)).tolist())
+    free = (k for k in range(capacity) if k not in used)
+    per16: dict[int, int] = {}
+    for c24 in t.l2:
+        per16[c24 >> 8] = per16.get(c24 >> 8, 0) + 1
+    for c in sorted(set(need.tolist()) - assign.keys(), key=lambda c: (-per16.get(c, 0), c)):
+        k = next(free, None)
+        if k is None:
+            break
+        assign[c] = k
+    l1 = t.l1.copy()
+    chunks = {}
+    for c, k in assign.items():
+        slots = np.full(256, int(t.l1[c]) & RULE_MASK, dtype=np.uint32)
+        for i in range(256):
+            v = t.l2.get((c << 8) | i)
+            if v is not None:
+                slots[i] = v
+        chunks[k] = slots
+        l1[c] = D24 | CHUNK | k
+    l2 = {c24: v for c24, v in t.l2.items() if (c24 >> 8) not in assign}
+    return V4Placed(l1, chunks, l2, t.l3)
+
+
+@dataclass
+class V6Tables:
+    l0: np.ndarray  # XF_BL6_L0_SIZE entries, uint32
+    deep: dict[tuple[int, int], int]  # (prefix length, address >> (128 - length)) -> entry
+
+
+_NEXT = abi.C.XF_BL6_NEXT_SHIFT
+
+
+def _v6_level(plen: int) -> int:
+    """The prefix length a rule is stored at: /16 in L0, else the next multiple of 8."""
+    return 16 if plen <= 16 else -(-plen // 8) * 8
+
+
+def v6_tables(rules: list[tuple[int, int, int]]) -> V6Tables:
+    """The IPv6 lookup table for one direction's rules, given as (address
+    int, prefix length, rule index).
+
+    A rule of length p is stored at level L = _v6_level(p), expanded to the
+    2^(L - p) regions of length L it covers; rules are painted shortest
+    first, so the longest rule wins in each region. An entry's answer is the
+    longest rule covering its whole region (rules stored at shallower levels
+    included), and its next field the smallest level at which a longer rule
+    lies inside it. The lookup follows next from L0; a region on that path
+    that holds no rule of its own but contains deeper rules gets a marker
+    entry (answer inherited), so a miss always means "nothing longer".
+    """
+    l0 = np.zeros(abi.C.XF_BL6_L0_SIZE, dtype=np.uint32)
+    answer: dict[tuple[int, int], int] = {}
+    inside: dict[tuple[int, int], int] = {}  # (level, region) -> smallest level of a rule inside it
+    deep = []
+    for addr, plen, idx in sorted(rules, key=lambda r: r[1]):
+        level = _v6_level(plen)
+        if level == 16:
+            first = addr >> 112
+            l0[first : first + (1 << (16 - plen))] = idx + 1
+            continue
+        deep.append((addr, level))
+        base = addr >> (128 - level)
+        for region in range(base, base + (1 << (level - plen))):
+            answer[(level, region)] = idx + 1
+        for a in range(16, level, 8):
+            key = (a, addr >> (128 - a))
+            if inside.get(key, 129) > level:
+                inside[key] = level
+    markers = set()
+    for addr, level in deep:
+        a = 16
+        while (n := inside[(a, addr >> (128 - a))]) < level:
+            key = (n, addr >> (128 - n))
+            if key not in answer:
+                markers.add(key)
+            a = n
+    for level, region in sorted(markers):  # shallow first: ancestors are done
+        inherited = int(l0[region >> (level - 16)])
+        for a in range(level - 8, 16, -8):
+            up = answer.get((a, region >> (level - a)))
+            if up is not None:
+                inherited = up
+                break
+        answer[(level, region)] = inherited & abi.C.XF_BL6_RULE_MASK
+    for (a, region), n in inside.items():
+        if a == 16:
+            l0[region] |= np.uint32(n << _NEXT)
+    return V6Tables(l0, {key: v | (inside.get(key, 0) << _NEXT) for key, v in answer.items()})
 
 
 class Blocklist:
@@ -362,27 +481,25 @@ class Blocklist:
             final.update(zip(to_add, free.tolist()))
             self._zero_hits(free)
 
-        v4 = {d: self._v4_tables(final, d) for d in V4_LEVELS}
+        v4 = {d: self._v4_placed(final, d) for d in V4_LEVELS}
         self._check_v4_sizes(v4)
+        v6 = {d: self._v6_tables(final, d) for d in V6_TABLES}
+        self._check_v6_sizes(v6)
 
-        # 1. adds: the rule store, IPv6 prefilter bits, the IPv4 tables
+        # 1. adds: the rule store, then the tables, then the flags
         for kind, keys in _by_kind(to_add).items():
             if keys:
                 self._write_trie(kind, keys, [final[k] for k in keys])
-        pf_before = _pf6(current)
-        pf_final = _pf6(final)
-        for kind in PREFILTERS:
-            self._write_bits(kind, _union(pf_before[kind], pf_final[kind]))
         for direction, tables in v4.items():
             self._write_v4(direction, tables)
+        for direction, t6 in v6.items():
+            self._write_v6(direction, t6)
         self._set_flags(list(current) + list(final))
 
-        # 2. deletes: out of the rule store, then bits and flags nobody needs
+        # 2. deletes: out of the rule store, then the flags nobody needs
         for kind, keys in _by_kind(to_delete).items():
             if keys:
                 self._delete_trie(kind, keys)
-        for kind in PREFILTERS:
-            self._write_bits(kind, pf_final[kind])
         self._set_flags(list(final), bump=bool(to_add or to_delete))
         return Change(to_add, to_delete)
 
@@ -392,7 +509,32 @@ class Blocklist:
         net = keys >> np.uint64(1)
         return v4_tables(net >> np.uint64(8), (net & np.uint64(0xFF)).astype(np.int64), idx)
 
-    def _check_v4_sizes(self, v4: dict[str, V4Tables]) -> None:
+    def _v6_tables(self, rules: dict[int, int], direction: str) -> V6Tables:
+        return v6_tables([(_addr(k), _plen(k), rules[k]) for k in _by_kind(rules)[(6, direction)]])
+
+    def _check_v6_sizes(self, v6: dict[str, V6Tables]) -> None:
+        for direction, t in v6.items():
+            name = V6_TABLES[direction][1]
+            cap = self._map(name).info.max_entries
+            if len(t.deep) > cap:
+                raise MapFullError(
+                    errno.E2BIG,
+                    f"the IPv6 {direction} rules expand to {len(t.deep)} entries in {name}, which holds {cap}: "
+                    "use fewer prefixes whose length is not a multiple of 8; nothing was changed",
+                )
+
+    def _v4_placed(self, rules: dict[int, int], direction: str) -> V4Placed:
+        l1m = self._map(V4_LEVELS[direction][0])
+        capacity = self._map(V4_CHUNKS[direction]).info.max_entries // 256
+        return place_chunks(self._v4_tables(rules, direction), self._read_l1(l1m), capacity)
+
+    def _read_l1(self, m: Map) -> np.ndarray:
+        raw = m.lookup_batch_raw(chunk=m.info.max_entries)
+        if raw is None:
+            return np.array([v for _, v in sorted(m.items())], dtype=np.uint32)
+        return np.frombuffer(raw[1], "<u4", raw[2]).copy()
+
+    def _check_v4_sizes(self, v4: dict[str, V4Placed]) -> None:
         for direction, t in v4.items():
             _l1, l2, l3 = V4_LEVELS[direction]
             for name, n in ((l2, len(t.l2)), (l3, len(t.l3))):
@@ -438,36 +580,59 @@ class Blocklist:
         keys, vals, n = raw
         return dict(zip(np.frombuffer(keys, "<u4", n).tolist(), np.frombuffer(vals, "<u4", n).tolist()))
 
-    def _write_v4(self, direction: str, t: V4Tables) -> None:
-        """Rewrite one direction's IPv4 table: hosts and /24s first, then the
-        /16 array, then remove what the new table no longer has.
+    def _write_v4(self, direction: str, t: V4Placed) -> None:
+        """Rewrite one direction's IPv4 table: hosts, /24 entries and chunks
+        first, then the /16 array, then remove what the new table no longer
+        has (chunks no /16 points to need no clearing).
         """
         l1m, l2m, l3m = (self._map(n) for n in V4_LEVELS[direction])
         have3, have2 = self._read_u32_map(l3m), self._read_u32_map(l2m)
         _upsert(l3m, {k: v for k, v in t.l3.items() if have3.get(k) != v})
         _upsert(l2m, {k: v for k, v in t.l2.items() if have2.get(k) != v})
-        raw = l1m.lookup_batch_raw(chunk=len(t.l1))
-        have1 = np.frombuffer(raw[1], "<u4", raw[2]) if raw else np.array([v for _, v in sorted(l1m.items())])
+        if t.chunks:
+            l2c = self._map(V4_CHUNKS[direction])
+            have_c = self._read_l1(l2c)
+            want = have_c.copy()
+            for k, slots in t.chunks.items():
+                want[k * 256 : (k + 1) * 256] = slots
+            diff = np.flatnonzero(have_c != want)
+            _upsert(l2c, dict(zip(diff.tolist(), want[diff].tolist())))
+        have1 = self._read_l1(l1m)
         changed = np.flatnonzero(have1 != t.l1)
         _upsert(l1m, dict(zip(changed.tolist(), t.l1[changed].tolist())))
         _remove(l2m, [k for k in have2 if k not in t.l2])
         _remove(l3m, [k for k in have3 if k not in t.l3])
 
-    def _write_bits(self, kind: tuple[int, str], bits: set[int] | None) -> None:
-        """Make a prefilter bitmap equal ``bits``, writing only changed words."""
-        m = self._map(PREFILTERS[kind])
-        want = np.array(bitmap_words(bits, PF6_BITS), dtype=np.uint64)
-        raw = m.lookup_batch_raw(chunk=len(want))
+    def _write_v6(self, direction: str, t: V6Tables) -> None:
+        """Rewrite one direction's IPv6 table: deeper entries first, then the
+        L0 array, then remove the entries the new table no longer has."""
+        l0m, deepm = (self._map(n) for n in V6_TABLES[direction])
+        have = self._read_deep6(deepm)
+        _upsert_deep6(deepm, {k: v for k, v in t.deep.items() if have.get(k) != v})
+        raw = l0m.lookup_batch_raw(chunk=len(t.l0))
+        have0 = np.frombuffer(raw[1], "<u4", raw[2]) if raw else np.array([v for _, v in sorted(l0m.items())])
+        changed = np.flatnonzero(have0 != t.l0)
+        _upsert(l0m, dict(zip(changed.tolist(), t.l0[changed].tolist())))
+        gone = [k for k in have if k not in t.deep]
+        if gone:
+            keys = _deep6_keys(deepm, gone)
+            deepm.delete_batch_raw(ffi.from_buffer(keys), len(gone))
+
+    def _read_deep6(self, m: Map) -> dict[tuple[int, int], int]:
+        raw = m.lookup_batch_raw(chunk=65536)
         if raw is None:
-            have = np.array([v for _, v in sorted(m.items())], dtype=np.uint64)
-        else:
-            have = np.frombuffer(raw[1], dtype="<u8", count=raw[2])
-        changed = np.flatnonzero(have != want)
-        if len(changed) == 0:
-            return
-        keys = ffi.new("__u32[]", changed.tolist())
-        vals = ffi.new("__u64[]", want[changed].tolist())
-        m.update_batch_raw(keys, vals, len(changed))
+            items = [(bytes(ffi.buffer(k)), v) for k, v in m.items()]
+            raw = (b"".join(k for k, _ in items), np.array([v for _, v in items], "<u4").tobytes(), len(items))
+        keys, vals, n = raw
+        if n == 0:
+            return {}
+        arr = np.frombuffer(keys, dtype=np_dtype(m.key_type), count=n)
+        out = {}
+        for hi, lo, plen, v in zip(
+            arr["hi"].tolist(), arr["lo"].tolist(), arr["plen"].tolist(), np.frombuffer(vals, "<u4", n).tolist()
+        ):
+            out[(plen, ((hi << 64) | lo) >> (128 - plen))] = v
+        return out
 
     def _set_flags(self, keys: Iterable[int], bump: bool = False) -> None:
         """Set the non-empty flags for the tries ``keys`` occupy; ``bump``
@@ -486,11 +651,6 @@ class Blocklist:
 
     def generation(self) -> int:
         return int(self._map("config")[0].generation)
-
-
-def _pf6(rules: dict[int, int]) -> dict[tuple[int, str], set[int] | None]:
-    bits = prefilter_bits(rule_from_key(k) for k in rules if (k >> 1) & KEY6)
-    return {kind: bits[kind] for kind in PREFILTERS}
 
 
 def _disjoint_from(keys: list[int], others: list[int]) -> list[int]:
@@ -520,6 +680,22 @@ def _disjoint_from(keys: list[int], others: list[int]) -> list[int]:
     return out
 
 
+def _deep6_keys(m: Map, regions: list[tuple[int, int]]) -> np.ndarray:
+    arr = np.zeros(len(regions), dtype=np_dtype(m.key_type))
+    prefixes = [region << (128 - plen) for plen, region in regions]
+    arr["hi"] = [p >> 64 for p in prefixes]
+    arr["lo"] = [p & 0xFFFF_FFFF_FFFF_FFFF for p in prefixes]
+    arr["plen"] = [plen for plen, _ in regions]
+    return arr
+
+
+def _upsert_deep6(m: Map, entries: dict[tuple[int, int], int]) -> None:
+    if entries:
+        keys = _deep6_keys(m, list(entries))
+        vals = np.array(list(entries.values()), dtype="<u4")
+        m.update_batch_raw(ffi.from_buffer(keys), ffi.from_buffer(vals), len(entries))
+
+
 def _upsert(m: Map, entries: dict[int, int]) -> None:
     if entries:
         n = len(entries)
@@ -529,12 +705,6 @@ def _upsert(m: Map, entries: dict[int, int]) -> None:
 def _remove(m: Map, keys: list[int]) -> None:
     if keys:
         m.delete_batch_raw(ffi.new("__u32[]", keys), len(keys))
-
-
-def _union(a: set[int] | None, b: set[int] | None) -> set[int] | None:
-    if a is None or b is None:
-        return None
-    return a | b
 
 
 @contextlib.contextmanager

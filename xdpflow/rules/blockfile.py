@@ -1,4 +1,4 @@
-"""Parse, validate and diff blocklist sources; compute the kernel prefilter bitmaps.
+"""Parse, validate and diff blocklist sources.
 
 Pure and deterministic: this module reads text and does arithmetic, it never touches the
 kernel. ``blocklist.py`` turns its output into map updates.
@@ -37,18 +37,13 @@ from typing import NamedTuple, NoReturn
 
 __all__ = [
     "DIRECTIONS",
-    "PF6_BITS",
-    "PF6_HASH_MUL",
-    "PF6_HASH_SHIFT",
     "BlocklistFileError",
     "Rule",
-    "bitmap_words",
     "check_direction",
     "diff",
     "parse_cidr",
     "parse_keys",
     "parse_lines",
-    "prefilter_bits",
     "read_file",
     "read_file_keys",
     "rule_from_key",
@@ -59,11 +54,6 @@ KEY6 = 1 << 136  # set in a net key for IPv6
 
 DIRECTIONS = ("src", "dst")
 _DIRECTION_BIT = {"src": 0, "dst": 1}
-
-# prefilter geometry: XF_PF6_WORDS, XF_PF6_MULT, XF_PF6_SHIFT in xdpflow.h
-PF6_BITS = 1 << 20  # one bit per hashed top 32 bits of an IPv6 address
-PF6_HASH_MUL = 2654435761  # Knuth's multiplicative hash, 32-bit
-PF6_HASH_SHIFT = 12  # 32 - log2(PF6_BITS)
 
 _U32 = 0xFFFF_FFFF
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -562,66 +552,3 @@ def diff(current: Iterable[Rule], wanted: Iterable[Rule]) -> tuple[list[Rule], l
     to_add = [want[k] for k in sorted(want.keys() - cur.keys())]
     to_delete = [cur[k] for k in sorted(cur.keys() - want.keys())]
     return to_add, to_delete
-
-
-# --- prefilter --------------------------------------------------------------------------
-
-
-def _pf6_index(top: int) -> int:
-    return ((top * PF6_HASH_MUL) & _U32) >> PF6_HASH_SHIFT
-
-
-def prefilter_bits(rules: Iterable[Rule]) -> dict[tuple[int, str], set[int] | None]:
-    """Compute the bits of the IPv6 prefilter the kernel tests before walking
-    a blocklist trie (IPv4 goes through an exact table instead: blocklist.py).
-
-    Keys are (6, "src") and (6, "dst"), both always present, with an empty
-    set when there are no such rules (so stale bitmaps get cleared). None
-    means every bit must be set (a rule shorter than /16). Bits are keyed by
-    the top 32 bits ``t`` of the address, index
-    ``((t * PF6_HASH_MUL) & 0xFFFFFFFF) >> PF6_HASH_SHIFT``; a /16../31 rule
-    sets the bit of every /32 it covers (up to 65536 hashes). IPv4 rules are
-    ignored.
-
-    Raises ValueError for a rule whose direction is not "src" or "dst".
-    """
-    out: dict[tuple[int, str], set[int] | None] = {(6, "src"): set(), (6, "dst"): set()}
-    for net, direction in rules:
-        if direction not in _DIRECTION_BIT:
-            raise ValueError(f"rule {net} has direction {direction!r}; must be 'src' or 'dst'")
-        if not isinstance(net, IPv6Network):
-            continue
-        key = (6, direction)
-        bits = out[key]
-        if bits is None:
-            continue
-        value = int(net.network_address)
-        plen = net.prefixlen
-        top = value >> 96
-        if plen >= 32:
-            bits.add(((top * PF6_HASH_MUL) & _U32) >> PF6_HASH_SHIFT)
-        elif plen >= 16:
-            bits.update(map(_pf6_index, range(top, top + (1 << (32 - plen)))))
-        else:
-            out[key] = None
-    return out
-
-
-def bitmap_words(bits: set[int] | None, nbits: int) -> list[int]:
-    """Lay out bit indices as a list of ``nbits // 64`` unsigned 64-bit words.
-
-    Bit ``i`` is in word ``i >> 6`` at bit position ``i & 63``; None gives all-ones
-    words. Raises ValueError if ``nbits`` is not a positive multiple of 64 or an index
-    is out of range.
-    """
-    if nbits <= 0 or nbits % 64:
-        raise ValueError(f"bitmap size must be a positive multiple of 64, not {nbits}")
-    nwords = nbits >> 6
-    if bits is None:
-        return [_U64] * nwords
-    if bits and (min(bits) < 0 or max(bits) >= nbits):
-        raise ValueError(f"bit index out of range for a {nbits}-bit bitmap")
-    words = [0] * nwords
-    for i in bits:
-        words[i >> 6] |= 1 << (i & 63)
-    return words

@@ -1,0 +1,75 @@
+"""Placement of the IPv4 table's /24 chunks (pure: no kernel). The
+kernel's lookup through them is checked in test_prog_blocklist*."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from xdpflow.dataplane.blocklist import CHUNK, D24, RULE_MASK, place_chunks, v4_tables
+
+
+def tables(rules: list[tuple[int, int, int]]):
+    a = np.array([r[0] for r in rules], dtype=np.uint64)
+    p = np.array([r[1] for r in rules], dtype=np.int64)
+    i = np.array([r[2] for r in rules], dtype=np.uint64)
+    return v4_tables(a, p, i)
+
+
+def net(text: str) -> int:
+    o = [int(x) for x in text.split(".")]
+    return o[0] << 24 | o[1] << 16 | o[2] << 8 | o[3]
+
+
+def answer(placed, addr: int) -> int:
+    """rule index + 1 for addr, walked the way bl4_lookup() walks it."""
+    v = int(placed.l1[addr >> 16])
+    if not v & (D24 | (1 << 30)):
+        return v
+    if v & CHUNK:
+        v = int(placed.chunks[v & RULE_MASK][(addr >> 8) & 0xFF])
+    elif v & D24:
+        if (addr >> 8) not in placed.l2:
+            return v & RULE_MASK
+        v = placed.l2[addr >> 8]
+    if not v & (1 << 30):
+        return v & RULE_MASK
+    return placed.l3.get(addr, v & RULE_MASK)
+
+
+RULES = [
+    (net("198.18.0.0"), 16, 0),
+    (net("198.18.7.0"), 24, 1),
+    (net("198.18.7.9"), 32, 2),
+    (net("198.19.3.0"), 24, 3),
+    (net("203.0.113.0"), 25, 4),
+    (net("198.51.0.0"), 17, 5),
+]
+PROBES = ["198.18.0.1", "198.18.7.1", "198.18.7.9", "198.19.3.3", "198.19.4.4", "203.0.113.5", "198.51.1.1"]
+WANT = [1, 2, 3, 4, 0, 5, 6]
+
+
+def test_chunks_answer_like_the_hash() -> None:
+    t = tables(RULES)
+    empty = np.zeros(65536, dtype=np.uint32)
+    for capacity in (0, 1, 3, 4096):
+        placed = place_chunks(t, empty, capacity)
+        assert len(placed.chunks) == min(capacity, 3)
+        assert [answer(placed, net(p)) for p in PROBES] == WANT, capacity
+
+
+def test_a_chunk_stays_with_its_16_and_is_never_handed_to_another_in_one_change() -> None:
+    first = place_chunks(tables(RULES), np.zeros(65536, dtype=np.uint32), 4)
+    old = first.l1
+    chunk_of = {c: int(old[c]) & RULE_MASK for c in np.flatnonzero(old & CHUNK).tolist()}
+    # drop 198.19.3.0/24, add two /24s in new /16s: the freed chunk is not reused yet
+    rules = [r for r in RULES if r[2] != 3] + [(net("198.20.1.0"), 24, 6), (net("198.21.1.0"), 24, 7)]
+    second = place_chunks(tables(rules), old, 4)
+    now = {c: int(second.l1[c]) & RULE_MASK for c in np.flatnonzero(second.l1 & CHUNK).tolist()}
+    for c, k in chunk_of.items():
+        if c in now:
+            assert now[c] == k
+    assert not ({k for c, k in now.items() if c not in chunk_of} & set(chunk_of.values()))
+    # 198.19's chunk is still read by frames holding the old /16 entry: of the
+    # two new /16s one gets the one free chunk, the other the L2 hash
+    assert len(now) == 3 and len(second.l2) == 1
+    assert answer(second, net("198.21.1.1")) == 8 and answer(second, net("198.20.1.1")) == 7

@@ -1,0 +1,81 @@
+"""The IPv6 blocklist table computed in Python, walked the way the XDP
+program walks it, against a plain longest-prefix match (no kernel: the
+kernel's walk is checked against the same reference in test_prog_blocklist)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from xdpflow.dataplane import abi
+from xdpflow.dataplane.blocklist import V6Tables, v6_tables
+
+NEXT = abi.C.XF_BL6_NEXT_SHIFT
+MASK = abi.C.XF_BL6_RULE_MASK
+
+
+def walk(t: V6Tables, addr: int) -> tuple[int, int]:
+    """(rule index + 1 or 0, deeper lookups made), as bl6_lookup() does it."""
+    v = int(t.l0[addr >> 112])
+    lookups = 0
+    while v >> NEXT:
+        plen = v >> NEXT
+        lookups += 1
+        e = t.deep.get((plen, addr >> (128 - plen)))
+        if e is None:
+            break
+        v = e
+    return v & MASK, lookups
+
+
+def reference(rules: list[tuple[int, int, int]], addr: int) -> int:
+    best, best_len = 0, -1
+    for a, plen, idx in rules:
+        if plen > best_len and (addr ^ a) >> (128 - plen) == 0:
+            best, best_len = idx + 1, plen
+    return best
+
+
+def random_rules(rnd: random.Random, n: int, base: int, spread: int) -> list[tuple[int, int, int]]:
+    rules, seen = [], set()
+    while len(rules) < n:
+        plen = rnd.choice([0, 8, 12, 16, 19, 20, 24, 29, 32, 33, 40, 44, 47, 48, 56, 60, 64, 65, 96, 120, 127, 128])
+        if plen < 16 and rnd.random() < 0.9:
+            continue  # keep short rules rare, as in feeds
+        addr = (base | rnd.getrandbits(spread)) if plen else 0
+        addr &= ((1 << 128) - 1) ^ ((1 << (128 - plen)) - 1) if plen else 0
+        if (addr, plen) in seen:
+            continue
+        seen.add((addr, plen))
+        rules.append((addr, plen, len(rules)))
+    return rules
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_walk_equals_longest_prefix_match(seed: int) -> None:
+    rnd = random.Random(seed)
+    base = 0x2001_0002 << 96  # 2001:2::/32: rules nest in the traffic's own prefixes
+    rules = random_rules(rnd, 300, base, 96)
+    t = v6_tables(rules)
+    probes = [a | rnd.getrandbits(128 - p) if p < 128 else a for a, p, _ in rules]
+    probes += [base | rnd.getrandbits(96) for _ in range(2000)] + [rnd.getrandbits(128) for _ in range(200)]
+    for addr in probes:
+        assert walk(t, addr)[0] == reference(rules, addr), hex(addr)
+
+
+def test_traffic_outside_every_rules_16_costs_one_array_load() -> None:
+    rules = [((0x2001_0DB8 << 96), 32, 0), ((0x2001_0DB8_0001 << 80), 48, 1), ((0x2001_0DB8_0001_0002 << 64), 64, 2)]
+    t = v6_tables(rules)
+    assert walk(t, 0x2002 << 112) == (0, 0)  # another /16: the L0 load answers
+    assert walk(t, 0x2001_0002 << 96) == (0, 1)  # the same /16, another /32: one miss
+    assert walk(t, (0x2001_0DB8_0001_0002 << 64) | 5) == (3, 3)  # /32, /48, /64: one lookup per branching level
+    assert walk(t, (0x2001_0DB8_0001_0003 << 64) | 5) == (2, 3)  # inside the /48, not the /64: a miss at /64
+    assert walk(t, (0x2001_0DB8_0009 << 80) | 5) == (1, 2)  # inside the /32 only
+
+
+def test_levels_jump_over_empty_steps() -> None:
+    # only a /64 inside this /16: the walk goes from L0 straight to /64
+    t = v6_tables([((0x2001_0DB8_0001_0002 << 64), 64, 0)])
+    assert walk(t, (0x2001_0DB8_0001_0002 << 64) | 1) == (1, 1)
+    assert len(t.deep) == 1
