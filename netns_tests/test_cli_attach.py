@@ -42,7 +42,7 @@ from .clitest import (
 )
 from .conftest import cleanup_pin_root
 
-IFACE_PINS = ["counters", "flows_v4", "flows_v6", "prog"]
+IFACE_PINS = ["counters", "flows_v4", "flows_v6", "prog", "take"]
 
 
 @pytest.fixture

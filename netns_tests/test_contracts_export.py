@@ -1,0 +1,146 @@
+"""Export contracts: an IPFIX record's flowStartMilliseconds (IE 152) is the
+time of the first packet it counts, also after an active-timeout export.
+
+First the data plane's part (BPF_PROG_TEST_RUN of ``xdpflow_take``, shared
+and per-CPU tables), then the daemon against a real collector (nfcapd).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from scapy.layers.inet import IP, UDP
+
+from xdpflow.dataplane.flows import read_table
+from xdpflow.dataplane.take import TAKE_PROG, take
+from xdpflow.testing.lab import GEN_V4, Lab
+
+from .clitest import DUT_V4, flow_key, tcp, udp4
+from .daemontest import COLLECTOR_PORT, METRICS_PORT, NFCAPD, NFDUMP, NONE, Collector, Daemon, scrape, wait_until
+from .frames import ether, on_cpu
+
+COLLECT = ("--collector", f"127.0.0.1:{COLLECTOR_PORT}")
+LISTEN = ("--listen", f"127.0.0.1:{METRICS_PORT}")
+END_IDLE, END_ACTIVE, END_OF_FLOW = 1, 2, 3
+
+needs_nfdump = pytest.mark.skipif(
+    NFCAPD is None or NFDUMP is None, reason="nfcapd/nfdump not installed (apt-get install nfdump)"
+)
+
+
+# --- the data plane: rec_start and xdpflow_take -----------------------------------------
+
+
+def _frame(sport: int) -> bytes:
+    return bytes(ether() / IP(src="198.18.0.1", dst="198.18.0.2") / UDP(sport=sport, dport=9000))
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "percpu"])
+def test_take_swaps_the_record_start_for_zero(make_prog, shared: bool) -> None:
+    """Created: rec_start is the first packet's jiffies. Taken: the stamp
+    comes back with the totals and the flow holds 0 until its next packet,
+    which stamps afresh. Per-CPU: every CPU's slot is cleared and the
+    earliest stamp is the one taken."""
+    h = make_prog(shared_flows=shared)
+    taker = h.obj.program(TAKE_PROG)
+    cpus = sorted(os.sched_getaffinity(0))
+    try:
+        with on_cpu(cpus[0]):
+            h.run(_frame(1))
+        fa = read_table(h.map("flows_v4"), 4)
+        (key,) = [fa.keys.tobytes()]
+        first = int(fa.rec_start[0])
+        assert first == int(fa.first_seen[0]) > 0
+
+        time.sleep(0.05)  # a later jiffy
+        with on_cpu(cpus[-1]):
+            h.run(_frame(1))
+        (t,) = take(taker, 4, [key]).values()
+        assert (t.rec_start, t.packets, t.bytes) == (first, 2, 2 * 28)
+        assert int(read_table(h.map("flows_v4"), 4).rec_start[0]) == 0
+        (t,) = take(taker, 4, [key]).values()
+        assert (t.rec_start, t.packets) == (0, 2)  # nothing new: nothing to take
+
+        time.sleep(0.05)
+        with on_cpu(cpus[0]):
+            h.run(_frame(1))
+        fa = read_table(h.map("flows_v4"), 4)
+        assert int(fa.rec_start[0]) == int(fa.last_seen[0]) > first
+        (t,) = take(taker, 4, [key]).values()
+        assert (t.rec_start, t.packets, t.last_seen) == (int(fa.last_seen[0]), 3, int(fa.last_seen[0]))
+
+        # a flow that is not in the table is left out
+        other = bytearray(key)
+        other[8] ^= 0xFF
+        assert take(taker, 4, [bytes(other)]) == {}
+    finally:
+        taker.close()
+
+
+def test_take_batches_many_flows(make_prog) -> None:
+    """More flows than one test-run frame holds: each is taken once."""
+    h = make_prog()
+    taker = h.obj.program(TAKE_PROG)
+    try:
+        for sport in range(1, 101):
+            h.run(_frame(sport))
+        fa = read_table(h.map("flows_v4"), 4)
+        ks = fa.keys.itemsize
+        keys = [fa.keys.tobytes()[i * ks : (i + 1) * ks] for i in range(len(fa))]
+        got = take(taker, 4, keys)
+        assert sorted(got) == sorted(keys)
+        assert all(t.packets == 1 and t.rec_start > 0 for t in got.values())
+        assert not read_table(h.map("flows_v4"), 4).rec_start.any()
+    finally:
+        taker.close()
+
+
+# --- the daemon and a real collector --------------------------------------------------
+
+
+def _flows_exported(lab: Lab) -> int:
+    return scrape(lab)[("xdpflow_flows_exported_total", NONE)]
+
+
+def _a_scan_seen(lab: Lab) -> float:
+    """Wait for a scan and return when it was seen (time.time()): a FIN'd
+    probe flow leaves the table at the next scan, as the metrics show."""
+    before = _flows_exported(lab)
+    assert lab.send([tcp(GEN_V4, DUT_V4, sport=47999, flags="F")]) == 1
+    return float(wait_until(lambda: _flows_exported(lab) > before and time.time(), 3, 0.01, "probe flow exported"))
+
+
+@needs_nfdump
+def test_record_after_an_active_export_starts_at_its_first_packet(lab: Lab, pin_root: str) -> None:
+    """One packet a second from +0 s to +10 s, active timeout 4 s, scans every
+    1 s, half-way between the packets: the scans at +4.5 and +8.5 s export
+    packets 0-4 and 5-8, the idle end at +12.5 s packets 9-10. Each record
+    starts at its first packet: +0, +5, +9 s (not at the previous export),
+    and ends at its last: +4, +8, +10 s."""
+    frames = [udp4(sport=46000, payload=20 + i) for i in range(11)]
+    args = (*COLLECT, *LISTEN, "--active-timeout", "4", "--idle-timeout", "2", "--scan-interval", "1")
+    with Collector(lab.dut_ns) as cap:
+        with Daemon(lab, pin_root, *args) as d:
+            d.wait_ready()
+            t0 = _a_scan_seen(lab) + 0.5
+            sent_at = []
+            for i, frame in enumerate(frames):
+                time.sleep(max(0.0, t0 + i - time.time()))
+                before = time.time()
+                assert lab.send([frame]) == 1
+                sent_at.append((before + time.time()) / 2)
+            wait_until(lambda: flows_gauge(lab) == 0, 6, 0.1, "the flow ended idle")
+            assert d.stop() == 0
+        cap.stop()
+        records = sorted((r for r in cap.records() if r.key == flow_key(frames[0])), key=lambda r: r.first)
+    ms = [round(t * 1000) for t in sent_at]
+    assert [(r.packets, r.end_reason) for r in records] == [(5, END_ACTIVE), (4, END_ACTIVE), (2, END_IDLE)], records
+    for r, (first, last) in zip(records, [(0, 4), (5, 8), (9, 10)], strict=True):
+        assert abs(r.first - ms[first]) <= 20, (r, [m - ms[0] for m in ms])
+        assert abs(r.last - ms[last]) <= 20, (r, [m - ms[0] for m in ms])
+
+
+def flows_gauge(lab: Lab) -> int:
+    return scrape(lab)[("xdpflow_flows", frozenset({("interface", lab.dut_if)}))]
