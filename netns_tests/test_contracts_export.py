@@ -1,5 +1,6 @@
 """Export contracts: an IPFIX record's flowStartMilliseconds (IE 152) is the
-time of the first packet it counts, also after an active-timeout export.
+time of the first packet it counts, also after an active-timeout export;
+xdpflow_flows_exported_total counts every flow whose export ended, once.
 
 First the data plane's part (BPF_PROG_TEST_RUN of ``xdpflow_take``, shared
 and per-CPU tables), then the daemon against a real collector (nfcapd).
@@ -131,7 +132,7 @@ def test_record_after_an_active_export_starts_at_its_first_packet(lab: Lab, pin_
                 before = time.time()
                 assert lab.send([frame]) == 1
                 sent_at.append((before + time.time()) / 2)
-            wait_until(lambda: flows_gauge(lab) == 0, 6, 0.1, "the flow ended idle")
+            wait_until(lambda: _flows_exported(lab) == 2, 6, 0.1, "the flow ended idle")
             assert d.stop() == 0
         cap.stop()
         records = sorted((r for r in cap.records() if r.key == flow_key(frames[0])), key=lambda r: r.first)
@@ -140,6 +141,30 @@ def test_record_after_an_active_export_starts_at_its_first_packet(lab: Lab, pin_
     for r, (first, last) in zip(records, [(0, 4), (5, 8), (9, 10)], strict=True):
         assert abs(r.first - ms[first]) <= 20, (r, [m - ms[0] for m in ms])
         assert abs(r.last - ms[last]) <= 20, (r, [m - ms[0] for m in ms])
+
+
+@needs_nfdump
+def test_a_flow_counts_once_when_it_ends_after_an_active_record(lab: Lab, pin_root: str) -> None:
+    """A flow exported on active timeout that then ends idle with nothing new
+    to send: no second record, and xdpflow_flows_exported_total counts it,
+    once."""
+    frames = [udp4(sport=46100, payload=20 + i) for i in range(3)]
+    args = (*COLLECT, *LISTEN, "--active-timeout", "1", "--idle-timeout", "3", "--scan-interval", "0.5")
+    with Collector(lab.dut_ns) as cap:
+        with Daemon(lab, pin_root, *args) as d:
+            d.wait_ready()
+            assert lab.send(frames) == 3
+            wait_until(lambda: scrape(lab)[("xdpflow_records_exported_total", NONE)] == 1, 4, 0.05, "active record")
+            assert _flows_exported(lab) == 0  # still in the table
+            wait_until(lambda: flows_gauge(lab) == 0, 6, 0.05, "the flow ended idle")
+            time.sleep(1.2)  # two more scans: nothing more to count
+            got = scrape(lab)
+            assert got[("xdpflow_flows_exported_total", NONE)] == 1
+            assert got[("xdpflow_records_exported_total", NONE)] == 1
+            assert d.stop() == 0
+        cap.stop()
+        records = cap.records()
+    assert [(r.key, r.packets, r.end_reason) for r in records] == [(flow_key(frames[0]), 3, END_ACTIVE)]
 
 
 def flows_gauge(lab: Lab) -> int:

@@ -57,6 +57,7 @@ class _Pending:
 
     put: dict[bytes, tuple[int, int, int]] = field(default_factory=dict)
     drop: list[bytes] = field(default_factory=list)
+    ended: int = 0  # flows whose export this scan ended
 
 
 def _open_exported(pins: PinRoot, ifname: str, name: str, key_type: str, size: int) -> Map:
@@ -211,6 +212,8 @@ class FlowExpirer:
                         out.append(
                             self._record(family, key, key_type, p - prev_p, b - prev_b, start, last, flags, reason)
                         )
+                    if p > prev_p or key in done:
+                        pend.ended += 1
                     if key in done:
                         pend.drop.append(key)
                     continue
@@ -239,19 +242,28 @@ class FlowExpirer:
                     )
                 )
                 pend.put[key] = (t.packets, t.bytes, now)
-            # state of flows the table no longer has (LRU-evicted) is stale
-            pend.drop.extend(k for k in done if k not in live and k not in pend.drop)
+            # state of flows the table no longer has (LRU-evicted) is stale:
+            # their export ended too
+            gone = set(pend.drop)
+            stale = [k for k in done if k not in live and k not in gone]
+            pend.ended += len(stale)
+            pend.drop.extend(stale)
         return out
 
-    def commit(self) -> None:
-        """Record that the last scan's records were sent."""
+    def commit(self) -> int:
+        """Record that the last scan's records were sent. Returns how many
+        flows' export that scan ended: each flow once, when it left the
+        table, whether or not its last record came at that scan."""
+        n = 0
         for exported, pend in self._pending:
             for key, (p, b, at) in pend.put.items():
                 v = abi.ffi.new("struct xf_exported *", {"packets": p, "bytes": b, "at": at})
                 exported[key] = v
             for key in pend.drop:
                 exported.pop(key, None)
+            n += pend.ended
         self._pending = []
+        return n
 
     def flush(self) -> list[FlowRecord]:
         """Every flow, taken out of the table: for a clean shutdown, so the
