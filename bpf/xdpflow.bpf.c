@@ -405,6 +405,10 @@ static __always_inline void flow_add(struct xf_flow_val *v, struct pkt *p,
 	}
 	/* a racing store from another CPU carries the same coarse time */
 	v->last_seen = now;
+	/* after the counts: see xdpflow_take for why; mostly a read that
+	 * finds the stamp already set */
+	if (!v->rec_start)
+		v->rec_start = now;
 }
 
 static __always_inline void track(void *flows, void *key,
@@ -427,6 +431,7 @@ static __always_inline void track(void *flows, void *key,
 	nv.last_seen = now;
 	nv.tcp_flags = p->tcp_flags;
 	nv.pad = 0;
+	nv.rec_start = now;
 	err = bpf_map_update_elem(flows, key, &nv, BPF_NOEXIST);
 	if (!err) {
 		if (event_allowed(c, p, now, cfg))
@@ -593,6 +598,93 @@ int xdpflow_clock(struct xdp_md *ctx)
 		return XDP_ABORTED;
 	clk->jiffies = bpf_jiffies64();
 	clk->mono_ns = bpf_ktime_get_ns();
+	return XDP_PASS;
+}
+
+/* xdpflow_take: per flow, the exchange and the totals read right after it */
+struct take_ctx {
+	struct xf_flow6 key; /* the larger key; a v4 key is its prefix */
+	__u32 family;
+	__u32 found;
+	__u64 first;
+	__u64 packets;
+	__u64 bytes;
+	__u64 last;
+	__u32 flags;
+};
+
+static __always_inline void take_one(struct xf_flow_val *v, struct take_ctx *tc)
+{
+	__u64 stamp = __sync_lock_test_and_set(&v->rec_start, 0);
+
+	if (stamp && (!tc->first || stamp < tc->first))
+		tc->first = stamp;
+	tc->packets += v->packets;
+	tc->bytes += v->bytes;
+	if (v->last_seen > tc->last)
+		tc->last = v->last_seen;
+	tc->flags |= v->tcp_flags;
+	tc->found = 1;
+}
+
+static long take_cpu(__u32 cpu, struct take_ctx *tc)
+{
+	struct xf_flow_val *v;
+
+	if (tc->family == 4)
+		v = bpf_map_lookup_percpu_elem(&flows_v4, &tc->key, cpu);
+	else
+		v = bpf_map_lookup_percpu_elem(&flows_v6, &tc->key, cpu);
+	if (!v)
+		return 1; /* past the last CPU, or the flow is gone */
+	take_one(v, tc);
+	return 0;
+}
+
+#define XF_CPUS_MAX 8192
+
+/* Test-run only: the frame is an array of struct xf_take. For each flow the
+ * exporter sends an active-timeout record of, swap rec_start for 0 and read
+ * the totals right after: the record counts those totals and starts at the
+ * stamp taken; the next packet sets a fresh stamp for the next record.
+ * flow_add() adds before it stamps, so the one race left is a packet whose
+ * add lands before our read and whose stamp check after our exchange (both
+ * within a few ns): it is counted in this record and stamps the next one.
+ */
+SEC("xdp")
+int xdpflow_take(struct xdp_md *ctx)
+{
+	void *data_end = (void *)(long)ctx->data_end;
+	void *data = (void *)(long)ctx->data;
+	struct xf_take *t = data;
+	struct take_ctx tc;
+	struct xf_flow_val *v;
+	int i;
+
+	for (i = 0; i < XF_TAKE_MAX; i++, t++) {
+		if ((void *)(t + 1) > data_end)
+			break;
+		__builtin_memset(&tc, 0, sizeof(tc));
+		__builtin_memcpy(&tc.key, t->key, sizeof(tc.key));
+		tc.family = t->family;
+		if (knobs.shared_flows) {
+			if (tc.family == 4)
+				v = bpf_map_lookup_elem(&flows_v4, &tc.key);
+			else
+				v = bpf_map_lookup_elem(&flows_v6, &tc.key);
+			if (v)
+				take_one(v, &tc);
+		} else {
+			bpf_loop(XF_CPUS_MAX, take_cpu, &tc, 0);
+		}
+		t->found = tc.found;
+		t->rec_start = tc.first;
+		t->packets = tc.packets;
+		t->bytes = tc.bytes;
+		t->last_seen = tc.last;
+		t->tcp_flags = tc.flags;
+		t->pad = 0;
+	}
 	return XDP_PASS;
 }
 

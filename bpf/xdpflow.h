@@ -122,6 +122,28 @@ struct xf_flow_val {
 	__u64 last_seen;
 	__u32 tcp_flags; /* OR of every TCP flags byte seen */
 	__u32 pad;
+	__u64 rec_start; /* jiffies of the first packet counted since the
+			  * exporter's last active-timeout export (which
+			  * swaps it for 0 with "xdpflow_take"); 0: none */
+};
+
+/* One flow for the test-run-only "xdpflow_take" program; its frame is an
+ * array of these. The controller fills key and family; the program
+ * exchanges the flow's rec_start with 0 (in every CPU's slot of a per-CPU
+ * table) and writes back what it took and the counts read right after.
+ */
+#define XF_TAKE_MAX 32 /* entries per frame: 32 x 88 bytes fit a test run */
+
+struct xf_take {
+	__u8 key[40];    /* in: struct xf_flow4 or struct xf_flow6 */
+	__u32 family;    /* in: 4 or 6 */
+	__u32 found;     /* out: 1 if the flow is in its table */
+	__u64 rec_start; /* out: the earliest stamp taken, 0: none */
+	__u64 packets;   /* out: the flow's totals right after the exchange */
+	__u64 bytes;
+	__u64 last_seen;
+	__u32 tcp_flags;
+	__u32 pad;
 };
 
 /* blocklist rule keys (LPM tries: the IPv6 lookup structure, and the store of

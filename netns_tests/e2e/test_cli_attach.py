@@ -42,7 +42,7 @@ from ..clitest import (
 )
 from .conftest import cleanup_pin_root
 
-IFACE_PINS = ["counters", "flows_v4", "flows_v6", "prog"]
+IFACE_PINS = ["counters", "flows_v4", "flows_v6", "prog", "take"]
 
 
 @pytest.fixture
@@ -178,7 +178,7 @@ def test_flows_top_sort_and_filter(lab: Lab, cli: Cli) -> None:
         assert "".join(by_key[key_of(f)] for f in listed) == letters, query
     assert (bad_host_bits.returncode, bad_host_bits.stderr) == (
         2,
-        "xdpflow: --filter: 198.51.100.7/24 has host bits set; did you mean 198.51.100.0/24?\n",
+        "xdpflow: --filter: '198.51.100.7/24' has host bits set; did you mean 198.51.100.0/24?\n",
     )
     assert bad_plen.returncode == 2
     assert_one_error_line(bad_plen.stderr)

@@ -221,9 +221,9 @@ def test_bad_input_changes_nothing(lab: Lab, cli: Cli, tmp_path: Path) -> None:
 
     # a file: every bad line by file:line and text, then one summary line
     assert file.stderr.splitlines() == [
-        f"xdpflow: {bad}:3: invalid IPv4 address: Octet 300 (> 255) not permitted in '198.51.100.300': "
-        "'198.51.100.300'",
-        f"xdpflow: {bad}:5: 203.0.113.5/33: prefix length must be a decimal number from 0 to 32: '203.0.113.5/33'",
+        f"xdpflow: {bad}:3: '198.51.100.300' is not an IPv4 or IPv6 address or CIDR: octet 300 (> 255) not "
+        "permitted: '198.51.100.300'",
+        f"xdpflow: {bad}:5: '203.0.113.5/33': prefix length must be a decimal number from 0 to 32: '203.0.113.5/33'",
         "xdpflow: the blocklist was not changed",
     ]
     assert dry.stderr == file.stderr
@@ -233,13 +233,13 @@ def test_bad_input_changes_nothing(lab: Lab, cli: Cli, tmp_path: Path) -> None:
     ]
     # host bits set: rejected with the canonical network, in a file and on the command line
     assert host_bits_file.stderr.splitlines()[0] == (
-        "xdpflow: <stdin>:1: 10.1.2.3/8 has host bits set; did you mean 10.0.0.0/8?: '10.1.2.3/8'"
+        "xdpflow: <stdin>:1: '10.1.2.3/8' has host bits set; did you mean 10.0.0.0/8?: '10.1.2.3/8'"
     )
     assert host_bits.stderr == (
-        "xdpflow: 10.1.2.3/8 has host bits set; did you mean 10.0.0.0/8?; nothing was changed\n"
+        "xdpflow: '10.1.2.3/8' has host bits set; did you mean 10.0.0.0/8?; nothing was changed\n"
     )
     assert host_bits6.stderr == (
-        "xdpflow: 2001:db8::1/32 has host bits set; did you mean 2001:db8::/32?; nothing was changed\n"
+        "xdpflow: '2001:db8::1/32' has host bits set; did you mean 2001:db8::/32?; nothing was changed\n"
     )
     for r in [*bad_cidrs, missing_file]:
         assert_one_error_line(r.stderr)

@@ -341,7 +341,7 @@ def test_feed_bad_line_refused(feed: tuple[Feed, str]) -> None:
     f.set("; header\n1.10.16.0/20\n1.10.16.1/20 ; SBL2\n", etag='"v2"')
     r = src.poll(1)
     assert r.keys == keys(DROP) and not r.changed
-    assert r.error is not None and r.error.startswith(f"{url}:3: 1.10.16.1/20 has host bits set")
+    assert r.error is not None and r.error.startswith(f"{url}:3: '1.10.16.1/20' has host bits set")
     assert [(e.path, e.lineno, e.line) for e in r.bad_lines] == [(url, 3, "1.10.16.1/20 ; SBL2")]
     assert src.etag == '"v1"'  # the next request still asks relative to the good version
 

@@ -387,14 +387,28 @@ positive_float = positive_of(float, "a number")
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print machine-readable JSON instead of text (default off)",
+    )
     common.add_argument(
         "--pin-root",
         default=argparse.SUPPRESS,
         help="bpffs directory of this instance's state (default $XDPFLOW_PIN_ROOT or /sys/fs/bpf/xdpflow)",
     )
-    common.add_argument("--netns", default=argparse.SUPPRESS, help="act inside this named network namespace")
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="tracebacks on errors")
+    common.add_argument(
+        "--netns",
+        default=argparse.SUPPRESS,
+        help="act inside this named network namespace (default: the namespace xdpflow runs in)",
+    )
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print the traceback of an error too (default off, or on when $XDPFLOW_DEBUG is set)",
+    )
 
     p = argparse.ArgumentParser(
         prog="xdpflow",

@@ -161,15 +161,22 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The `xdpflow run` flags: one per configuration key, each saying what it
     does and its default."""
     d = Config()
-    p.add_argument("--config", metavar="FILE", help="TOML configuration (example: contrib/xdpflow.toml); default none")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read this TOML configuration, which the other options override "
+        "(example: contrib/xdpflow.toml; default none: options and built-in defaults only)",
+    )
     p.add_argument(
         "--interface",
         action="append",
         dest="interfaces",
         metavar="IFACE",
-        help="attach to IFACE; repeat for several (key interfaces; required here or in the file)",
+        help="attach to IFACE; repeat for several (default none: give it here or as interfaces in --config)",
     )
-    p.add_argument("--mode", choices=list(netlink.MODE_FLAGS), default=None, help=f"XDP attach mode (default {d.mode})")
+    p.add_argument(
+        "--mode", choices=list(netlink.MODE_FLAGS), default=None, help=f"attach in this XDP mode (default {d.mode})"
+    )
     p.add_argument(
         "--flows",
         type=int,
@@ -233,7 +240,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="ID",
-        help=f"IPFIX observation domain id (default {d.observation_domain})",
+        help=f"send records under this IPFIX observation domain id (default {d.observation_domain})",
     )
     p.add_argument(
         "--mtu",

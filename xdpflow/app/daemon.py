@@ -26,7 +26,7 @@ from xdpflow.dataplane.clock import JiffiesClock
 from xdpflow.dataplane.lifecycle import AttachOptions
 from xdpflow.dataplane.pins import PinRoot
 from xdpflow.export.expiry import FlowExpirer
-from xdpflow.export.ipfix import END_ACTIVE, IpfixExporter
+from xdpflow.export.ipfix import IpfixExporter
 from xdpflow.export.metrics import ExporterStats, MetricsServer, serve
 from xdpflow.rules.sources import FeedSource, FileSource, Source, SourceSet
 
@@ -192,10 +192,12 @@ class Daemon:
                 errors_before = self.exporter.errors
                 self.exporter.export(records)
                 self.stats.records_exported += len(records)
-                self.stats.flows_exported += sum(1 for r in records if r.end_reason != END_ACTIVE)
                 # a counter: add this exporter's new errors (a reload starts a new exporter)
                 self.stats.export_errors += self.exporter.errors - errors_before
-            exp.commit()
+            ended = exp.commit()
+            if self.exporter is not None:
+                # every flow once, also one whose last record was an active one
+                self.stats.flows_exported += ended
 
     def do_reload(self) -> None:
         try:

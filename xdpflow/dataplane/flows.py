@@ -73,6 +73,7 @@ class FlowArrays:
     first_seen: np.ndarray  # jiffies
     last_seen: np.ndarray
     tcp_flags: np.ndarray
+    rec_start: np.ndarray  # jiffies of the first packet since the last take, 0: none
 
     def __len__(self) -> int:
         return len(self.packets)
@@ -110,7 +111,11 @@ def fold(family: int, keys: np.ndarray, vals: np.ndarray) -> FlowArrays:
     first = np.where(packets > 0, first, 0)
     last = vals["last_seen"].max(axis=1)
     flags = np.bitwise_or.reduce(vals["tcp_flags"], axis=1)
-    return FlowArrays(family, keys, packets, nbytes, first, last, flags)
+    # each CPU's slot stamps its own first packet: the record starts at the earliest
+    stamps = vals["rec_start"]
+    rec = np.where(stamps > 0, stamps, np.iinfo(np.uint64).max).min(axis=1)
+    rec = np.where((stamps > 0).any(axis=1), rec, 0)
+    return FlowArrays(family, keys, packets, nbytes, first, last, flags, rec)
 
 
 def _addr(raw: Any, family: int) -> str:

@@ -27,6 +27,7 @@ from xdpflow.dataplane import abi
 from xdpflow.dataplane.clock import CLOCK_PIN, CLOCK_PROG, measure_hz
 from xdpflow.dataplane.maps import PROG_PIN, knobs_of, pinned_prog, set_monitor
 from xdpflow.dataplane.pins import IFACE_MAPS, SHARED_MAPS, PinRoot, ensure_bpffs
+from xdpflow.dataplane.take import TAKE_PIN, TAKE_PROG
 from xdpflow.errors import ForeignProgramError, XdpflowError
 
 PROG_NAME = "xdpflow"
@@ -235,6 +236,7 @@ def attach(ifname: str, opts: AttachOptions, pins: PinRoot) -> AttachResult:
             _init_config(obj)
             prog = obj.program(PROG_NAME)
             clock = obj.program(CLOCK_PROG)
+            taker = obj.program(TAKE_PROG)
         mode = state.mode if ours and opts.mode == "auto" else opts.mode
         replace_fd = None
         foreign = None
@@ -261,6 +263,12 @@ def attach(ifname: str, opts: AttachOptions, pins: PinRoot) -> AttachResult:
         clock.pin(tmp)
         os.replace(tmp, pins.shared(CLOCK_PIN))
         clock.close()
+        tmp = pins.iface(ifname, TAKE_PIN + "_new")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        taker.pin(tmp)
+        os.replace(tmp, pins.iface(ifname, TAKE_PIN))
+        taker.close()
         if opts.monitor is not None:
             set_monitor(pins, opts.monitor)
         result = AttachResult(ifname=ifname, prog_id=prog.id, mode=netlink.xdp_state(ifname).mode, replaced=ours)

@@ -82,7 +82,7 @@ _COUNTER_HELP = {
 
 # ExporterStats field -> help of its metric, xdpflow_<field>_total
 _EXPORTER_COUNTERS = {
-    "flows_exported": "Flows exported as IPFIX records by the daemon",
+    "flows_exported": "Flows whose IPFIX export the daemon finished, each counted once",
     "records_exported": "IPFIX data records sent by the daemon",
     "export_errors": "IPFIX messages the daemon failed to send",
     "blocklist_syncs": "Blocklist syncs from files and feeds that succeeded",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import gc
 import pickle
+import re
 import socket
 import sys
 from bisect import bisect_left
@@ -335,10 +336,13 @@ def _parse(text: str) -> int:
     """Parse a stripped, comment-free address or CIDR into its int key.
 
     The reference implementation: parse_lines() inlines the common dotted-quad case and
-    calls this for everything else. Raises ValueError with an operator-readable reason.
+    calls this for everything else. Raises ValueError whose message quotes ``text`` whole
+    (what the operator typed, not the part a library choked on), with the reason where
+    it tells more than "not an address": a prefix length out of range, host bits set (and
+    the network meant), why a dotted quad is not one, a zone index, JSON.
     """
     if text.startswith("{"):
-        raise ValueError("JSON is not supported; use the plain text list")
+        raise ValueError(f"{text!r}: JSON is not supported; use the plain text list")
     addr, slash, plen_text = text.partition("/")
 
     if ":" not in addr:
@@ -348,22 +352,22 @@ def _parse(text: str) -> int:
                 return (value << 8) | 32
             plen = _PLEN4.get(plen_text)
             if plen is None:
-                raise ValueError(f"{text}: prefix length must be a decimal number from 0 to 32")
+                raise ValueError(f"{text!r}: prefix length must be a decimal number from 0 to 32")
             if value & _HOST4[plen]:
                 _host_bits_error(text, ((value & ~_HOST4[plen]) << 8) | plen)
             return (value << 8) | plen
     else:
         if "%" in addr:
-            raise ValueError(f"{text}: IPv6 zone index (%...) is not allowed in a blocklist")
+            raise ValueError(f"{text!r}: IPv6 zone index (%...) is not allowed in a blocklist")
         try:
             value = int(IPv6Address(addr))
-        except AddressValueError as e:  # its reasons are precise
-            raise ValueError(f"invalid IPv6 address: {e}") from None
+        except AddressValueError:
+            raise ValueError(_NOT_AN_ADDRESS.format(text)) from None
         if not slash:
             return _KEY6 | (value << 8) | 128
         plen = _PLEN6.get(plen_text)
         if plen is None:
-            raise ValueError(f"{text}: prefix length must be a decimal number from 0 to 128")
+            raise ValueError(f"{text!r}: prefix length must be a decimal number from 0 to 128")
         if value & _HOST6[plen]:
             _host_bits_error(text, _KEY6 | ((value & ~_HOST6[plen]) << 8) | plen)
         return _KEY6 | (value << 8) | plen
@@ -371,16 +375,22 @@ def _parse(text: str) -> int:
     if not text:
         raise ValueError("empty address")
     if "." in addr and _V4_CHARS.issuperset(addr):
-        # not a strict dotted quad; let ipaddress say why (leading zero, > 255, ...)
+        # not a strict dotted quad; ipaddress says why (leading zero, > 255, ...) about
+        # the part it parsed, which we drop for the whole token
         try:
             IPv4Address(addr)
         except AddressValueError as e:
-            raise ValueError(f"invalid IPv4 address: {e}") from None
-    raise ValueError(f"{text!r} is not an IPv4 or IPv6 address or CIDR")
+            why = _QUOTED_TAIL.sub("", str(e))
+            raise ValueError(f"{_NOT_AN_ADDRESS.format(text)}: {why[:1].lower()}{why[1:]}") from None
+    raise ValueError(_NOT_AN_ADDRESS.format(text))
+
+
+_NOT_AN_ADDRESS = "{!r} is not an IPv4 or IPv6 address or CIDR"
+_QUOTED_TAIL = re.compile(r"(?: in '[^']*')+$")
 
 
 def _host_bits_error(text: str, canonical: int) -> NoReturn:
-    raise ValueError(f"{text} has host bits set; did you mean {_network(canonical)}?")
+    raise ValueError(f"{text!r} has host bits set; did you mean {_network(canonical)}?")
 
 
 def _network(key: int) -> IPv4Network | IPv6Network:
