@@ -380,6 +380,34 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from xdpflow.dataplane.doctor import diagnose
+
+    report = diagnose(args.pins, args.ifaces)
+    if args.json:
+        emit_json(report.to_json())
+        return 0 if report.ok else EXIT_FAIL
+    print(f"kernel {report.kernel}")
+    rows = [[c.name, "ok" if c.ok else ("MISSING" if c.required else "no"), c.detail] for c in report.checks]
+    print(table(rows, ["check", "result", "detail"]))
+    m = report.memory
+    print(f"map memory: {m.bytes / 2**20:.0f} MiB at most, {m.available / 2**20:.0f} MiB available")
+    for i in report.interfaces:
+        native = {True: "native XDP", False: "no native XDP", None: "native XDP unknown"}[i.native_xdp]
+        feats = ", ".join(i.xdp_features) if i.xdp_features else "-"
+        print(f"{i.ifname}: driver {i.driver or '-'}, {native} (features: {feats})")
+        for p in i.programs:
+            print(f"  runs XDP program {p.prog_id} {p.name or '?'} ({p.mode} mode, through {p.attach})")
+    fixes = report.fixes()
+    if fixes:
+        print("to do:")
+        for f in fixes:
+            print(f"  - {f}")
+    verdict = "xdpflow can run natively" + (" on every interface named" if report.interfaces else " here")
+    print(verdict if report.ok else "xdpflow cannot run natively everywhere asked: see above")
+    return 0 if report.ok else EXIT_FAIL
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from xdpflow.app.daemon import main as run_daemon
 
@@ -508,6 +536,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--count", type=positive_int, default=None, help="stop after N events")
     e.add_argument("--duration", type=positive_float, default=None, help="stop after SECONDS")
     e.set_defaults(func=cmd_events)
+
+    dr = sub.add_parser(
+        "doctor",
+        parents=[common],
+        help="can this host run xdpflow, and how well (exit 0: natively on every IFACE named)",
+    )
+    dr.add_argument("ifaces", nargs="*", metavar="IFACE")
+    dr.set_defaults(func=cmd_doctor)
 
     from xdpflow.app.config import add_run_arguments
 

@@ -253,6 +253,7 @@ BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
 BPF_MAP_TYPE_LPM_TRIE = 11
 BPF_MAP_TYPE_RINGBUF = 27
+BPF_F_NO_PREALLOC = 1 << 0
 PERCPU_TYPES = {BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH}
 ARRAY_TYPES = {BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY}
 
@@ -771,6 +772,15 @@ class Map(MutableMapping[Any, Any]):
         _check(lib.bpf_obj_pin(self.fd, path.encode()), f"pinning map {self.name} at {path}", _pin_hint(path))
 
 
+def probe_map(map_type: int, key_size: int, value_size: int, max_entries: int) -> None:
+    """Create and close a map of this kind: whether the kernel has it.
+    Raises XdpflowError with the kernel's errno."""
+    fd = lib.bpf_map_create(map_type, b"xf_probe", key_size, value_size, max_entries, ffi.NULL)
+    if fd < 0:
+        raise os_error(-fd, f"creating a map of type {map_type}")
+    os.close(fd)
+
+
 def sum_percpu(values: list[Any]) -> Any:
     """Sum a per-CPU value list: ints add up; structs add field by field.
 
@@ -1069,6 +1079,14 @@ class MapSpec:
     @property
     def type(self) -> int:
         return int(lib.bpf_map__type(self._p))
+
+    @property
+    def key_size(self) -> int:
+        return int(lib.bpf_map__key_size(self._p))
+
+    @property
+    def value_size(self) -> int:
+        return int(lib.bpf_map__value_size(self._p))
 
     def set_type(self, t: int) -> None:
         _check(lib.bpf_map__set_type(self._p, t), f"setting map {self.name} type")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import socket
 import struct
@@ -133,6 +134,78 @@ def xdp_state_by_index(idx: int) -> XdpState | None:
         if e.errno == errno.ENODEV:  # renamed or gone meanwhile
             return None
         raise
+
+
+# linux/netdev.h: the netdev generic netlink family (kernel 6.3+)
+_NETDEV_CMD_DEV_GET = 1
+NETDEV_XDP_ACT = {
+    "basic": 1 << 0,
+    "redirect": 1 << 1,
+    "ndo-xmit": 1 << 2,
+    "xsk-zerocopy": 1 << 3,
+    "hw-offload": 1 << 4,
+    "rx-sg": 1 << 5,
+    "ndo-xmit-sg": 1 << 6,
+}
+
+
+def xdp_features(name: str) -> int | None:
+    """The device's XDP feature bits (NETDEV_XDP_ACT_*: "basic" is native
+    XDP) as the kernel reports them over the netdev generic netlink family;
+    None where the kernel has no such family (before 6.3). Raises XdpflowError."""
+    from pyroute2.netlink import NLM_F_REQUEST, genlmsg
+    from pyroute2.netlink.generic import GenericNetlinkSocket
+
+    class devmsg(genlmsg):  # type: ignore[misc]
+        prefix = "NETDEV_A_DEV_"
+        nla_map = (
+            ("NETDEV_A_DEV_UNSPEC", "none"),
+            ("NETDEV_A_DEV_IFINDEX", "uint32"),
+            ("NETDEV_A_DEV_PAD", "none"),
+            ("NETDEV_A_DEV_XDP_FEATURES", "uint64"),
+        )
+
+    idx = ifindex(name)
+    sock = GenericNetlinkSocket()
+    try:
+        try:
+            sock.bind("netdev", devmsg)
+        except _netlink_error() as e:
+            if getattr(e, "code", 0) == errno.ENOENT:
+                return None
+            raise _nl_error(e, "finding the netdev netlink family") from None
+        msg = devmsg()
+        msg["cmd"] = _NETDEV_CMD_DEV_GET
+        msg["version"] = 1
+        msg["attrs"] = [("NETDEV_A_DEV_IFINDEX", idx)]
+        try:
+            reply = sock.nlm_request(msg, msg_type=sock.prid, msg_flags=NLM_F_REQUEST)
+        except _netlink_error() as e:
+            raise _nl_error(e, f"reading the XDP features of {name}") from None
+        return int(reply[0].get_attr("NETDEV_A_DEV_XDP_FEATURES") or 0)
+    finally:
+        sock.close()
+
+
+_SIOCETHTOOL = 0x8946
+_ETHTOOL_GDRVINFO = 3
+_DRVINFO_SIZE = 196  # struct ethtool_drvinfo
+
+
+def driver(name: str) -> str | None:
+    """The device's driver as ethtool names it (None: the device reports
+    none, as loopback). Raises XdpflowError(ENODEV)."""
+    ifindex(name)
+    buf = ctypes.create_string_buffer(struct.pack("=I", _ETHTOOL_GDRVINFO), _DRVINFO_SIZE)
+    ifr = struct.pack("16sP", name.encode(), ctypes.addressof(buf)).ljust(40, b"\0")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            fcntl.ioctl(s.fileno(), _SIOCETHTOOL, ifr)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
+                return None
+            raise os_error(e.errno or errno.EIO, f"reading the driver of {name}") from None
+    return buf.raw[4:36].split(b"\0", 1)[0].decode() or None
 
 
 def named_netns() -> list[str]:

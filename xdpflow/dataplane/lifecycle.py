@@ -96,6 +96,11 @@ def _pinned_max_entries(path: str) -> int | None:
     return info.max_entries if info else None
 
 
+def pinned_flow_tables(pins: PinRoot, ifname: str) -> list[int | None]:
+    """Sizes of ``ifname``'s pinned flow tables (None: not pinned)."""
+    return [_pinned_max_entries(pins.iface(ifname, name)) for name in FLOW_TABLES]
+
+
 def _pinned_type(path: str) -> int | None:
     info = _pinned_info(path)
     return info.type if info else None
@@ -134,7 +139,7 @@ def _prepare(obj: Object, opts: AttachOptions, pins: PinRoot | None, ifname: str
 
     pinned: list[int | None] = [None, None]
     if pins is not None and ifname is not None:
-        pinned = [_pinned_max_entries(pins.iface(ifname, name)) for name in FLOW_TABLES]
+        pinned = pinned_flow_tables(pins, ifname)
     sizes: tuple[int, int]
     if pinned[0] is not None and pinned[1] is not None:
         sizes = (pinned[0], pinned[1])
