@@ -7,6 +7,7 @@ attachment moves to a link with the shortest possible gap, and a kill -9 of
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -18,11 +19,13 @@ from collections.abc import Iterator
 import pytest
 from pyroute2 import netns as pyroute2_netns
 
+from xdpflow.bindings import netlink
+from xdpflow.bindings.libbpf import Link, Object
 from xdpflow.testing.lab import Lab, run_in_netns, set_gro
 from xdpflow.testing.lab import _wait_link_ready as wait_link_ready
 from xdpflow.testing.pktgen import FlowMix, build_frames
 
-from .clitest import Cli, pins_under, udp4, wait_prog_gone, xdp_prog
+from .clitest import BASELINE_OBJ, Cli, pins_under, udp4, wait_prog_gone, xdp_prog
 from .reltest import Blaster, blasting
 
 LAB_PREFIX = "xflink"
@@ -175,3 +178,24 @@ def test_kill_9_of_attach_never_leaves_the_interface_without_a_program(lab: Lab,
     assert cli.stats()["packets"] >= 1
     cli("detach", lab.dut_if)
     assert xdp_prog(lab.dut_ns, lab.dut_if) is None
+
+
+def test_a_program_held_by_another_link_is_left_alone(lab: Lab, cli: Cli, pin_root: str) -> None:
+    pin = f"{pin_root}-foreign-link"
+    with Object(BASELINE_OBJ) as obj:
+        obj.load()
+        prog = obj.program("xdp_pass")
+        with netlink.in_netns(lab.dut_ns):
+            link = Link.xdp(prog.fd, netlink.ifindex(lab.dut_if))
+        link.pin(pin)
+        link.close()
+        prog_id = prog.id
+        prog.close()
+    try:
+        for args in ((), ("--force",), ("--then", f"id:{prog_id}")):
+            err = cli.fails(1, "attach", lab.dut_if, *args)
+            assert f"runs another XDP program (id {prog_id}) held by another tool's bpf_link" in err, err
+            assert xdp_prog(lab.dut_ns, lab.dut_if) == (prog_id, "xdp_pass")
+        assert pins_under(pin_root) == []
+    finally:
+        os.unlink(pin)

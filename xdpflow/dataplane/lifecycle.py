@@ -214,9 +214,9 @@ def _foreign_error(ifname: str, prog_id: int, held_by_link: bool) -> ForeignProg
     if held_by_link:
         return ForeignProgramError(
             errno.EBUSY,
-            f"{ifname} runs another XDP program (id {prog_id}) held by a bpf_link of another tool, which "
-            f"nothing but that tool can replace; detach it there, or keep it: xdpflow attach {ifname} "
-            f"--then id:{prog_id} after detaching it",
+            f"{ifname} runs another XDP program (id {prog_id}) held by another tool's bpf_link, which only "
+            "that link's owner can remove (`bpftool link` lists it); to keep the program behind xdpflow, "
+            f"keep it loaded (pinned), detach its link, then: xdpflow attach {ifname} --then id:{prog_id}",
         )
     return ForeignProgramError(
         errno.EBUSY,
