@@ -25,6 +25,7 @@ from .clitest import (
     all_ok,
     assert_one_error_line,
     attach_foreign,
+    detach_link_of,
     expect_counters,
     expect_flows,
     fresh_lab,
@@ -269,9 +270,7 @@ def test_foreign_program_is_refused_unless_forced(lab: Lab, cli: Cli, pin_root: 
     assert subprocess.run(off, capture_output=True).returncode != 0
     assert xdp_prog(lab.dut_ns, lab.dut_if) == (r["prog_id"], "xdpflow")
     # replaced behind our back: status says so, detach leaves the other program alone
-    links = json.loads(subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, check=True).stdout)
-    (link_id,) = [lk["id"] for lk in links if lk.get("prog_id") == r["prog_id"]]
-    subprocess.run(["bpftool", "link", "detach", "id", str(link_id)], check=True)
+    detach_link_of(r["prog_id"])
     other = attach_foreign(lab.dut_ns, lab.dut_if)
     status, text, again = cli.run_all(("status", "--json"), ("status",), ("attach", lab.dut_if))
     (st,) = json.loads(status.stdout)
