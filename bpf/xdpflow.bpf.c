@@ -140,6 +140,16 @@ struct {
 	__type(value, struct xf_ratelimit);
 } event_budget SEC(".maps");
 
+/* per interface: the program frames xdpflow passes go to next (--then);
+ * slot 0, empty when nothing is chained
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} next_prog SEC(".maps");
+
 /* what one frame turned out to be */
 struct pkt {
 	__u32 len;      /* frame length */
@@ -584,6 +594,11 @@ out:
 	count(c, cls, p.len);
 	count(c, act, p.len);
 	count(c, l4cnt, p.len);
+	/* counted already: a tail call does not come back, and the next
+	 * program's verdict is the frame's fate; an empty slot falls through
+	 */
+	if (action == XDP_PASS)
+		bpf_tail_call(ctx, &next_prog, 0);
 	return action;
 }
 

@@ -361,6 +361,14 @@ def attach_foreign(netns: str, ifname: str) -> int:
     return prog[0]
 
 
+def detach_link_of(prog_id: int) -> None:
+    """Remove program ``prog_id`` behind xdpflow's back: xdpflow holds it with
+    a bpf_link, which netlink (`ip link set ... xdp off`) may not remove."""
+    links = json.loads(subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, check=True).stdout)
+    (link_id,) = [lk["id"] for lk in links if lk.get("prog_id") == prog_id]
+    subprocess.run(["bpftool", "link", "detach", "id", str(link_id)], check=True)
+
+
 def prog_exists(prog_id: int) -> bool:
     return subprocess.run(["bpftool", "prog", "show", "id", str(prog_id)], capture_output=True).returncode == 0
 

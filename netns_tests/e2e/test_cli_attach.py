@@ -25,6 +25,7 @@ from ..clitest import (
     all_ok,
     assert_one_error_line,
     attach_foreign,
+    detach_link_of,
     expect_counters,
     expect_flows,
     fresh_lab,
@@ -42,7 +43,7 @@ from ..clitest import (
 )
 from .conftest import cleanup_pin_root
 
-IFACE_PINS = ["counters", "flows_v4", "flows_v6", "prog", "take"]
+IFACE_PINS = ["counters", "flows_v4", "flows_v6", "link", "next_prog", "prog", "take"]
 
 
 @pytest.fixture
@@ -69,7 +70,7 @@ def test_attach_counts_the_mix_exactly(lab: Lab, cli: Cli) -> None:
     running = xdp_prog(lab.dut_ns, lab.dut_if)
     assert running is not None and running[1] == "xdpflow"
     prog_id = running[0]
-    assert attached == {"ifname": lab.dut_if, "prog_id": prog_id, "mode": "native", "replaced": False}
+    assert attached == {"ifname": lab.dut_if, "prog_id": prog_id, "mode": "native", "replaced": False, "attach": "link"}
     mix = traffic_mix(lab)
     assert send_and_receive(lab, mix) == raw(mix)
     t1 = time.time()
@@ -113,6 +114,10 @@ def test_attach_counts_the_mix_exactly(lab: Lab, cli: Cli) -> None:
         "prog_id": prog_id,
         "attached": True,
         "attached_at": st["attached_at"],
+        "attach": "link",
+        "current_ifname": lab.dut_if,
+        "netns": None,
+        "then": None,
         "sink": False,
         "flows": 7,
         "flows_max": FLOWS_MAX,
@@ -244,7 +249,8 @@ def test_foreign_program_is_refused_unless_forced(lab: Lab, cli: Cli, pin_root: 
     err = cli.fails(1, "attach", lab.dut_if)
     assert err == (
         f"xdpflow: {lab.dut_if} runs another XDP program (id {foreign}); use --force to replace it, "
-        f"or detach it with `ip link set dev {lab.dut_if} xdp off`\n"
+        f"detach it with `ip link set dev {lab.dut_if} xdp off`, "
+        f"or keep it: xdpflow attach {lab.dut_if} --then id:{foreign}\n"
     )
     assert xdp_prog(lab.dut_ns, lab.dut_if) == (foreign, "xdp_pass")
     assert not os.path.exists(pin_root), pins_under(pin_root)
@@ -259,8 +265,12 @@ def test_foreign_program_is_refused_unless_forced(lab: Lab, cli: Cli, pin_root: 
     assert stats[lab.dut_if] == expect_counters(passed=mix)
     assert wait_prog_gone(foreign)
 
+    # the bpf_link keeps netlink tools from removing it; only the link can go
+    off = ["ip", "-n", lab.dut_ns, "link", "set", "dev", lab.dut_if, "xdp", "off"]
+    assert subprocess.run(off, capture_output=True).returncode != 0
+    assert xdp_prog(lab.dut_ns, lab.dut_if) == (r["prog_id"], "xdpflow")
     # replaced behind our back: status says so, detach leaves the other program alone
-    subprocess.run(["ip", "-n", lab.dut_ns, "link", "set", "dev", lab.dut_if, "xdp", "off"], check=True)
+    detach_link_of(r["prog_id"])
     other = attach_foreign(lab.dut_ns, lab.dut_if)
     status, text, again = cli.run_all(("status", "--json"), ("status",), ("attach", lab.dut_if))
     (st,) = json.loads(status.stdout)

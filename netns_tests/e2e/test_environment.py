@@ -63,7 +63,7 @@ LAB_PREFIX = "xfenv"
 PACKAGE = os.path.dirname(os.path.abspath(xdpflow.__file__))
 NOBODY = 65534
 SETPRIV = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-IFACE_PINS = ["counters", "flows_v4", "flows_v6", "prog", "take"]
+IFACE_PINS = ["counters", "flows_v4", "flows_v6", "link", "next_prog", "prog", "take"]
 BPFFS_HINT = (
     "is not on a BPF filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf` "
     "or choose a --pin-root below a bpffs mount"
@@ -279,10 +279,11 @@ def test_renamed_interface_status_and_detach(lab: Lab, cli: Cli, pin_root: str) 
             assert rx.stop() == [bytes(frame)]
         assert cli.stats(lab.dut_if) == expect_counters(passed=[frame])
 
-        # status of the old name: no interface has it, so not attached there
+        # status of the old name: the link follows the device, so attached, under its new name
         (st,) = cli.status()
-        assert (st["ifname"], st["attached"], st["mode"], st["prog_id"]) == (lab.dut_if, False, None, prog_id)
-        assert "NOT ATTACHED" in cli("status")
+        assert (st["ifname"], st["attached"], st["mode"], st["prog_id"]) == (lab.dut_if, True, "native", prog_id)
+        assert (st["current_ifname"], st["netns"], st["attach"]) == (new, None, "link")
+        assert f"{lab.dut_if} (now {new})" in cli("status")
         # the new name has no pins of its own
         want = f"xdpflow: xdpflow is not attached to {new} (pin root {pin_root})\n"
         assert cli.fails(1, "stats", new) == want
@@ -332,8 +333,11 @@ def test_moved_interface_status_and_detach(lab: Lab, cli: Cli, pin_root: str, ot
         )
     )
     (here_st,), (there_st,) = here_status, there_status
-    assert (here_st["attached"], here_st["mode"], here_st["prog_id"]) == (False, None, prog_id)
+    # attached, seen from both: from here, in the namespace it moved to
+    assert (here_st["attached"], here_st["mode"], here_st["prog_id"]) == (True, "native", prog_id)
+    assert (here_st["current_ifname"], here_st["netns"]) == (lab.dut_if, other_ns)
     assert (there_st["attached"], there_st["mode"], there_st["prog_id"]) == (True, "native", prog_id)
+    assert (there_st["current_ifname"], there_st["netns"]) == (lab.dut_if, None)
     assert here_stats == there_stats  # one set of pins, seen from both
 
     assert there("detach", lab.dut_if) == f"detached xdpflow from {lab.dut_if}\n"

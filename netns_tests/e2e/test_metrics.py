@@ -30,7 +30,7 @@ from xdpflow.dataplane.pins import PinRoot
 from xdpflow.export import metrics
 from xdpflow.testing.lab import Lab, traffic_mix
 
-from ..clitest import XDPFLOW, metric_samples, scrape
+from ..clitest import XDPFLOW, detach_link_of, metric_samples, scrape, xdp_prog
 
 LAB_PREFIX = "xfmet"
 
@@ -227,7 +227,9 @@ def test_attached_follows_the_interface(lab: Lab, pin_root: str) -> None:
 
     assert attached() == 1
     # the program removed behind xdpflow's back: pins stay, it runs no more
-    subprocess.run(["ip", "-n", lab.dut_ns, "link", "set", "dev", lab.dut_if, "xdp", "off"], check=True)
+    running = xdp_prog(lab.dut_ns, lab.dut_if)
+    assert running is not None
+    detach_link_of(running[0])
     assert attached() == 0
     (status,) = xdpflow_json(lab, pin_root, "status")
     assert status["attached"] is False

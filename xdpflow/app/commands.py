@@ -62,16 +62,35 @@ def cmd_attach(args: argparse.Namespace) -> int:
         monitor=True if args.monitor else None,
         force=args.force,
         shared_flows=not args.percpu_flows,
+        then=args.then,
+        # `attach IFACE --then PROG` alone on an attached interface: one map update, no reload
+        then_only=args.then is not None
+        and (args.mode, args.flows, args.sink, args.monitor, args.force, args.percpu_flows)
+        == ("auto", None, None, False, False, False),
     )
     results = []
     for ifname in args.ifaces:
         r = lifecycle.attach(ifname, opts, args.pins)
         results.append(r)
-        if not args.json:
+        if not args.json and r.then_only:
+            nxt = f"go to program {r.then.prog_id} ({r.then.name})" if r.then else "pass (no next program)"
+            print(f"xdpflow on {ifname}: frames it passes {nxt} now")
+        elif not args.json:
             verb = "upgraded" if r.replaced else "attached"
-            print(f"{verb} xdpflow on {ifname}: program id {r.prog_id}, {r.mode} mode")
+            how = "bpf_link" if r.attach == "link" else "netlink (the kernel refused a bpf_link)"
+            line = f"{verb} xdpflow on {ifname}: program id {r.prog_id}, {r.mode} mode, through {how}"
+            if r.gap_ns is not None:
+                line += f"; moved from netlink, {r.gap_ns / 1000:.0f} us without a program"
+            if r.then is not None:
+                line += f"; then program {r.then.prog_id} ({r.then.name})"
+            print(line)
     if args.json:
-        emit_json([{"ifname": r.ifname, "prog_id": r.prog_id, "mode": r.mode, "replaced": r.replaced} for r in results])
+        emit_json(
+            [
+                {"ifname": r.ifname, "prog_id": r.prog_id, "mode": r.mode, "replaced": r.replaced, "attach": r.attach}
+                for r in results
+            ]
+        )
     return 0
 
 
@@ -106,8 +125,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         state = (r["mode"] or "?") if r["attached"] else "NOT ATTACHED (interface gone or program replaced)"
         if r["sink"]:
             state += " sink"
-        out.append([r["ifname"], state, r["prog_id"], when, f"{r['flows']}/{r['flows_max']}"])
-    print(table(out, ["interface", "mode", "prog", "attached", "flows"]))
+        name = r["ifname"]
+        if r["attached"] and (r["current_ifname"] != name or r["netns"]):
+            name += f" (now {r['current_ifname']}" + (f" in namespace {r['netns']})" if r["netns"] else ")")
+        then = f"{r['then']['prog_id']} {r['then']['name']}".strip() if r["then"] else "-"
+        out.append([name, state, r["prog_id"], r["attach"] or "-", then, when, f"{r['flows']}/{r['flows_max']}"])
+    print(table(out, ["interface", "mode", "prog", "via", "then", "attached", "flows"]))
     first = rows[0]
     monitor = "on" if first["monitor"] else "off"
     print(f"blocklist: {first['blocklist']}/{first['blocklist_max']} rules, monitor mode {monitor}")
@@ -357,6 +380,34 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from xdpflow.dataplane.doctor import diagnose
+
+    report = diagnose(args.pins, args.ifaces)
+    if args.json:
+        emit_json(report.to_json())
+        return 0 if report.ok else EXIT_FAIL
+    print(f"kernel {report.kernel}")
+    rows = [[c.name, "ok" if c.ok else ("MISSING" if c.required else "no"), c.detail] for c in report.checks]
+    print(table(rows, ["check", "result", "detail"]))
+    m = report.memory
+    print(f"map memory: {m.bytes / 2**20:.0f} MiB at most, {m.available / 2**20:.0f} MiB available")
+    for i in report.interfaces:
+        native = {True: "native XDP", False: "no native XDP", None: "native XDP unknown"}[i.native_xdp]
+        feats = ", ".join(i.xdp_features) if i.xdp_features else "-"
+        print(f"{i.ifname}: driver {i.driver or '-'}, {native} (features: {feats})")
+        for p in i.programs:
+            print(f"  runs XDP program {p.prog_id} {p.name or '?'} ({p.mode} mode, through {p.attach})")
+    fixes = report.fixes()
+    if fixes:
+        print("to do:")
+        for f in fixes:
+            print(f"  - {f}")
+    verdict = "xdpflow can run natively" + (" on every interface named" if report.interfaces else " here")
+    print(verdict if report.ok else "xdpflow cannot run natively everywhere asked: see above")
+    return 0 if report.ok else EXIT_FAIL
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from xdpflow.app.daemon import main as run_daemon
 
@@ -437,6 +488,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--force", action="store_true", help="replace a foreign XDP program")
     a.add_argument(
+        "--then",
+        metavar="PROG",
+        default=None,
+        help="hand every frame xdpflow passes to PROG (a pinned program's path, or id:N) with a tail call; "
+        "its verdict is the frame's fate. On an attached interface: swap it atomically; none: stop",
+    )
+    a.add_argument(
         "--percpu-flows",
         action="store_true",
         help="per-CPU flow tables (no atomics; memory grows with CPUs) instead of shared ones",
@@ -492,6 +550,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--count", type=positive_int, default=None, help="stop after N events")
     e.add_argument("--duration", type=positive_float, default=None, help="stop after SECONDS")
     e.set_defaults(func=cmd_events)
+
+    dr = sub.add_parser(
+        "doctor",
+        parents=[common],
+        help="can this host run xdpflow, and how well (exit 0: natively on every IFACE named)",
+    )
+    dr.add_argument("ifaces", nargs="*", metavar="IFACE")
+    dr.set_defaults(func=cmd_doctor)
 
     from xdpflow.app.config import add_run_arguments
 

@@ -185,6 +185,36 @@ CDEF = """
     int bpf_map_get_fd_by_id(uint32_t id);
     int bpf_prog_test_run_opts(int prog_fd, struct bpf_test_run_opts *opts);
 
+    struct bpf_link_create_opts {
+        size_t sz;
+        uint32_t flags;
+        void *iter_info;
+        uint32_t iter_info_len;
+        uint32_t target_btf_id;
+        uint64_t _union[4];
+    };
+    struct bpf_link_update_opts {
+        size_t sz;
+        uint32_t flags;
+        uint32_t old_prog_fd;
+    };
+    struct bpf_link_info {
+        uint32_t type;
+        uint32_t id;
+        uint32_t prog_id;
+        uint32_t _pad;
+        uint32_t xdp_ifindex;
+        uint32_t _union[7];
+    };
+    int bpf_link_create(int prog_fd, int target_fd, int attach_type,
+                        const struct bpf_link_create_opts *opts);
+    int bpf_link_update(int link_fd, int new_prog_fd, const struct bpf_link_update_opts *opts);
+    int bpf_link_detach(int link_fd);
+    int bpf_link_get_next_id(uint32_t start_id, uint32_t *next_id);
+    int bpf_link_get_fd_by_id(uint32_t id);
+    int bpf_program__set_attach_target(struct bpf_program *prog, int attach_prog_fd,
+                                       const char *attach_func_name);
+
     typedef int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size);
     struct ring_buffer *ring_buffer__new(int map_fd, ring_buffer_sample_fn sample_cb,
                                          void *ctx, const struct ring_buffer_opts *opts);
@@ -232,12 +262,14 @@ if not os.environ.get("XDPFLOW_LIBBPF_DEBUG"):
 # linux/bpf.h map types and flags used here
 BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PROG_ARRAY = 3
 BPF_MAP_TYPE_PERCPU_HASH = 5
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
 BPF_MAP_TYPE_LPM_TRIE = 11
 BPF_MAP_TYPE_RINGBUF = 27
+BPF_F_NO_PREALLOC = 1 << 0
 PERCPU_TYPES = {BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH}
 ARRAY_TYPES = {BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY}
 
@@ -245,6 +277,13 @@ BPF_ANY = 0
 BPF_NOEXIST = 1
 BPF_EXIST = 2
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
+BPF_F_REPLACE = 1 << 2
+
+# program types, attach types and link types used here
+BPF_PROG_TYPE_XDP = 6
+BPF_PROG_TYPE_EXT = 28
+BPF_XDP = 37
+BPF_LINK_TYPE_XDP = 6
 
 _ENOTSUPP = 524  # the kernel-internal errno some map types return for batch ops
 _BATCH_UNSUPPORTED = {errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP}
@@ -749,6 +788,15 @@ class Map(MutableMapping[Any, Any]):
         _check(lib.bpf_obj_pin(self.fd, path.encode()), f"pinning map {self.name} at {path}", _pin_hint(path))
 
 
+def probe_map(map_type: int, key_size: int, value_size: int, max_entries: int) -> None:
+    """Create and close a map of this kind: whether the kernel has it.
+    Raises XdpflowError with the kernel's errno."""
+    fd = lib.bpf_map_create(map_type, b"xf_probe", key_size, value_size, max_entries, ffi.NULL)
+    if fd < 0:
+        raise os_error(-fd, f"creating a map of type {map_type}")
+    os.close(fd)
+
+
 def sum_percpu(values: list[Any]) -> Any:
     """Sum a per-CPU value list: ints add up; structs add field by field.
 
@@ -802,6 +850,7 @@ class TestRun:
 @dataclass(frozen=True)
 class ProgInfo:
     id: int
+    type: int
     name: str
     tag: str
     load_time_ns: int  # since boot
@@ -825,6 +874,7 @@ def prog_info(fd: int) -> ProgInfo:
         ids = tuple(arr[i] for i in range(min(n, info2.nr_map_ids)))
     return ProgInfo(
         id=info.id,
+        type=info.type,
         name=ffi.string(info.name).decode(),
         tag=bytes(info.tag).hex(),
         load_time_ns=info.load_time,
@@ -917,6 +967,114 @@ class Program:
 
 
 # --------------------------------------------------------------------------
+# links
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    id: int
+    type: int
+    prog_id: int
+    ifindex: int  # XDP links: the device's index now (0: the device is gone)
+
+
+class Link:
+    """A BPF link (an attachment held by a file descriptor or a pin); owns
+    its fd. Closing the last fd of an unpinned link detaches the program."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    def xdp(cls, prog_fd: int, ifindex: int, flags: int = 0) -> Link:
+        """Attach ``prog_fd`` to device ``ifindex`` through a new XDP link;
+        ``flags`` are XDP_FLAGS_*_MODE. Raises XdpflowError: EBUSY when a
+        program is attached without a link (netlink) or another link holds
+        the device; EINVAL/EOPNOTSUPP where the kernel or mode has no links.
+        """
+        opts = ffi.new("struct bpf_link_create_opts *", {"sz": ffi.sizeof("struct bpf_link_create_opts")})
+        opts.flags = flags
+        fd = lib.bpf_link_create(prog_fd, ifindex, BPF_XDP, opts)
+        if fd < 0:
+            err = -fd
+            hint = None
+            if err == errno.EBUSY:
+                hint = "another program is attached to the device; detach it first"
+            raise os_error(err, f"creating an XDP link on interface index {ifindex}", hint)
+        return cls(int(fd))
+
+    @classmethod
+    def from_pin(cls, path: str) -> Link:
+        """Open the link pinned at ``path``. Raises XdpflowError (ENOENT)."""
+        return cls(obj_get(path))
+
+    @classmethod
+    def from_id(cls, link_id: int) -> Link:
+        fd = lib.bpf_link_get_fd_by_id(link_id)
+        if fd < 0:
+            raise os_error(-fd, f"opening link id {link_id}")
+        return cls(int(fd))
+
+    @property
+    def info(self) -> LinkInfo:
+        """The kernel's view of the link. Raises XdpflowError."""
+        info = ffi.new("struct bpf_link_info *")
+        ln = ffi.new("uint32_t *", ffi.sizeof(info[0]))
+        _check(lib.bpf_obj_get_info_by_fd(self.fd, info, ln), "reading link info")
+        ifindex = info.xdp_ifindex if info.type == BPF_LINK_TYPE_XDP else 0
+        return LinkInfo(id=info.id, type=info.type, prog_id=info.prog_id, ifindex=ifindex)
+
+    def update(self, new_prog_fd: int, old_prog_fd: int | None = None) -> None:
+        """Swap the link's program for ``new_prog_fd`` atomically; with
+        ``old_prog_fd`` only if that one still runs (else EPERM).
+        Raises XdpflowError."""
+        opts = ffi.new("struct bpf_link_update_opts *", {"sz": ffi.sizeof("struct bpf_link_update_opts")})
+        if old_prog_fd is not None:
+            opts.flags = BPF_F_REPLACE
+            opts.old_prog_fd = old_prog_fd
+        _check(lib.bpf_link_update(self.fd, new_prog_fd, opts), "replacing the program of an XDP link")
+
+    def pin(self, path: str) -> None:
+        _check(lib.bpf_obj_pin(self.fd, path.encode()), f"pinning link at {path}", _pin_hint(path))
+
+    def detach(self) -> None:
+        """Detach the program now, whoever else holds the link. Raises XdpflowError."""
+        _check(lib.bpf_link_detach(self.fd), "detaching an XDP link")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Link:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def link_ids() -> list[int]:
+    """Ids of every BPF link in the system. Raises XdpflowError."""
+    ids: list[int] = []
+    nxt = ffi.new("uint32_t *")
+    cur = 0
+    while True:
+        ret = lib.bpf_link_get_next_id(cur, nxt)
+        if ret < 0:
+            if ret == -errno.ENOENT:
+                return ids
+            raise os_error(-ret, "listing BPF links")
+        cur = int(nxt[0])
+        ids.append(cur)
+
+
+# --------------------------------------------------------------------------
 # objects
 
 
@@ -937,6 +1095,14 @@ class MapSpec:
     @property
     def type(self) -> int:
         return int(lib.bpf_map__type(self._p))
+
+    @property
+    def key_size(self) -> int:
+        return int(lib.bpf_map__key_size(self._p))
+
+    @property
+    def value_size(self) -> int:
+        return int(lib.bpf_map__value_size(self._p))
 
     def set_type(self, t: int) -> None:
         _check(lib.bpf_map__set_type(self._p, t), f"setting map {self.name} type")
@@ -1027,6 +1193,14 @@ class Object:
 
     def set_autoload(self, name: str, autoload: bool) -> None:
         _check(lib.bpf_program__set_autoload(self._prog_ptr(name), autoload), f"setting autoload of {name}")
+
+    def set_attach_target(self, name: str, target_fd: int, func: str) -> None:
+        """Make extension (freplace) program ``name`` replace function ``func``
+        of the loaded program ``target_fd``. Raises XdpflowError."""
+        _check(
+            lib.bpf_program__set_attach_target(self._prog_ptr(name), target_fd, func.encode()),
+            f"setting the attach target of {name}",
+        )
 
     def load(self) -> None:
         """Create maps (or reuse pinned ones), load and verify programs.

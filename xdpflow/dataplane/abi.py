@@ -76,6 +76,7 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "bl6_deep_dst": ("struct xf_bl6_key", "__u32"),
     "rule_hits": ("__u32", "__u64"),
     "event_budget": ("__u32", "struct xf_ratelimit"),
+    "next_prog": ("__u32", "__u32"),  # a program array: fds in, ids out
 }
 
 # counter index -> the name used in stats output and metrics

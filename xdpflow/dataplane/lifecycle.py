@@ -23,7 +23,7 @@ from xdpflow.bindings.libbpf import (
     obj_get,
 )
 from xdpflow.bindings.netlink import XdpState
-from xdpflow.dataplane import abi
+from xdpflow.dataplane import abi, attachment, chain
 from xdpflow.dataplane.clock import CLOCK_PIN, CLOCK_PROG, measure_hz
 from xdpflow.dataplane.maps import PROG_PIN, knobs_of, pinned_prog, set_monitor
 from xdpflow.dataplane.pins import IFACE_MAPS, SHARED_MAPS, PinRoot, ensure_bpffs
@@ -43,6 +43,8 @@ class AttachOptions:
     shared_flows: bool = True  # LRU_HASH with atomic adds; False: per-CPU LRU
     events_per_sec: int = abi.C.XF_EVENTS_PER_SEC
     object_path: str | None = None
+    then: str | None = None  # --then: "none", "id:N" or a pinned program's path; None: keep
+    then_only: bool = False  # on an attached interface, only swap the next program (no reload)
 
 
 @dataclass
@@ -51,6 +53,10 @@ class AttachResult:
     prog_id: int
     mode: str | None
     replaced: bool  # an xdpflow program was upgraded in place
+    attach: str = "link"  # "link" or "netlink"
+    then: chain.NextProg | None = None  # the next program now
+    then_only: bool = False  # only the next program changed
+    gap_ns: int | None = None  # a move from netlink to a link: how long no program ran
 
 
 def _pinned_info(path: str) -> MapInfo | None:
@@ -91,6 +97,11 @@ def _pinned_max_entries(path: str) -> int | None:
     return info.max_entries if info else None
 
 
+def pinned_flow_tables(pins: PinRoot, ifname: str) -> list[int | None]:
+    """Sizes of ``ifname``'s pinned flow tables (None: not pinned)."""
+    return [_pinned_max_entries(pins.iface(ifname, name)) for name in FLOW_TABLES]
+
+
 def _pinned_type(path: str) -> int | None:
     info = _pinned_info(path)
     return info.type if info else None
@@ -129,7 +140,7 @@ def _prepare(obj: Object, opts: AttachOptions, pins: PinRoot | None, ifname: str
 
     pinned: list[int | None] = [None, None]
     if pins is not None and ifname is not None:
-        pinned = [_pinned_max_entries(pins.iface(ifname, name)) for name in FLOW_TABLES]
+        pinned = pinned_flow_tables(pins, ifname)
     sizes: tuple[int, int]
     if pinned[0] is not None and pinned[1] is not None:
         sizes = (pinned[0], pinned[1])
@@ -200,32 +211,78 @@ def load_unpinned(opts: AttachOptions | None = None) -> Object:
     return obj
 
 
+def _foreign_error(ifname: str, prog_id: int, held_by_link: bool) -> ForeignProgramError:
+    if held_by_link:
+        return ForeignProgramError(
+            errno.EBUSY,
+            f"{ifname} runs another XDP program (id {prog_id}) held by another tool's bpf_link, which only "
+            "that link's owner can remove (`bpftool link` lists it); to keep the program behind xdpflow, "
+            f"keep it loaded (pinned), detach its link, then: xdpflow attach {ifname} --then id:{prog_id}",
+        )
+    return ForeignProgramError(
+        errno.EBUSY,
+        f"{ifname} runs another XDP program (id {prog_id}); use --force to replace it, detach it with "
+        f"`ip link set dev {ifname} xdp off`, or keep it: xdpflow attach {ifname} --then id:{prog_id}",
+    )
+
+
+def _held_by_link(st: XdpState) -> bool:
+    """Whether the program on ``st``'s device is held by some bpf_link."""
+    link = attachment.xdp_link_of(st.prog_id)
+    return link is not None and link.ifindex == st.ifindex
+
+
 def attach(ifname: str, opts: AttachOptions, pins: PinRoot) -> AttachResult:
-    """Load xdpflow for ``ifname``, pin its maps and attach it.
+    """Load xdpflow for ``ifname``, pin its maps and attach it through a pinned
+    bpf_link (netlink where the kernel refuses a link).
 
     If xdpflow already runs there, the new program replaces it atomically and
-    keeps its counters, flows and the blocklist. A foreign XDP program is
-    replaced only with ``opts.force``. On failure nothing new is left pinned.
-    Raises ForeignProgramError, VerifierError or XdpflowError.
+    keeps its counters, flows, the blocklist and the next program. An
+    xdpflow attached through netlink moves to a link (see attachment). A
+    foreign XDP program is replaced only with ``opts.force``, or kept as the
+    next program when ``opts.then`` names it. On failure nothing new is left
+    pinned. Raises ForeignProgramError, VerifierError or XdpflowError.
     """
     ensure_bpffs(pins.root)
     state = netlink.xdp_state(ifname)
     _settle_pins(pins, ifname, state.prog_id)
+    nxt = chain.open_next(opts.then) if opts.then is not None else None
     old = pinned_prog(pins, ifname)
-    ours = old is not None and state.prog_id != 0 and old.id == state.prog_id
-    if state.prog_id and not ours and not opts.force:
-        raise ForeignProgramError(
-            errno.EBUSY,
-            f"{ifname} runs another XDP program (id {state.prog_id}); "
-            "use --force to replace it, or detach it with `ip link set dev "
-            f"{ifname} xdp off`",
-        )
-    if ours and opts.mode != "auto" and state.mode != opts.mode:
-        raise XdpflowError(
-            errno.EINVAL,
-            f"xdpflow runs on {ifname} in {state.mode} mode; detach it first to change to {opts.mode}",
-        )
+    try:
+        ours = old is not None and state.prog_id != 0 and old.id == state.prog_id
+        kept = nxt is not None and state.prog_id != 0 and nxt.id == state.prog_id
+        if state.prog_id and not ours and not (opts.force or kept):
+            raise _foreign_error(ifname, state.prog_id, _held_by_link(state))
+        if state.prog_id and not ours and _held_by_link(state):
+            raise _foreign_error(ifname, state.prog_id, True)
+        if ours and opts.then_only and opts.then is not None and os.path.exists(pins.iface(ifname, chain.NEXT_PIN)):
+            assert old is not None
+            chain.set_next_pinned(pins, ifname, nxt, f"--then {opts.then}")
+            return AttachResult(
+                ifname=ifname,
+                prog_id=old.id,
+                mode=state.mode,
+                replaced=False,
+                attach="link" if attachment.xdp_link_of(old.id) is not None else "netlink",
+                then=chain.next_of(pins, ifname),
+                then_only=True,
+            )
+        if ours and opts.mode != "auto" and state.mode != opts.mode:
+            raise XdpflowError(
+                errno.EINVAL,
+                f"xdpflow runs on {ifname} in {state.mode} mode; detach it first to change to {opts.mode}",
+            )
+        return _attach(ifname, opts, pins, state, old if ours else None, nxt)
+    finally:
+        if old is not None:
+            old.close()
+        if nxt is not None:
+            nxt.close()
 
+
+def _attach(
+    ifname: str, opts: AttachOptions, pins: PinRoot, state: XdpState, old: Program | None, nxt: Program | None
+) -> AttachResult:
     fresh_iface = not os.path.isdir(pins.iface_dir(ifname))
     fresh_root = not pins.exists()
     pins.make_dirs(ifname)
@@ -237,15 +294,12 @@ def attach(ifname: str, opts: AttachOptions, pins: PinRoot) -> AttachResult:
             prog = obj.program(PROG_NAME)
             clock = obj.program(CLOCK_PROG)
             taker = obj.program(TAKE_PROG)
-        mode = state.mode if ours and opts.mode == "auto" else opts.mode
-        replace_fd = None
-        foreign = None
-        if ours:
-            assert old is not None
-            replace_fd = old.fd
-        elif state.prog_id:
-            foreign = Program.from_id(state.prog_id)
-            replace_fd = foreign.fd
+            if opts.then is not None:
+                # before the switch: the new program chains from its first frame
+                with obj.map(chain.NEXT_PIN, *abi.MAP_TYPES[chain.NEXT_PIN]) as slots:
+                    chain.set_next(slots, nxt, f"--then {opts.then}")
+        mode = state.mode if old is not None and opts.mode == "auto" else opts.mode
+        mode = mode or "auto"
         # Pinned before the switch, renamed after it: killed anywhere in
         # between, the program that runs is pinned under "prog" or
         # "prog_new", and _settle_pins() finds it next time.
@@ -253,9 +307,28 @@ def attach(ifname: str, opts: AttachOptions, pins: PinRoot) -> AttachResult:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         prog.pin(tmp)
-        netlink.attach(ifname, prog.fd, mode or "auto", replace_fd=replace_fd)
-        if foreign is not None:
-            foreign.close()
+        link = attachment.pinned_link(pins, ifname) if old is not None else None
+        gap_ns = None
+        if link is not None and link.info.prog_id == state.prog_id and link.info.ifindex == state.ifindex:
+            with link:
+                assert old is not None
+                link.update(prog.fd, old_prog_fd=old.fd)
+            how = "link"
+        elif state.prog_id:
+            if link is not None:
+                link.close()
+            current = old if old is not None else Program.from_id(state.prog_id)
+            try:
+                sw = attachment.switch_to_link(pins, ifname, state, prog.fd, current.fd, mode)
+            finally:
+                if current is not old:
+                    current.close()
+            how, gap_ns = sw.attach, sw.gap_ns
+        elif attachment.create_link(pins, ifname, state.ifindex, prog.fd, mode):
+            how = "link"
+        else:
+            netlink.attach(ifname, prog.fd, mode)
+            how = "netlink"
         os.replace(tmp, pins.iface(ifname, PROG_PIN))
         tmp = pins.shared(CLOCK_PIN + "_new")
         with contextlib.suppress(FileNotFoundError):
@@ -271,7 +344,15 @@ def attach(ifname: str, opts: AttachOptions, pins: PinRoot) -> AttachResult:
         taker.close()
         if opts.monitor is not None:
             set_monitor(pins, opts.monitor)
-        result = AttachResult(ifname=ifname, prog_id=prog.id, mode=netlink.xdp_state(ifname).mode, replaced=ours)
+        result = AttachResult(
+            ifname=ifname,
+            prog_id=prog.id,
+            mode=netlink.xdp_state(ifname).mode,
+            replaced=old is not None,
+            attach=how,
+            gap_ns=gap_ns,
+            then=chain.next_of(pins, ifname),
+        )
         prog.close()
         return result
     except BaseException:
@@ -280,9 +361,20 @@ def attach(ifname: str, opts: AttachOptions, pins: PinRoot) -> AttachResult:
         if fresh_root and not pins.interfaces():
             pins.remove_shared()
         raise
+
+
+def set_then(ifname: str, then: str, pins: PinRoot) -> chain.NextProg | None:
+    """Swap the next program of an attached ``ifname`` (``then``: a --then
+    argument) with one map update. Raises NotAttachedError, XdpflowError."""
+    if not pins.has_iface(ifname):
+        raise pins.not_attached(ifname)
+    nxt = chain.open_next(then)
+    try:
+        chain.set_next_pinned(pins, ifname, nxt, f"--then {then}")
     finally:
-        if old is not None:
-            old.close()
+        if nxt is not None:
+            nxt.close()
+    return chain.next_of(pins, ifname)
 
 
 @dataclass
@@ -292,38 +384,11 @@ class DetachResult:
     netns: str | None  # the named namespace it had moved to, None: this one
 
 
-def _locate(prog_id: int, ifname: str) -> tuple[str | None, XdpState | None]:
-    """Where program ``prog_id`` runs: under ``ifname`` here, renamed here,
-    or moved to a named namespace. (None, None) when nowhere visible."""
-    try:
-        st = netlink.xdp_state(ifname)
-        if st.prog_id == prog_id:
-            return None, st
-    except XdpflowError as e:
-        if e.errno != errno.ENODEV:
-            raise
-    st2 = netlink.find_prog(prog_id)
-    if st2 is not None:
-        return None, st2
-    here = os.stat("/proc/thread-self/ns/net").st_ino
-    for ns in netlink.named_netns():
-        try:
-            if os.stat(f"/run/netns/{ns}").st_ino == here:
-                continue
-            with netlink.in_netns(ns):
-                st3 = netlink.find_prog(prog_id)
-        except OSError:
-            continue
-        if st3 is not None:
-            return ns, st3
-    return None, None
-
-
 def detach(ifname: str, pins: PinRoot) -> DetachResult:
     """Detach xdpflow from ``ifname`` and remove its pins; the shared maps go
-    with the last interface. The program is found by its pinned id, so a
-    renamed interface, or one moved to a named namespace, is detached where
-    it is now. A foreign program attached there is left alone.
+    with the last interface. The program is found by its link or pinned id,
+    so a renamed interface, or one moved to a named namespace, is detached
+    where it is now. A foreign program attached there is left alone.
     Raises NotAttachedError when the interface has no state under the root.
     """
     if not pins.has_iface(ifname):
@@ -334,17 +399,24 @@ def detach(ifname: str, pins: PinRoot) -> DetachResult:
         if e.errno != errno.ENODEV:
             raise
     old = pinned_prog(pins, ifname)
+    link = attachment.pinned_link(pins, ifname)
     result = DetachResult(ifname, None, None)
     try:
         if old is not None:
-            ns, st = _locate(old.id, ifname)
-            if st is not None:
-                with netlink.in_netns(ns):
-                    netlink.detach(st.ifname, st.mode)
-                result = DetachResult(ifname, st.ifname, ns)
+            ifindex = link.info.ifindex if link is not None else 0
+            where = attachment.locate(old.id, ifname, ifindex)
+            if where is not None:
+                result = DetachResult(ifname, where.ifname, where.netns)
+                if link is not None and link.info.prog_id == old.id and ifindex:
+                    attachment.detach_link(link)
+                else:
+                    with netlink.in_netns(where.netns):
+                        netlink.detach(where.ifname, where.state.mode)
     finally:
         if old is not None:
             old.close()
+        if link is not None:
+            link.close()
     pins.remove_iface(ifname)
     if not pins.interfaces():
         pins.remove_shared()

@@ -13,9 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from xdpflow.bindings import netlink
 from xdpflow.bindings.libbpf import Map, Program, lib, map_info, obj_get
-from xdpflow.dataplane import abi
+from xdpflow.dataplane import abi, attachment
 from xdpflow.dataplane.clock import CLOCK_PIN, JiffiesClock, measure_hz
 from xdpflow.dataplane.pins import PinRoot
 from xdpflow.errors import XdpflowError
@@ -160,10 +159,14 @@ class IfaceStatus:
     attached: bool  # the pinned program is the one running on the interface
     attached_at: float | None
     sink: bool
+    attach: str | None = None  # "link" or "netlink" while attached
+    found_as: str | None = None  # the interface's name now (renamed or moved)
+    netns: str | None = None  # the named namespace it moved to; None: this one
 
 
 def iface_status(pins: PinRoot, ifname: str) -> IfaceStatus:
-    """Program, mode and attach time of ``ifname`` (flows.count_flows counts
+    """Program, mode, attach time and attachment of ``ifname``, followed
+    through renames and moves to named namespaces (flows.count_flows counts
     its flow tables). Raises XdpflowError."""
     prog = pinned_prog(pins, ifname)
     prog_id, attached_at, sink = 0, None, False
@@ -174,13 +177,16 @@ def iface_status(pins: PinRoot, ifname: str) -> IfaceStatus:
         knobs = knobs_of(prog)
         sink = bool(knobs is not None and knobs.sink)
         prog.close()
-    mode = None
-    attached = False
-    try:
-        st = netlink.xdp_state(ifname)
-        attached = prog_id != 0 and st.prog_id == prog_id
-        mode = st.mode if attached else None
-    except XdpflowError as e:
-        if e.errno != errno.ENODEV:
-            raise
-    return IfaceStatus(ifname, mode, prog_id, attached, attached_at, sink)
+    st = IfaceStatus(ifname, None, prog_id, False, attached_at, sink)
+    if not prog_id:
+        return st
+    link = attachment.xdp_link_of(prog_id)
+    where = attachment.locate(prog_id, ifname, link.ifindex if link is not None else 0)
+    if where is None:
+        return st
+    st.attached = True
+    st.mode = where.state.mode
+    st.attach = "link" if link is not None else "netlink"
+    st.found_as = where.ifname
+    st.netns = where.netns
+    return st

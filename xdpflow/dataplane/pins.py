@@ -47,7 +47,7 @@ SHARED_MAPS = (
     "event_budget",
 )
 SHARED_PROGS = ("clock",)
-IFACE_MAPS = ("counters", "flows_v4", "flows_v6")
+IFACE_MAPS = ("counters", "flows_v4", "flows_v6", "next_prog")
 IFACE_PREFIX = "if_"
 
 

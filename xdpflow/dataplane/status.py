@@ -1,5 +1,11 @@
 """What `xdpflow status` reports: per interface, the program, its mode, the
-flow tables' occupancy, and the shared blocklist and monitor switch."""
+flow tables' occupancy, and the shared blocklist and monitor switch.
+
+Per interface, besides: "attach" ("link" or "netlink"; null when not
+attached), "current_ifname" and "netns" (where the interface is now: its
+name, and the named namespace it moved to or null; both null when not
+attached), "then" (the next program, {"prog_id": N, "name": "..."}, or null).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from typing import Any
 
 from xdpflow.dataplane import abi
 from xdpflow.dataplane.blocklist import blocklist_of
+from xdpflow.dataplane.chain import next_of
 from xdpflow.dataplane.flows import count_flows
 from xdpflow.dataplane.maps import get_config, iface_status
 from xdpflow.dataplane.pins import PinRoot
@@ -29,6 +36,7 @@ def status_rows(pins: PinRoot) -> list[dict[str, Any]]:
             flows, flows_max = count_flows(pins, ifname)
         except NotAttachedError:  # an attach that died half-way: show it, as not attached
             flows, flows_max = 0, 0
+        then = next_of(pins, ifname)
         rows.append(
             {
                 "ifname": ifname,
@@ -36,6 +44,10 @@ def status_rows(pins: PinRoot) -> list[dict[str, Any]]:
                 "prog_id": st.prog_id,
                 "attached": st.attached,
                 "attached_at": st.attached_at,
+                "attach": st.attach,
+                "current_ifname": st.found_as,
+                "netns": st.netns,
+                "then": then.to_json() if then is not None else None,
                 "sink": st.sink,
                 "flows": flows,
                 "flows_max": flows_max,
