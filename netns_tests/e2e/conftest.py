@@ -5,12 +5,15 @@ Every fixture removes what it created, on failure and on Ctrl-C too.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 
 import pytest
+from pyroute2 import netns as pyroute2_netns
 from pyroute2.netns import listnetns
 
 from xdpflow.dataplane import lifecycle
@@ -57,3 +60,23 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
 def cli(lab: Lab, pin_root: str) -> Cli:
     """The `xdpflow` command bound to the lab's dut namespace and the pin root."""
     return Cli.of(lab, pin_root)
+
+
+@pytest.fixture
+def other_ns(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A third, empty network namespace; whatever was moved into it is deleted with it."""
+    name = f"{getattr(request.module, 'LAB_PREFIX', 'xfcli')}-oth-{uuid.uuid4().hex[:6]}"
+    pyroute2_netns.create(name)
+    try:
+        yield name
+    finally:
+        links = subprocess.run(["ip", "-n", name, "-j", "link", "show"], capture_output=True, text=True)
+        for link in json.loads(links.stdout or "[]"):
+            if link["ifname"] != "lo":
+                subprocess.run(["ip", "-n", name, "link", "del", link["ifname"]], capture_output=True)
+        pyroute2_netns.remove(name)
+
+
+def ip(*args: str) -> None:
+    """Run `ip ARGS`; fails the test when it fails."""
+    subprocess.run(["ip", *args], capture_output=True, text=True, check=True)

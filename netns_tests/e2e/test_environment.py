@@ -32,7 +32,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from pyroute2 import netns as pyroute2_netns
 
 import xdpflow
 from xdpflow.app import config
@@ -59,6 +58,7 @@ from ..clitest import (
     wait_prog_gone,
     xdp_prog,
 )
+from .conftest import ip
 
 LAB_PREFIX = "xfenv"
 PACKAGE = os.path.dirname(os.path.abspath(xdpflow.__file__))
@@ -71,26 +71,7 @@ BPFFS_HINT = (
 )
 
 
-@pytest.fixture
-def other_ns() -> Iterator[str]:
-    """A third, empty network namespace; whatever was moved into it is deleted with it."""
-    name = f"{LAB_PREFIX}-oth-{uuid.uuid4().hex[:6]}"
-    pyroute2_netns.create(name)
-    try:
-        yield name
-    finally:
-        links = subprocess.run(["ip", "-n", name, "-j", "link", "show"], capture_output=True, text=True)
-        for link in json.loads(links.stdout or "[]"):
-            if link["ifname"] != "lo":
-                subprocess.run(["ip", "-n", name, "link", "del", link["ifname"]], capture_output=True)
-        pyroute2_netns.remove(name)
-
-
 # --- helpers -------------------------------------------------------------------
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], capture_output=True, text=True, check=True)
 
 
 def rename(netns: str, old: str, new: str) -> None:

@@ -13,11 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
-
-import pytest
-from pyroute2 import netns as pyroute2_netns
 
 from xdpflow.bindings import netlink
 from xdpflow.bindings.libbpf import Link, Object
@@ -27,6 +22,7 @@ from xdpflow.testing.pktgen import FlowMix, build_frames
 
 from ..clitest import BASELINE_OBJ, Cli, pins_under, udp4, wait_prog_gone, xdp_prog
 from ..reltest import Blaster, blasting
+from .conftest import ip
 
 LAB_PREFIX = "xflink"
 
@@ -52,24 +48,6 @@ def netlink_attach(cli: Cli, ifname: str) -> dict:
     (res,) = json.loads(r.stdout)
     assert res["attach"] == "netlink"
     return res  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def other_ns() -> Iterator[str]:
-    name = f"{LAB_PREFIX}-oth-{uuid.uuid4().hex[:6]}"
-    pyroute2_netns.create(name)
-    try:
-        yield name
-    finally:
-        links = subprocess.run(["ip", "-n", name, "-j", "link", "show"], capture_output=True, text=True)
-        for link in json.loads(links.stdout or "[]"):
-            if link["ifname"] != "lo":
-                subprocess.run(["ip", "-n", name, "link", "del", link["ifname"]], capture_output=True)
-        pyroute2_netns.remove(name)
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], capture_output=True, text=True, check=True)
 
 
 def test_status_follows_a_rename_and_a_move(lab: Lab, cli: Cli, pin_root: str, other_ns: str) -> None:

@@ -17,7 +17,7 @@ import errno
 import os
 from collections.abc import Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import cffi
 
@@ -320,6 +320,30 @@ def round_up8(n: int) -> int:
 # maps
 
 
+class OwnedFd:
+    """An object that owns one fd: ``close()`` (also on leaving a ``with``
+    block, and when collected) closes it once."""
+
+    fd: int
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
 @dataclass(frozen=True)
 class MapInfo:
     id: int
@@ -367,7 +391,7 @@ def obj_get(path: str) -> int:
     return int(fd)
 
 
-class Map(MutableMapping[Any, Any]):
+class Map(OwnedFd, MutableMapping[Any, Any]):
     """A BPF map as a mutable mapping.
 
     Keys and values are cffi objects of the types given at construction
@@ -422,22 +446,6 @@ class Map(MutableMapping[Any, Any]):
             os.close(fd)
             raise
 
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> Map:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # buffers ------------------------------------------------------------
 
@@ -882,7 +890,7 @@ def prog_info(fd: int) -> ProgInfo:
     )
 
 
-class Program:
+class Program(OwnedFd):
     """A loaded BPF program; owns a dup of its fd."""
 
     def __init__(self, fd: int, name: str) -> None:
@@ -954,16 +962,6 @@ class Program:
         got = ffi.buffer(out, opts.data_size_out)[:] if out is not None else b""
         return TestRun(retval=opts.retval, duration_ns=opts.duration, data=got)
 
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 # --------------------------------------------------------------------------
@@ -978,7 +976,7 @@ class LinkInfo:
     ifindex: int  # XDP links: the device's index now (0: the device is gone)
 
 
-class Link:
+class Link(OwnedFd):
     """A BPF link (an attachment held by a file descriptor or a pin); owns
     its fd. Closing the last fd of an unpinned link detaches the program."""
 
@@ -1041,22 +1039,6 @@ class Link:
         """Detach the program now, whoever else holds the link. Raises XdpflowError."""
         _check(lib.bpf_link_detach(self.fd), "detaching an XDP link")
 
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> Link:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 def link_ids() -> list[int]:

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import signal
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from xdpflow.bindings import netlink
 from xdpflow.bindings.libbpf import BPF_LINK_TYPE_XDP, Link, LinkInfo, link_ids
 from xdpflow.bindings.netlink import MODE_FLAGS, XDP_FLAGS_UPDATE_IF_NOEXIST, XdpRequest, XdpState
+from xdpflow.dataplane.child import in_child
 from xdpflow.dataplane.pins import PinRoot
 from xdpflow.errors import XdpflowError
 
@@ -200,37 +201,19 @@ def switch_to_link(pins: PinRoot, ifname: str, st: XdpState, prog_fd: int, old_f
     Raises XdpflowError (with nothing changed, or the old program back).
     """
     path = pins.iface(ifname, LINK_PIN)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: finish whatever happens to the parent
-        code = 0
-        try:
-            os.close(r)
-            os.setsid()
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
-                signal.signal(sig, signal.SIG_IGN)
-            try:
-                sw = _switch(path, st.ifindex, prog_fd, old_fd, mode, st.mode or "auto")
-                out = {"attach": sw.attach, "gap_ns": sw.gap_ns}
-            except OSError as e:
-                out = {"errno": e.errno or errno.EIO, "error": str(e)}
-            with contextlib.suppress(OSError):
-                os.write(w, json.dumps(out).encode())
-        except BaseException:
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(w)
-    try:
-        chunks = []
-        while chunk := os.read(r, 4096):
-            chunks.append(chunk)
-    finally:
-        os.close(r)
-        os.waitpid(pid, 0)
-    if not chunks:
+
+    def detached() -> None:  # finish whatever happens to the parent
+        os.setsid()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_IGN)
+
+    def switch() -> dict[str, Any]:
+        sw = _switch(path, st.ifindex, prog_fd, old_fd, mode, st.mode or "auto")
+        return {"attach": sw.attach, "gap_ns": sw.gap_ns}
+
+    out = in_child(switch, detached)
+    if out is None:
         raise XdpflowError(errno.EIO, f"switching {ifname} to a bpf_link: the helper process died; run attach again")
-    out = json.loads(b"".join(chunks))
     if "error" in out:
         raise XdpflowError(int(out["errno"]), f"switching {ifname} to a bpf_link: {out['error']}")
     return Switch(str(out["attach"]), int(out["gap_ns"]))

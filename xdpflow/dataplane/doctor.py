@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import json
 import os
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ from xdpflow.bindings.libbpf import (
 )
 from xdpflow.bindings.netlink import MODE_FLAGS, NETDEV_XDP_ACT
 from xdpflow.dataplane import abi, attachment
+from xdpflow.dataplane.child import in_child
 from xdpflow.dataplane.lifecycle import FLOW_TABLES, FLOWS_DEFAULT, flow_table_sizes, pinned_flow_tables
 from xdpflow.dataplane.pins import IFACE_MAPS, SHARED_MAPS, PinRoot, ensure_bpffs
 from xdpflow.errors import XdpflowError
@@ -122,33 +122,15 @@ def _map_check(name: str, what: str, map_type: int, key: int, value: int, entrie
 def _in_new_netns(probe: Any) -> dict[str, Any]:
     """Run ``probe()`` (returning a JSON-able dict) in a forked child inside
     a new network namespace; its only interface is a private loopback."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.close(r)
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.unshare(CLONE_NEWNET) != 0:
-                out = {"error": os.strerror(ctypes.get_errno())}
-            else:
-                out = probe()
-            os.write(w, json.dumps(out).encode())
-        except BaseException:
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(w)
-    try:
-        data = b""
-        while chunk := os.read(r, 65536):
-            data += chunk
-    finally:
-        os.close(r)
-        os.waitpid(pid, 0)
-    if not data:
-        return {"error": "the probe process died"}
-    return json.loads(data)  # type: ignore[no-any-return]
+
+    def unshare() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    out = in_child(probe, unshare)
+    return out if out is not None else {"error": "the probe process died"}
 
 
 def _errno_of(e: OSError) -> str:
