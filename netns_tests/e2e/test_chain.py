@@ -31,7 +31,7 @@ from ..reltest import Blaster, blasting
 
 LAB_PREFIX = "xfchain"
 NEXT_OBJ = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "xdpflow", "bpf", "test_next.bpf.o"
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "xdpflow", "bpf", "test_next.bpf.o"
 )
 
 
