@@ -90,6 +90,41 @@ def random_prefixes(n4: int, n6: int, seed: int = 7) -> list[Rule]:
     return sorted(rules)
 
 
+# Rules inside the traffic's own prefixes, as real feeds list them: IPv4 /24s
+# and hosts inside the sources' /16, IPv6 /48s, /64s and hosts inside their
+# /32; one /24 and one /64 cover the blocked sources below, none the
+# established ones.
+HOSTILE_BLOCKED4 = "198.18.7.9"
+HOSTILE_BLOCKED6 = "2001:2:0:7::9"
+
+
+def hostile_prefixes(n4: int, n6: int, seed: int = 3) -> list[Rule]:
+    rnd = random.Random(seed)
+    rules = set(random_prefixes(n4, n6, seed))
+    for _ in range(200):
+        rules.add(Rule(ipaddress.IPv4Network((0xC6120000 | (rnd.randrange(8, 256) << 8), 24)), "src"))
+        rules.add(Rule(ipaddress.IPv4Network((0xC6120000 | rnd.randrange(2048, 65536), 32)), "src"))
+    rules.add(Rule(ipaddress.ip_network("198.18.7.0/24"), "src"))
+    base32 = 0x2001_0002 << 96
+    for _ in range(300):
+        rules.add(Rule(ipaddress.IPv6Network((base32 | (rnd.randrange(1, 65536) << 80), 48)), "src"))
+        rules.add(Rule(ipaddress.IPv6Network((base32 | (rnd.randrange(8, 65536) << 64), 64)), "src"))
+        host = base32 | (rnd.randrange(8, 65536) << 64) | rnd.getrandbits(64)
+        rules.add(Rule(ipaddress.IPv6Network((host, 128)), "src"))
+    rules.add(Rule(ipaddress.ip_network("2001:2:0:7::/64"), "src"))
+    return sorted(rules)
+
+
+def hostile_frames() -> dict[str, bytes]:
+    eth = Ether(src=MAC_A, dst=MAC_B)
+    return {
+        "blocked4_24": bytes(
+            eth / IP(src=HOSTILE_BLOCKED4, dst="198.18.0.2") / UDP(sport=1024, dport=53) / Raw(b"\0" * 18)
+        ),
+        "blocked6_64": bytes(eth / IPv6(src=HOSTILE_BLOCKED6, dst="2001:2::2") / UDP(sport=1024, dport=53)),
+    }
+
+
 class Loaded:
     """xdpflow with private maps and a blocklist."""
 
@@ -178,18 +213,29 @@ def xdp_filter_prog() -> tuple[Program, Callable[[], None]] | None:
         return None
 
 
+NEAR = (
+    "established UDP/IPv4, rules inside its /16",
+    "established TCP/IPv6, rules inside its /32 and /48",
+    "blocked source, IPv4 /24 rule inside a /16 of rules",
+    "blocked source, IPv6 /64 rule inside a /48 of rules",
+)
+
+
 def measure(runs: int, repeat: int, n_prefixes: int = 10000, new_flows: int = 65536) -> list[Figure]:
     fr = frames()
     base_obj = Object(abi.object_path("baseline"))
     base_obj.load()
     xdp_pass = base_obj.program("xdp_pass")
     dut = Loaded(random_prefixes(n_prefixes, n_prefixes))
+    near = Loaded(hostile_prefixes(n_prefixes, n_prefixes))
+    fr.update(hostile_frames())
     filt = xdp_filter_prog()
     tuples = distinct_udp4(new_flows)
 
     # warm: create the established flows
     for name in ("udp4", "tcp6"):
         dut.prog.test_run(fr[name], repeat=1)
+        near.prog.test_run(fr[name], repeat=1)
 
     figs = {
         k: Figure(k, [], [])
@@ -198,6 +244,7 @@ def measure(runs: int, repeat: int, n_prefixes: int = 10000, new_flows: int = 65
             "established TCP/IPv6",
             "blocked source",
             "new flow (65,536 tuples)",
+            *NEAR,
         )
     }
     if filt:
@@ -214,6 +261,11 @@ def measure(runs: int, repeat: int, n_prefixes: int = 10000, new_flows: int = 65
             ):
                 figs[name].samples.append(per_frame_ns(dut.prog, fr[key], repeat) - base)
                 figs[name].base.append(base)
+            for name, (key, base) in zip(
+                NEAR, (("udp4", base4), ("tcp6", base6), ("blocked4_24", base4), ("blocked6_64", base6))
+            ):
+                figs[name].samples.append(per_frame_ns(near.prog, fr[key], repeat) - base)
+                figs[name].base.append(base)
             if filt:
                 fprog = filt[0]
                 figs["xdp-filter, UDP/IPv4 pass"].samples.append(per_frame_ns(fprog, fr["udp4"], repeat) - base4)
@@ -228,6 +280,7 @@ def measure(runs: int, repeat: int, n_prefixes: int = 10000, new_flows: int = 65
             figs["new flow (65,536 tuples)"].base.append(nb)
     finally:
         dut.close()
+        near.close()
         xdp_pass.close()
         base_obj.close()
         if filt:
