@@ -446,7 +446,6 @@ class Map(OwnedFd, MutableMapping[Any, Any]):
             os.close(fd)
             raise
 
-
     # buffers ------------------------------------------------------------
 
     def _kbuf(self, key: Any) -> Any:
@@ -963,7 +962,6 @@ class Program(OwnedFd):
         return TestRun(retval=opts.retval, duration_ns=opts.duration, data=got)
 
 
-
 # --------------------------------------------------------------------------
 # links
 
@@ -1038,7 +1036,6 @@ class Link(OwnedFd):
     def detach(self) -> None:
         """Detach the program now, whoever else holds the link. Raises XdpflowError."""
         _check(lib.bpf_link_detach(self.fd), "detaching an XDP link")
-
 
 
 def link_ids() -> list[int]:

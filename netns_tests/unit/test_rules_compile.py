@@ -14,7 +14,7 @@ from xdpflow.rules import rulespec
 from xdpflow.rules.compile import Geometry, compile_rules
 from xdpflow.rules.rulespec import RuleError, RulesFileError, RuleSpec, parse_line, parse_lines
 
-from .rules_ref import Pkt, random_pkt, random_rule, reference, via_tables
+from ..rules_ref import Pkt, random_pkt, random_rule, reference, via_tables
 
 GEO = Geometry(rules=1024, words=20, classes=16384, addr_entries=262144)
 NOW = 1_700_000_000
