@@ -15,13 +15,21 @@ from typing import Any
 from xdpflow.bindings import netlink
 from xdpflow.dataplane.lifecycle import FLOWS_DEFAULT
 from xdpflow.dataplane.pins import default_root
+from xdpflow.defaults import (
+    ACTIVE_TIMEOUT,
+    FEED_INTERVAL,
+    FEED_TIMEOUT,
+    IDLE_TIMEOUT,
+    MAX_FEED_BYTES,
+    METRICS_LISTEN,
+    SCAN_INTERVAL,
+    TEMPLATE_REFRESH,
+    TOP_RULES,
+)
 from xdpflow.errors import InputError, XdpflowError
-from xdpflow.export.expiry import ACTIVE_TIMEOUT, IDLE_TIMEOUT
-from xdpflow.export.ipfix import TEMPLATE_REFRESH
-from xdpflow.rules.sources import FEED_INTERVAL, FEED_TIMEOUT, MAX_FEED_BYTES
 
-DEFAULT_LISTEN = "127.0.0.1:9437"
-DEFAULT_TOP_RULES = 20
+DEFAULT_LISTEN = METRICS_LISTEN
+DEFAULT_TOP_RULES = TOP_RULES
 
 
 class ConfigError(InputError):
@@ -50,7 +58,7 @@ class Config:
     collectors: list[str] = field(default_factory=list)
     idle_timeout: float = IDLE_TIMEOUT
     active_timeout: float = ACTIVE_TIMEOUT
-    scan_interval: float = 1.0
+    scan_interval: float = SCAN_INTERVAL
     template_refresh: float = TEMPLATE_REFRESH
     observation_domain: int = 1
     mtu: int = 1500

@@ -40,13 +40,12 @@ from xdpflow.dataplane.flows import fold, read_table
 from xdpflow.dataplane.maps import open_map, pinned_prog
 from xdpflow.dataplane.pins import PinRoot
 from xdpflow.dataplane.take import TAKE_PIN, take
+from xdpflow.defaults import ACTIVE_TIMEOUT, IDLE_TIMEOUT
 from xdpflow.errors import XdpflowError
 from xdpflow.export.ipfix import END_ACTIVE, END_FORCED, END_IDLE, END_OF_FLOW, FlowRecord
 
 TCP_FIN, TCP_RST = 0x01, 0x04
 
-IDLE_TIMEOUT = 15.0  # seconds: the defaults `xdpflow run` documents
-ACTIVE_TIMEOUT = 60.0
 
 FAMILIES = ((4, "flows_v4", "exported_v4", "struct xf_flow4"), (6, "flows_v6", "exported_v6", "struct xf_flow6"))
 

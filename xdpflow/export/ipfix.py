@@ -67,6 +67,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import NamedTuple
 
+from xdpflow.defaults import TEMPLATE_REFRESH
 from xdpflow.errors import XdpflowError
 
 __all__ = [
@@ -108,7 +109,6 @@ MAX_MESSAGE = 0xFFFF  # the header's length field is 16 bits
 OVERHEAD_V4 = 20 + 8  # IPv4 + UDP header
 OVERHEAD_V6 = 40 + 8  # IPv6 + UDP header
 SEND_TIMEOUT = 1.0  # seconds a full socket buffer may block export()
-TEMPLATE_REFRESH = 60.0  # seconds between template resends (UDP)
 
 # flowEndReason values (RFC 7012, IE 136)
 END_IDLE = 1

@@ -48,6 +48,7 @@ from xdpflow.dataplane.blocklist import Blocklist, key_cidr
 from xdpflow.dataplane.flows import count_flows
 from xdpflow.dataplane.maps import PinnedMaps
 from xdpflow.dataplane.pins import PinRoot
+from xdpflow.defaults import TOP_RULES
 from xdpflow.errors import XdpflowError, os_error
 
 __all__ = [
@@ -57,7 +58,7 @@ __all__ = [
     "serve",
 ]
 
-DEFAULT_TOP_N = 20
+DEFAULT_TOP_N = TOP_RULES
 PREFIX = "xdpflow"
 _ENOTSUPP = 524  # the kernel's internal "operation not supported", as libbpf passes it on
 

@@ -42,6 +42,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from xdpflow.defaults import FEED_INTERVAL, FEED_TIMEOUT, MAX_FEED_BYTES
 from xdpflow.rules.blockfile import BlocklistFileError, check_direction, parse_keys, read_file_keys
 
 __all__ = [
@@ -53,9 +54,6 @@ __all__ = [
     "Update",
 ]
 
-MAX_FEED_BYTES = 16 * 1024 * 1024
-FEED_INTERVAL = 3600.0  # seconds between fetches
-FEED_TIMEOUT = 10.0  # seconds without progress on one network operation
 SETTLE_NS = 200_000_000  # a file changed this recently may still be being written
 RACY_NS = 1_000_000_000  # a change this close to a read may share its timestamps
 USER_AGENT = "xdpflow/0.1 (blocklist sync)"
