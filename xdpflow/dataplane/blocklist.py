@@ -207,16 +207,20 @@ def place_chunks(t: V4Tables, old_l1: np.ndarray, capacity: int) -> V4Placed:
             break
         assign[c] = k
     l1 = t.l1.copy()
-    chunks = {}
-    for c, k in assign.items():
-        slots = np.full(256, int(t.l1[c]) & RULE_MASK, dtype=np.uint32)
-        for i in range(256):
-            v = t.l2.get((c << 8) | i)
-            if v is not None:
-                slots[i] = v
-        chunks[k] = slots
-        l1[c] = D24 | CHUNK | k
-    l2 = {c24: v for c24, v in t.l2.items() if (c24 >> 8) not in assign}
+    cs = np.fromiter(assign.keys(), dtype=np.int64, count=len(assign))
+    ks = np.fromiter(assign.values(), dtype=np.int64, count=len(assign))
+    # every slot of a chunk starts as its /16's own answer, then takes its /24's
+    slots = np.repeat((t.l1[cs] & np.uint32(RULE_MASK)).astype(np.uint32), 256).reshape(-1, 256)
+    k24 = np.fromiter(t.l2.keys(), dtype=np.int64, count=len(t.l2))
+    v24 = np.fromiter(t.l2.values(), dtype=np.uint32, count=len(t.l2))
+    row_of = np.full(abi.C.XF_BL4_L1_SIZE, -1, dtype=np.int64)
+    row_of[cs] = np.arange(len(cs))
+    rows = row_of[k24 >> 8]
+    chunked = rows >= 0
+    slots[rows[chunked], k24[chunked] & 0xFF] = v24[chunked]
+    chunks = dict(zip(ks.tolist(), slots))
+    l1[cs] = np.uint32(D24 | CHUNK) | ks.astype(np.uint32)
+    l2 = dict(zip(k24[~chunked].tolist(), v24[~chunked].tolist()))
     return V4Placed(l1, chunks, l2, t.l3)
 
 
@@ -593,10 +597,12 @@ class Blocklist:
             l2c = self._map(V4_CHUNKS[direction])
             have_c = self._read_l1(l2c)
             want = have_c.copy()
-            for k, slots in t.chunks.items():
-                want[k * 256 : (k + 1) * 256] = slots
-            diff = np.flatnonzero(have_c != want)
-            _upsert(l2c, dict(zip(diff.tolist(), want[diff].tolist())))
+            ks = np.fromiter(t.chunks.keys(), dtype=np.int64, count=len(t.chunks))
+            want.reshape(-1, 256)[ks] = np.stack(list(t.chunks.values()))
+            diff = np.flatnonzero(have_c != want).astype(np.uint32)
+            if len(diff):
+                vals = np.ascontiguousarray(want[diff])
+                l2c.update_batch_raw(ffi.from_buffer(diff), ffi.from_buffer(vals), len(diff))
         have1 = self._read_l1(l1m)
         changed = np.flatnonzero(have1 != t.l1)
         _upsert(l1m, dict(zip(changed.tolist(), t.l1[changed].tolist())))
