@@ -16,7 +16,7 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from xdpflow.dataplane.blocklist import V4_LEVELS
+from xdpflow.dataplane.blocklist import CHUNK, V4_LEVELS
 from xdpflow.rules.blockfile import Rule
 
 from ..progtest import XDP_DROP, XDP_PASS
@@ -113,3 +113,23 @@ def test_sync_between_random_sets_equals_a_fresh_build(prog, make_prog):
     for names in V4_LEVELS.values():
         assert len(prog.map(names[1])) == 0 and len(prog.map(names[2])) == 0
         assert not any(v for _, v in prog.map(names[0]).items())
+
+
+def test_dense_16s_go_through_chunks(prog):
+    """/16s holding many /24s (and hosts, and a /16 rule around them) get a
+    chunk of the /24 array: the kernel's walk through it answers like the
+    reference, before and after a change that moves rules in and out."""
+    rnd = random.Random(7)
+    dense = [Rule(ipaddress.IPv4Network((0xC6120000 | (i << 8), 24)), "src") for i in rnd.sample(range(256), 40)]
+    dense += [Rule(ipaddress.IPv4Network((0xC6130000 | rnd.getrandbits(16), 32)), "src") for _ in range(30)]
+    dense += [Rule(ipaddress.ip_network("198.19.0.0/16"), "src")]
+    dense += [Rule(ipaddress.IPv4Network((0xC6130000 | (i << 8), 24)), "src") for i in rnd.sample(range(256), 12)]
+    prog.blocklist.add(dense)
+    l1 = prog.map("bl4_l1_src")
+    assert l1[0xC612] & CHUNK and l1[0xC613] & CHUNK
+    check(prog, dense, rnd, 1500)
+    fewer = sorted(
+        set(dense[::2]) | {Rule(ipaddress.IPv4Network((0xC6120000 | (i << 8), 24)), "src") for i in (1, 2, 3)}
+    )
+    prog.blocklist.sync(fewer)
+    check(prog, fewer, rnd, 1500)

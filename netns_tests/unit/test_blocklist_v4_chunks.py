@@ -52,18 +52,18 @@ def test_chunks_answer_like_the_hash() -> None:
     t = tables(RULES)
     empty = np.zeros(65536, dtype=np.uint32)
     for capacity in (0, 1, 3, 4096):
-        placed = place_chunks(t, empty, capacity)
+        placed = place_chunks(t, empty, capacity, chunk_min=1)
         assert len(placed.chunks) == min(capacity, 3)
         assert [answer(placed, net(p)) for p in PROBES] == WANT, capacity
 
 
 def test_a_chunk_stays_with_its_16_and_is_never_handed_to_another_in_one_change() -> None:
-    first = place_chunks(tables(RULES), np.zeros(65536, dtype=np.uint32), 4)
+    first = place_chunks(tables(RULES), np.zeros(65536, dtype=np.uint32), 4, chunk_min=1)
     old = first.l1
     chunk_of = {c: int(old[c]) & RULE_MASK for c in np.flatnonzero(old & CHUNK).tolist()}
     # drop 198.19.3.0/24, add two /24s in new /16s: the freed chunk is not reused yet
     rules = [r for r in RULES if r[2] != 3] + [(net("198.20.1.0"), 24, 6), (net("198.21.1.0"), 24, 7)]
-    second = place_chunks(tables(rules), old, 4)
+    second = place_chunks(tables(rules), old, 4, chunk_min=1)
     now = {c: int(second.l1[c]) & RULE_MASK for c in np.flatnonzero(second.l1 & CHUNK).tolist()}
     for c, k in chunk_of.items():
         if c in now:
@@ -73,3 +73,14 @@ def test_a_chunk_stays_with_its_16_and_is_never_handed_to_another_in_one_change(
     # two new /16s one gets the one free chunk, the other the L2 hash
     assert len(now) == 3 and len(second.l2) == 1
     assert answer(second, net("198.21.1.1")) == 8 and answer(second, net("198.20.1.1")) == 7
+
+
+def test_sparse_16s_stay_in_the_hash() -> None:
+    # one /24 in a /16: a chunk would be 256 slots written for one entry; the
+    # /17 fills 128 /24s of its /16, which gets one
+    placed = place_chunks(tables(RULES), np.zeros(65536, dtype=np.uint32), 4096)
+    assert len(placed.chunks) == 1 and {k >> 8 for k in placed.l2} == {net("198.18.0.0") >> 16, net("198.19.0.0") >> 16}
+    assert [answer(placed, net(p)) for p in PROBES] == WANT
+    dense = [(net(f"198.18.{i}.0"), 24, i) for i in range(8)]
+    placed = place_chunks(tables(dense), np.zeros(65536, dtype=np.uint32), 4096)
+    assert len(placed.chunks) == 1 and placed.l2 == {}

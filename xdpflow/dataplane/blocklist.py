@@ -182,15 +182,21 @@ class V4Placed:
     chunks: dict[int, np.ndarray]  # chunk number -> its 256 slots
     l2: dict[int, int]  # /24 -> entry, for /16s without a chunk
     l3: dict[int, int]
+    old_l1: np.ndarray  # the /16 array as the program reads it now
 
 
-def place_chunks(t: V4Tables, old_l1: np.ndarray, capacity: int) -> V4Placed:
+CHUNK_MIN = 8  # /24 entries a /16 needs before it gets a chunk
+
+
+def place_chunks(t: V4Tables, old_l1: np.ndarray, capacity: int, chunk_min: int = CHUNK_MIN) -> V4Placed:
     """Give every /16 of ``t`` that needs L2 a chunk, keeping the chunk it has
     in ``old_l1`` (the table the program reads now) and never handing a
     chunk in use there to another /16: a frame that read the old /16 entry
     then reads either the old or the new slot of the same /16. New chunks go
-    to the /16s with the most /24 entries first; past ``capacity`` the rest
-    use the L2 hash.
+    to the /16s with the most /24 entries first, and only to /16s with at
+    least CHUNK_MIN of them (a feed's scattered /24s stay in the hash); past
+    ``capacity`` the rest use the L2 hash too. A /16 that has a chunk keeps it
+    while it needs L2 at all.
     """
     need = np.flatnonzero(t.l1 & np.uint32(D24))
     was = old_l1[need]
@@ -202,6 +208,8 @@ def place_chunks(t: V4Tables, old_l1: np.ndarray, capacity: int) -> V4Placed:
     for c24 in t.l2:
         per16[c24 >> 8] = per16.get(c24 >> 8, 0) + 1
     for c in sorted(set(need.tolist()) - assign.keys(), key=lambda c: (-per16.get(c, 0), c)):
+        if per16.get(c, 0) < chunk_min:
+            break  # sparse: a 256-slot chunk for a few /24s costs more to write than it saves
         k = next(free, None)
         if k is None:
             break
@@ -221,7 +229,7 @@ def place_chunks(t: V4Tables, old_l1: np.ndarray, capacity: int) -> V4Placed:
     chunks = dict(zip(ks.tolist(), slots))
     l1[cs] = np.uint32(D24 | CHUNK) | ks.astype(np.uint32)
     l2 = dict(zip(k24[~chunked].tolist(), v24[~chunked].tolist()))
-    return V4Placed(l1, chunks, l2, t.l3)
+    return V4Placed(l1, chunks, l2, t.l3, old_l1)
 
 
 @dataclass
@@ -603,8 +611,7 @@ class Blocklist:
             if len(diff):
                 vals = np.ascontiguousarray(want[diff])
                 l2c.update_batch_raw(ffi.from_buffer(diff), ffi.from_buffer(vals), len(diff))
-        have1 = self._read_l1(l1m)
-        changed = np.flatnonzero(have1 != t.l1)
+        changed = np.flatnonzero(t.old_l1 != t.l1)  # read by _v4_placed, under the same lock
         _upsert(l1m, dict(zip(changed.tolist(), t.l1[changed].tolist())))
         _remove(l2m, [k for k in have2 if k not in t.l2])
         _remove(l3m, [k for k in have3 if k not in t.l3])
