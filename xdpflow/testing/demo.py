@@ -77,7 +77,7 @@ def run_lab() -> int:
             stats = json.loads(xdpflow("stats", "--json", *common, capture=True))[lab.dut_if]
             want = {
                 "packets": len(frames),
-                "packets_bytes": sum(len(f) for f in frames),
+                "bytes": sum(len(f) for f in frames),
                 "dropped": len(blocked),
                 "passed": len(mix),
                 "ipv4": sum(1 for f in mix if f.haslayer(IP)) + len(blocked),
@@ -88,7 +88,7 @@ def run_lab() -> int:
                 return 1
             print(
                 f"\nOK: counted exactly what was sent: {want['packets']} frames, "
-                f"{want['packets_bytes']} bytes; {want['dropped']} blocked, {want['passed']} passed"
+                f"{want['bytes']} bytes; {want['dropped']} blocked, {want['passed']} passed"
             )
             if not blast_check(lab, common):
                 return 1
