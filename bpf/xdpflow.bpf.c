@@ -150,6 +150,56 @@ struct {
 	__type(value, __u32);
 } next_prog SEC(".maps");
 
+/* multi-field rules (bpf/rules.h): two slots of every table, see xdpflow.h */
+#define RULE_ARRAY(name, n, vtype)                                             \
+	struct {                                                               \
+		__uint(type, BPF_MAP_TYPE_ARRAY);                              \
+		__uint(max_entries, n);                                        \
+		__type(key, __u32);                                            \
+		__type(value, vtype);                                          \
+	} name SEC(".maps")
+
+RULE_ARRAY(rl_head, 2, struct xf_rule_head);
+RULE_ARRAY(rl_pool, 2 * XF_RCLASS_MAX, struct xf_rule_bits);
+RULE_ARRAY(rl_sport, 2 * XF_RPORT_SIZE, __u32);
+RULE_ARRAY(rl_dport, 2 * XF_RPORT_SIZE, __u32);
+RULE_ARRAY(rl_proto, 2 * 65536, __u32);
+RULE_ARRAY(rl_len, 2 * 65536, __u32);
+RULE_ARRAY(rl_l1, 2 * 4 * XF_RL1_SIZE, __u32);
+RULE_ARRAY(rl_act, 2 * XF_RULE_BITS, struct xf_rule_act);
+RULE_ARRAY(rule_defs, 2 * XF_RULE_CAP, struct xf_rule_def);
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XF_RADDR_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct xf_raddr_key);
+	__type(value, __u32);
+} rl_addr SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 2 * XF_RULE_CAP);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct xf_riface_key);
+	__type(value, __u32);
+} rl_iface SEC(".maps");
+
+/* counter slots stay with a rule across rule-set changes */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XF_RCOUNTERS);
+	__type(key, __u32);
+	__type(value, struct xf_rule_cnt);
+} rule_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, XF_RRATE_MAX);
+	__type(key, struct xf_rate_key);
+	__type(value, struct xf_rate_val);
+} rl_rate SEC(".maps");
+
 /* what one frame turned out to be */
 struct pkt {
 	__u32 len;      /* frame length */
@@ -492,6 +542,8 @@ static __always_inline int blocked(struct xf_counters *c, struct xdp_md *ctx,
 	*act = XF_CNT_DROPPED;
 	return XDP_DROP;
 }
+
+#include "rules.h"
 
 SEC("xdp")
 int xdpflow(struct xdp_md *ctx)

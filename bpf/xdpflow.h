@@ -174,6 +174,8 @@ enum xf_config_flags {
 	XF_CFG_BL4_DST = 4,
 	XF_CFG_BL6_SRC = 8,
 	XF_CFG_BL6_DST = 16,
+	XF_CFG_RULES = 32,      /* the active rule set holds rules */
+	XF_CFG_RULES_SLOT = 64, /* the active rule set is slot 1 (else 0) */
 };
 
 struct xf_config {
@@ -249,6 +251,116 @@ struct xf_gen_knobs {
 	__u32 vary_count;
 	__u32 vary_base;
 	__u32 pad;
+};
+
+/* Multi-field rules (bpf/rules.h; compiled by xdpflow/rules/compile.py).
+ * Every rule owns a bit; per field, a table maps a frame's value to a class:
+ * an index into the pool of bitmaps (bit set: that rule accepts the value).
+ * Everything below exists twice, one rule-set SLOT each: the controller
+ * writes the inactive slot, then flips XF_CFG_RULES_SLOT.
+ * Keys: per-slot arrays are indexed slot * size + value; address tables by
+ * fd = family_is_v6 * 2 + is_dst.
+ */
+#define XF_RULE_CAP 1024     /* rules per set */
+#define XF_RULE_WORDS 20     /* bitmap words: 1,024 rules + group alignment */
+#define XF_RULE_BITS 1280
+#define XF_RCLASS_MAX 16384  /* bitmaps per slot (class ids are 16 bits) */
+#define XF_RPORT_SIZE 65537  /* ports, and XF_RNO_L4 */
+#define XF_RNO_L4 65536      /* the "port" of a frame without an L4 header */
+#define XF_RL1_SIZE 65536    /* address top 16 bits, per slot and fd */
+#define XF_RADDR_MAX 524288  /* address level entries, both slots */
+#define XF_RLEVELS 8
+#define XF_RCOUNTERS 2048    /* counter slots: rules of both sets */
+#define XF_RRATE_MAX 65536   /* rate-limited sources tracked */
+
+/* fields some rule of the set constrains: the others are skipped */
+enum xf_rule_field {
+	XF_RF_SRC = 1,
+	XF_RF_DST = 2,
+	XF_RF_PROTO = 4, /* proto << 8 | TCP flags */
+	XF_RF_SPORT = 8, /* also set by rules that read L4 at all */
+	XF_RF_DPORT = 16,
+	XF_RF_LEN = 32,
+	XF_RF_IFACE = 64,
+};
+
+enum xf_rule_action {
+	XF_RA_PASS = 1,
+	XF_RA_DROP = 2,
+	XF_RA_MONITOR = 3,
+	XF_RA_RATE = 4,
+};
+
+/* per slot: what the set needs; rl_l1 entries are class | level mask << 16,
+ * level i of a family probes prefixes masked by lmask[family][i] */
+struct xf_rule_head {
+	__u32 fields;  /* enum xf_rule_field */
+	__u32 nrules;
+	__u32 bl_rank; /* rules of lower rank are judged before the blocklist */
+	__u32 next_id; /* the next rule id the controller hands out */
+	__u32 iface_default; /* class of an interface no rule names */
+	__u32 pad[3];
+	__u64 lmask[2][8][2]; /* v4, v6 x XF_RLEVELS x 16 address bytes */
+};
+
+struct xf_rule_bits {
+	__u32 summary; /* bit i set iff w[i] != 0 */
+	__u32 pad;
+	__u64 w[20];   /* XF_RULE_WORDS */
+};
+
+/* per slot and bit */
+struct xf_rule_act {
+	__u32 id;
+	__u32 rank;    /* priority order over the whole set */
+	__u32 counter; /* index into rule_counters */
+	__u8 action;   /* enum xf_rule_action */
+	__u8 pad;
+	__u16 bit;     /* this record's own bit (the verifier tracks it
+			* better read from here than computed) */
+	__u64 expires;  /* jiffies; 0: never */
+	__u64 pkt_ns;   /* rate-limit: ns per packet (0: no pps limit) */
+	__u64 byte_ns;  /* rate-limit: ns per frame byte << 10 (0: no bit/s limit) */
+	__u64 burst_ns; /* rate-limit: how far ahead a source may get */
+};
+
+/* per-CPU value of rule_counters */
+struct xf_rule_cnt {
+	__u64 packets;
+	__u64 bytes; /* frame bytes */
+	__u64 limited; /* rate-limit excess, dropped (or monitored) */
+	__u64 pad;
+};
+
+struct xf_raddr_key {
+	__u32 tag; /* (slot * 4 + fd) * XF_RLEVELS + level */
+	__u8 addr[16]; /* masked; IPv4 in the first 4 bytes */
+};
+
+struct xf_riface_key {
+	__u32 slot;
+	__u32 ifindex;
+};
+
+/* GCRA state of one source under one rate-limit rule */
+struct xf_rate_key {
+	__u32 rule; /* rule id */
+	__u8 family;
+	__u8 pad[3];
+	__u8 addr[16];
+};
+
+struct xf_rate_val {
+	__u64 tat_pkt; /* theoretical arrival time, ns (bpf_ktime_get_ns) */
+	__u64 tat_byte;
+};
+
+/* the rule store, per slot: what `rule list` shows */
+struct xf_rule_def {
+	__u32 id;
+	__u32 counter;
+	__u64 expires_at; /* Unix seconds; 0: never */
+	char text[496];   /* the rule's canonical rules-file words */
 };
 
 #endif /* XDPFLOW_H */

@@ -77,6 +77,19 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "rule_hits": ("__u32", "__u64"),
     "event_budget": ("__u32", "struct xf_ratelimit"),
     "next_prog": ("__u32", "__u32"),  # a program array: fds in, ids out
+    "rl_head": ("__u32", "struct xf_rule_head"),
+    "rl_pool": ("__u32", "struct xf_rule_bits"),
+    "rl_sport": ("__u32", "__u32"),
+    "rl_dport": ("__u32", "__u32"),
+    "rl_proto": ("__u32", "__u32"),
+    "rl_len": ("__u32", "__u32"),
+    "rl_l1": ("__u32", "__u32"),
+    "rl_act": ("__u32", "struct xf_rule_act"),
+    "rule_defs": ("__u32", "struct xf_rule_def"),
+    "rl_addr": ("struct xf_raddr_key", "__u32"),
+    "rl_iface": ("struct xf_riface_key", "__u32"),
+    "rule_counters": ("__u32", "struct xf_rule_cnt"),
+    "rl_rate": ("struct xf_rate_key", "struct xf_rate_val"),
 }
 
 # counter index -> the name used in stats output and metrics

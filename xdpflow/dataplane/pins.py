@@ -45,6 +45,19 @@ SHARED_MAPS = (
     "rule_hits",
     "events",
     "event_budget",
+    "rl_head",
+    "rl_pool",
+    "rl_sport",
+    "rl_dport",
+    "rl_proto",
+    "rl_len",
+    "rl_l1",
+    "rl_act",
+    "rule_defs",
+    "rl_addr",
+    "rl_iface",
+    "rule_counters",
+    "rl_rate",
 )
 SHARED_PROGS = ("clock",)
 IFACE_MAPS = ("counters", "flows_v4", "flows_v6", "next_prog")
