@@ -9,6 +9,7 @@ stamp to Unix time, to within one tick.
 
 from __future__ import annotations
 
+import math
 import time
 
 from xdpflow.bindings.libbpf import Program
@@ -54,6 +55,11 @@ class JiffiesClock:
 
     def to_wall(self, jiffies: int) -> float:
         return self._epoch + jiffies / self.hz
+
+    def to_jiffies(self, wall: float) -> int:
+        """The first jiffy at or after Unix time ``wall`` (a deadline: the
+        data plane treats a stamp <= jiffies64 as past)."""
+        return max(1, math.ceil((wall - self._epoch) * self.hz))
 
     def now_jiffies(self) -> int:
         """The kernel's jiffies now, as this clock sees them."""
