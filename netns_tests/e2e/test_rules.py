@@ -353,12 +353,13 @@ def test_atomic_sync_under_traffic(lab: Lab, cli: Cli, tmp_path: Any) -> None:
     log = []
     with Sender(lab, marked + unmarked[:2], 4000) as s:
         time.sleep(0.3)
-        for i in range(24):
+        for i in range(30):
             nxt = "B" if current == "A" else "A"
-            if i % 3 == 1:
+            if i % 4 == 2:
                 # SIGKILL somewhere between start-up and the end of the change
+                # (most of a sync's time is Python starting)
                 p = cli.popen("rule", "sync", str(files[nxt]))
-                delay = rng.uniform(0.1, 1.2)
+                delay = rng.uniform(0.3, 1.1)
                 try:
                     p.wait(delay)
                 except subprocess.TimeoutExpired:
@@ -379,7 +380,7 @@ def test_atomic_sync_under_traffic(lab: Lab, cli: Cli, tmp_path: Any) -> None:
         time.sleep(0.3)
         s.stop()
     print(f"\natomic sync: {syncs} syncs, {killed} killed ({log}); sent {s.sent}")
-    assert syncs >= 16 and killed >= 3
+    assert syncs >= 20 and killed >= 3
 
     stats = cli.stats()
     n_marked, n_unmarked = sum(s.sent[:2]), sum(s.sent[2:])
@@ -408,9 +409,10 @@ def test_sync_killed_leaves_old_set_and_next_converges(lab: Lab, cli: Cli, tmp_p
     full = time.monotonic() - t0
     cli("rule", "sync", str(files["small"]))
     outcomes = []
-    for k in range(8):
+    # most of a sync's time is Python starting: the kills crowd its end
+    for k in range(12):
         p = cli.popen("rule", "sync", str(files["big"]))
-        time.sleep(full * (k + 0.5) / 8)
+        time.sleep(full * (0.4 + 0.7 * k / 11))
         p.send_signal(signal.SIGKILL)
         p.communicate(timeout=10)
         active = _active(cli)
