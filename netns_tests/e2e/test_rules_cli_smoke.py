@@ -5,13 +5,17 @@ traffic is tested elsewhere (actions, TTL expiry, rate limits, atomic sync).
 
 from __future__ import annotations
 
+import os
+import re
 import time
+from pathlib import Path
 
 import pytest
 
 from xdpflow.testing.lab import Lab
 
 from ..clitest import Cli
+from ..daemontest import METRICS_PORT, Daemon
 
 JSON_KEYS = [
     "id", "priority", "action", "src", "dst", "proto", "sport", "dport", "icmp_type", "tcp_flags",
@@ -64,7 +68,7 @@ def test_rule_add_list_del_flush(cli: Cli) -> None:
     assert int(cli("rule", "add", "--action", "monitor", "--length", "1000-1500")) > ids[2]
 
 
-def test_rule_sync_and_dry_run(cli: Cli, tmp_path: object) -> None:
+def test_rule_sync_and_dry_run(cli: Cli) -> None:
     cli("rule", "add", "--action", "drop", "--dst", "203.0.113.9")
     keep = int(cli("rule", "add", "--action", "pass", "--src", "198.18.0.1", "--priority", "5"))
     rules = "\n".join(
@@ -147,3 +151,36 @@ def test_block_add_ttl(cli: Cli) -> None:
 def test_rule_not_attached(pin_root: str) -> None:
     err = Cli(None, pin_root).fails(1, "rule", "list")
     assert "nothing is attached" in err
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".new")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def test_daemon_rules_file(lab: Lab, pin_root: str, tmp_path: Path) -> None:
+    """The daemon keeps the rule set equal to its rules file; a bad edit keeps
+    the running set (file:line logged); an expired rule is removed on its tick."""
+    cli = Cli(lab.dut_ns, pin_root)
+    path = tmp_path / "rules.txt"
+    _replace(path, "pass src=198.18.0.1 priority=5\ndrop proto=udp dport=53 ttl=2s # short\n")
+    with Daemon(lab, pin_root, "--listen", f"127.0.0.1:{METRICS_PORT}", "--rules-file", str(path)) as d:
+        d.wait_ready()
+        d.wait_log(r"level=info rules synced rules=2 added=2 deleted=0")
+        first = [r["action"] for r in cli.json("rule", "list")]
+        assert first in (["pass", "drop"], ["pass"])  # the 2 s rule may be gone already
+        d.wait_log(r"level=info rule expired id=\d+ rule='drop proto=udp dport=53", 5.0)
+        assert [r["action"] for r in cli.json("rule", "list")] == ["pass"]
+
+        mark = d.mark()
+        _replace(path, "pass src=198.18.0.1 priority=5\ndrop sport=65536\n")
+        d.wait_log(rf"level=warning rules source error: {re.escape(str(path))}:2: ", 3.0, since=mark)
+        assert not d.matching(r"rules synced", since=mark), d.log()
+        assert [r["action"] for r in cli.json("rule", "list")] == ["pass"]
+
+        _replace(path, "monitor proto=icmp\n")
+        d.wait_log(r"level=info rules synced rules=1 added=1 deleted=1", 3.0, since=mark)
+        assert d.stop() == 0
+    # the rule set stays in force after the daemon
+    assert [r["action"] for r in cli.json("rule", "list")] == ["monitor"]
