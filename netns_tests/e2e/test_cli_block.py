@@ -272,7 +272,7 @@ def test_more_rules_than_capacity_change_nothing(lab: Lab, cli: Cli, tmp_path: P
     assert (real.returncode, real.stdout, real.stderr) == (1, "", want)
     assert (dry.returncode, dry.stdout, dry.stderr) == (1, "", want)
     (listing, (status,)) = cli.json_all(("block", "list"), ("status",))
-    assert listing == [{"cidr": "198.51.100.0/24", "direction": "src", "hits": 0}]
+    assert listing == [{"cidr": "198.51.100.0/24", "direction": "src", "hits": 0, "expires_at": None}]
     assert status["blocklist"] == 1
     assert send_and_receive(lab, [udp("198.51.100.1", DUT_V4, 5001, 53)]) == []
 

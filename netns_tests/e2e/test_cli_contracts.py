@@ -43,6 +43,7 @@ RUN_DEFAULTS = {
     "--blocklist-file": "default none",
     "--blocklist-direction": f"default {_DEFAULTS.blocklist_direction}",
     "--feed": "default none",
+    "--rules-file": "default none",
 }
 
 

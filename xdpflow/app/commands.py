@@ -19,13 +19,15 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from xdpflow.app.output import clear_screen, emit_json, human, proto_name, table
+from xdpflow.app.output import clear_screen, emit_json, human, proto_name, table, time_left
 from xdpflow.bindings import netlink
 from xdpflow.dataplane import abi, lifecycle, maps
 from xdpflow.dataplane.lifecycle import FLOWS_DEFAULT, AttachOptions
 from xdpflow.dataplane.pins import PinRoot, default_root
 from xdpflow.errors import InputError, NotAttachedError, one_line
 from xdpflow.rules.blockfile import BlocklistFileError, Rule, parse_cidr, read_file_keys
+from xdpflow.rules.rulespec import RuleError, RulesFileError, RuleSpec, from_fields, parse_duration
+from xdpflow.rules.rulespec import read_file as read_rules_file
 
 # numpy-backed modules (flows, blocklist, events) are imported by the commands
 # that use them: `stats` must start fast.
@@ -278,6 +280,17 @@ def _file_errors(e: BlocklistFileError, what: str) -> int:
     return EXIT_USAGE
 
 
+def _block_entries(pins: PinRoot) -> list[tuple[RuleSpec, str, int]]:
+    """The `block add --ttl` entries (none where the rule maps are not pinned)."""
+    from xdpflow.dataplane.rules import RuleTables
+
+    try:
+        with RuleTables.of_pins(pins) as rt:
+            return rt.block_entries()
+    except NotAttachedError:
+        return []
+
+
 def cmd_block(args: argparse.Namespace) -> int:
     from xdpflow.dataplane.blocklist import blocklist_of, key_cidr
 
@@ -286,13 +299,27 @@ def cmd_block(args: argparse.Namespace) -> int:
     if args.block_cmd == "list":
         with blocklist_of(pins) as bl:
             listing = bl.listing_keys()
-        rows = [(key_cidr(k), "dst" if k & 1 else "src", h) for k, h in listing]
+        rows: list[tuple[str, str, int, int | None]] = [
+            (key_cidr(k), "dst" if k & 1 else "src", h, None) for k, h in listing
+        ]
+        rows += [(str(r.src or r.dst), d, n, r.expires_at) for r, d, n in _block_entries(pins)]
         if args.json:
-            emit_json([{"cidr": c, "direction": d, "hits": h} for c, d, h in rows])
+            emit_json([{"cidr": c, "direction": d, "hits": h, "expires_at": e} for c, d, h, e in rows])
+        elif any(e is not None for *_, e in rows):
+            now = time.time()
+            print(
+                table(
+                    [(c, d, h, "-" if e is None else time_left(e - now)) for c, d, h, e in rows],
+                    ["cidr", "direction", "hits", "ttl"],
+                )
+            )
         else:
-            print(table(rows, ["cidr", "direction", "hits"]))
+            print(table([(c, d, h) for c, d, h, _ in rows], ["cidr", "direction", "hits"]))
         return 0
 
+    ttl = getattr(args, "ttl", None)
+    if args.block_cmd == "add" and ttl is not None:
+        return _block_add_ttl(args, direction, ttl)
     if args.block_cmd in ("add", "del"):
         rules = _parse_cidrs(args.cidrs, direction)
     elif args.block_cmd == "sync":
@@ -301,29 +328,176 @@ def cmd_block(args: argparse.Namespace) -> int:
         except BlocklistFileError as e:
             return _file_errors(e, "the blocklist")
 
+    extra: list[str] = []  # `block add --ttl` entries deleted
     with pins.lock(), blocklist_of(pins) as bl:
         if args.block_cmd == "add":
             ch = bl.add(rules)
         elif args.block_cmd == "del":
-            missing = bl.missing(rules)
+            # `block add --ttl` entries of these CIDRs go too
+            timed = _timed_blocks(pins, rules)
+            missing = [r for r in bl.missing(rules) if (str(r.net), r.direction) not in timed]
             if missing:
                 raise InputError(
                     "not in the blocklist: "
                     + ", ".join(f"{r.net} ({r.direction})" for r in missing)
                     + "; nothing was changed"
                 )
-            ch = bl.delete(rules)
+            ch = bl.delete([r for r in rules if r not in bl.missing(rules)])
+            extra = _remove_timed(pins, timed)
         elif args.block_cmd == "flush":
             ch = bl.flush()
+            extra = _remove_timed(pins, None)
         else:
             # a file names one direction's rules; the other direction's stay
             ch = bl.sync_keys(keys, dry_run=args.dry_run, direction=direction)
+    deleted = ch.deleted_cidrs() + [c for c in extra if c not in ch.deleted_cidrs()]
     if args.json:
-        emit_json({"added": ch.added_cidrs(), "deleted": ch.deleted_cidrs()})
+        emit_json({"added": ch.added_cidrs(), "deleted": deleted})
     else:
         what = "would add" if getattr(args, "dry_run", False) else "added"
         gone = "would delete" if getattr(args, "dry_run", False) else "deleted"
-        print(f"{what} {len(ch.added_keys)}, {gone} {len(ch.deleted_keys)} rules")
+        print(f"{what} {len(ch.added_keys)}, {gone} {len(deleted)} rules")
+    return 0
+
+
+def _timed_blocks(pins: PinRoot, rules: list[Rule]) -> dict[tuple[str, str], list[int]]:
+    """(cidr, direction) -> ids of the `block add --ttl` entries among ``rules``."""
+    wanted = {(str(r.net), r.direction) for r in rules}
+    out: dict[tuple[str, str], list[int]] = {}
+    for r, d, _ in _block_entries(pins):
+        key = (str(r.src or r.dst), d)
+        if key in wanted:
+            out.setdefault(key, []).append(r.id or 0)
+    return out
+
+
+def _remove_timed(pins: PinRoot, timed: dict[tuple[str, str], list[int]] | None) -> list[str]:
+    """Remove `block add --ttl` entries (None: all); the caller holds the lock.
+    Returns their CIDRs."""
+    from xdpflow.dataplane.rules import RuleTables
+
+    if timed is not None and not timed:
+        return []
+    try:
+        with RuleTables.of_pins(pins, lock=False) as rt:  # cmd_block holds the pin-root lock
+            if timed is None:
+                gone = rt.flush(blocks=True)
+            else:
+                gone = rt.delete([i for ids in timed.values() for i in ids])
+    except NotAttachedError:
+        return []
+    return [str(r.src or r.dst) for r in gone]
+
+
+def _block_add_ttl(args: argparse.Namespace, direction: str, ttl: str) -> int:
+    """`block add CIDR --ttl D`: drop rules at the blocklist's priority in the
+    rule set, so the data plane itself stops matching them on time."""
+    from xdpflow.dataplane.rules import RuleTables, block_rule
+
+    try:
+        expires_at = int(time.time()) + parse_duration(ttl)
+    except RuleError as e:
+        raise InputError(f"--ttl: {e}") from None
+    nets = [r.net for r in _parse_cidrs(args.cidrs, direction)]
+    with RuleTables.of_pins(args.pins) as rt:
+        rt.expire()
+        added = rt.add([block_rule(n, direction, expires_at) for n in nets])
+    cidrs = [str(r.src or r.dst) for r in added]
+    if args.json:
+        emit_json({"added": cidrs, "deleted": []})
+    else:
+        print(f"added {len(cidrs)}, deleted 0 rules (expiring in {time_left(expires_at - time.time())})")
+    return 0
+
+
+# `rule add` flag (argparse dest) -> the rules-file word it mirrors
+RULE_FLAGS = {
+    "src": "src",
+    "dst": "dst",
+    "proto": "proto",
+    "sport": "sport",
+    "dport": "dport",
+    "icmp_type": "icmp-type",
+    "tcp_flags": "tcp-flags",
+    "length": "length",
+    "rule_iface": "iface",
+    "pps": "pps",
+    "bps": "bps",
+    "priority": "priority",
+    "ttl": "ttl",
+}
+
+
+def _rule_from_args(args: argparse.Namespace) -> RuleSpec:
+    if args.action is None:
+        raise InputError("rule add needs --action pass|drop|monitor|rate-limit")
+    fields = {word: getattr(args, dest) for dest, word in RULE_FLAGS.items() if getattr(args, dest) is not None}
+    try:
+        return from_fields(args.action, fields, args.comment)
+    except RuleError as e:
+        raise InputError(f"{e}; nothing was changed") from None
+
+
+def _rule_row(r: RuleSpec, counts: tuple[int, int, int], now: float) -> list[Any]:
+    match = " ".join(w for w in r.match_words()[1:] if not w.startswith("priority="))
+    ttl = "-" if r.expires_at is None else time_left(r.expires_at - now)
+    return [r.id, r.priority, r.action, match or "any", *counts, ttl, r.comment or ""]
+
+
+def cmd_rule(args: argparse.Namespace) -> int:
+    from xdpflow.dataplane.rules import RuleTables
+
+    if args.rule_cmd == "add":
+        rule = _rule_from_args(args)
+    elif args.rule_cmd == "sync":
+        try:
+            wanted = read_rules_file(args.file)
+        except RulesFileError as e:
+            raise InputError(f"{e}; the rule set was not changed") from None
+        except OSError as e:
+            raise InputError(f"cannot read rules file {args.file}: {e.strerror or e}; nothing was changed") from None
+
+    with RuleTables.of_pins(args.pins) as rt, rt.locked():
+        rt.expire()
+        if args.rule_cmd == "add":
+            (added,) = rt.add([rule])
+            if args.json:
+                emit_json(added.json())
+            else:
+                print(added.id)
+        elif args.rule_cmd == "del":
+            gone = rt.delete(args.ids)
+            if args.json:
+                emit_json({"deleted": [r.id for r in gone]})
+            else:
+                print(f"deleted {len(gone)} rules")
+        elif args.rule_cmd == "flush":
+            gone = rt.flush()
+            if args.json:
+                emit_json({"deleted": [r.id for r in gone]})
+            else:
+                print(f"deleted {len(gone)} rules")
+        elif args.rule_cmd == "sync":
+            added_rules, removed = rt.sync(wanted, dry_run=args.dry_run)
+            if args.json:
+                emit_json({"added": [r.json() for r in added_rules], "deleted": [r.json() for r in removed]})
+            else:
+                for r in added_rules:
+                    print(f"+ {r.line()}")
+                for r in removed:
+                    print(f"- {r.id} {r.line()}")
+                add, rm = ("would add", "would delete") if args.dry_run else ("added", "deleted")
+                print(f"{add} {len(added_rules)}, {rm} {len(removed)} rules")
+        else:  # list
+            rules = rt.active()
+            counts = rt.counters()
+            now = time.time()
+            if args.json:
+                emit_json([r.json(*counts.get(r.id or 0, (0, 0, 0))) for r in rules])
+            else:
+                rows = [_rule_row(r, counts.get(r.id or 0, (0, 0, 0)), now) for r in rules]
+                header = ["id", "priority", "action", "match", "packets", "bytes", "limited", "ttl", "comment"]
+                print(table(rows, header))
     return 0
 
 
@@ -534,6 +708,13 @@ def build_parser() -> argparse.ArgumentParser:
         x = bsub.add_parser(name, parents=[common], help=helptext)
         x.add_argument("cidrs", nargs="+", metavar="CIDR")
         x.add_argument("--dst", action="store_true", help="match the destination address, not the source")
+        if name == "add":
+            x.add_argument(
+                "--ttl",
+                metavar="DURATION",
+                help="remove the rules after DURATION (90s, 10m, 1h, 2d); the data plane stops matching them "
+                "on time with no process running (default: until deleted)",
+            )
     bsub.add_parser("list", parents=[common], help="rules and their hits")
     bsub.add_parser("flush", parents=[common], help="delete every rule")
     y = bsub.add_parser("sync", parents=[common], help="make the blocklist equal to FILE (- for stdin)")
@@ -541,6 +722,8 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
     y.add_argument("--dst", action="store_true", help="the file lists destination rules")
     b.set_defaults(func=cmd_block)
+
+    _add_rule_parser(sub, common)
 
     m = sub.add_parser("monitor", parents=[common], help="count would-be drops but pass them")
     m.add_argument("state", choices=["on", "off"])
@@ -571,6 +754,44 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(r)
     r.set_defaults(func=cmd_run)
     return p
+
+
+def _rule_id(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rule id (a whole number from `xdpflow rule list`)")
+    return int(text)
+
+
+def _add_rule_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    r = sub.add_parser("rule", parents=[common], help="manage multi-field rules (pass, drop, monitor, rate-limit)")
+    rsub = r.add_subparsers(dest="rule_cmd", required=True, metavar="ACTION")
+    a = rsub.add_parser("add", parents=[common], help="add a rule; prints its id")
+    for flag, dest, meta, text in (
+        ("--src", "src", "CIDR", "source address or CIDR"),
+        ("--dst", "dst", "CIDR", "destination address or CIDR"),
+        ("--proto", "proto", "P", "IP protocol: tcp, udp, icmp, icmpv6, ... or a number"),
+        ("--sport", "sport", "A[-B]", "TCP/UDP source port or range"),
+        ("--dport", "dport", "A[-B]", "TCP/UDP destination port or range"),
+        ("--icmp-type", "icmp_type", "T[/CODE]", "ICMP or ICMPv6 type, and code"),
+        ("--tcp-flags", "tcp_flags", "SPEC", "TCP flags set and, with '!', clear: SYN,!ACK"),
+        ("--length", "length", "A[-B]", "IP length (IPv4 total length, IPv6 40 + payload length)"),
+        ("--iface", "rule_iface", "IFACE", "only frames arriving on IFACE"),
+        ("--pps", "pps", "N", "rate-limit: packets per second per source (k, M, G allowed)"),
+        ("--bps", "bps", "N", "rate-limit: bits per second per source (k, M, G allowed)"),
+        ("--priority", "priority", "N", "lower is judged first, 0-65535; the blocklist sits at 1000 (default 1000)"),
+        ("--ttl", "ttl", "DURATION", "remove the rule after DURATION: 90s, 10m, 1h, 2d (default: never)"),
+    ):
+        a.add_argument(flag, dest=dest, metavar=meta, default=None, help=text)
+    a.add_argument("--action", metavar="ACTION", default=None, help="pass, drop, monitor or rate-limit (required)")
+    a.add_argument("--comment", metavar="TEXT", default=None, help="a note shown by `rule list`")
+    d = rsub.add_parser("del", parents=[common], help="delete rules by id")
+    d.add_argument("ids", nargs="+", type=_rule_id, metavar="ID")
+    rsub.add_parser("list", parents=[common], help="the rules in force, with counters and time left")
+    rsub.add_parser("flush", parents=[common], help="delete every rule (`block add --ttl` entries stay)")
+    y = rsub.add_parser("sync", parents=[common], help="make the rule set equal to FILE (- for stdin)")
+    y.add_argument("file", metavar="FILE")
+    y.add_argument("--dry-run", action="store_true", help="print what would be added and deleted, change nothing")
+    r.set_defaults(func=cmd_rule)
 
 
 def _at_least(text: str, low: int) -> int:

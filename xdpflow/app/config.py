@@ -69,6 +69,8 @@ class Config:
     blocklist_files: list[str] = field(default_factory=list)
     blocklist_direction: str = "src"
     feeds: list[FeedConfig] = field(default_factory=list)
+    # multi-field rules
+    rules_files: list[str] = field(default_factory=list)
 
 
 # TOML table -> the Config fields it may hold (table "" is the top level)
@@ -85,8 +87,13 @@ _SECTIONS = {
     },
     "metrics": {"listen", "top_rules"},
     "blocklist": {"files", "direction", "feeds"},
+    "rules": {"files"},
 }
-_RENAMES = {("blocklist", "files"): "blocklist_files", ("blocklist", "direction"): "blocklist_direction"}
+_RENAMES = {
+    ("blocklist", "files"): "blocklist_files",
+    ("blocklist", "direction"): "blocklist_direction",
+    ("rules", "files"): "rules_files",
+}
 
 
 def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
@@ -147,6 +154,8 @@ def _validate(cfg: Config, where: str) -> None:
             if not isinstance(v, (int, float)) or v <= 0:
                 raise ConfigError(f"{where}: feed {f.url!r}: {name} must be a positive number")
     parse_hostport(cfg.listen, f"{where}: listen")
+    if not isinstance(cfg.rules_files, list) or not all(isinstance(p, str) and p for p in cfg.rules_files):
+        raise ConfigError(f'{where}: rules files must be a list of paths, e.g. files = ["/etc/xdpflow/rules.txt"]')
 
 
 _BRACKETED = re.compile(r"^\[([0-9A-Fa-f:.]+)\]:(\d{1,5})$")
@@ -289,6 +298,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         dest="feeds",
         metavar="URL",
         help=f"an HTTP(S) blocklist feed, polled every {FEED_INTERVAL:g} s; repeat for several (default none)",
+    )
+    p.add_argument(
+        "--rules-file",
+        action="append",
+        dest="rules_files",
+        metavar="FILE",
+        help="keep the rule set equal to the union of these watched rules files (default none)",
     )
 
 

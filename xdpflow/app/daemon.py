@@ -25,10 +25,12 @@ from xdpflow.dataplane.blocklist import apply_keys
 from xdpflow.dataplane.clock import JiffiesClock
 from xdpflow.dataplane.lifecycle import AttachOptions
 from xdpflow.dataplane.pins import PinRoot
+from xdpflow.dataplane.rules import RuleTables
 from xdpflow.export.expiry import FlowExpirer
 from xdpflow.export.ipfix import IpfixExporter
 from xdpflow.export.metrics import ExporterStats, MetricsServer, serve
-from xdpflow.rules.sources import FeedSource, FileSource, Source, SourceSet
+from xdpflow.rules.rulespec import RuleSpec
+from xdpflow.rules.sources import FeedSource, FileSource, RulesFileSource, Source, SourceSet
 
 log = logging.getLogger("xdpflow")
 
@@ -48,6 +50,9 @@ class Daemon:
         self.retry_at = 0.0
         self.source_by_key: dict[tuple[Any, ...], Source] = {}  # settings -> source, kept across reloads
         self.stats = ExporterStats()
+        self.rule_sources: dict[str, RulesFileSource] = {}  # path -> source, kept across reloads
+        self.rules_pending = False
+        self.rules_retry_at = 0.0
 
     @property
     def pins(self) -> PinRoot:
@@ -78,6 +83,7 @@ class Daemon:
         self._start_exporter()
         self._start_metrics()
         self._start_sources()
+        self._start_rule_sources()
 
     def _start_exporter(self) -> None:
         cfg = self.cfg
@@ -143,6 +149,48 @@ class Daemon:
             old.close()
         self.sync_pending = False
 
+    def _start_rule_sources(self) -> None:
+        """(Re)build the rules-file sources; a file still configured keeps
+        its source and last good rules."""
+        old = self.rule_sources
+        self.rule_sources = {p: old.get(p) or RulesFileSource(p) for p in self.cfg.rules_files}
+        if set(old) - set(self.rule_sources):  # a file left the union: sync without it
+            self.rules_pending, self.rules_retry_at = True, 0.0
+
+    def poll_rules(self) -> None:
+        """Keep the rule set equal to the union of the rules files (entries of
+        `block add --ttl` aside): a bad edit keeps the running set."""
+        if not self.rule_sources:
+            return
+        changed = False
+        for src in self.rule_sources.values():
+            r = src.poll()
+            if r.error is not None:
+                log.warning("rules source error: %s", r.error)
+            changed |= r.changed
+        if not changed and not (self.rules_pending and time.monotonic() >= self.rules_retry_at):
+            return
+        wanted: list[RuleSpec] = [r for s in self.rule_sources.values() for r in (s.rules or [])]
+        try:
+            with RuleTables.of_pins(self.pins) as rt:
+                added, removed = rt.sync(wanted)
+            self.rules_pending = False
+            log.info("rules synced rules=%d added=%d deleted=%d", len(wanted), len(added), len(removed))
+        except OSError as e:
+            self.rules_pending, self.rules_retry_at = True, time.monotonic() + 10
+            log.error("rules sync failed, the previous rule set stays in force (retry in 10 s): %s", e)
+
+    def expire_rules(self) -> None:
+        """Take expired rules out of the set (the data plane already ignores them)."""
+        try:
+            with RuleTables.of_pins(self.pins) as rt:
+                gone = rt.expire()
+        except OSError as e:
+            log.error("removing expired rules failed: %s", e)
+            return
+        for r in gone:
+            log.info("rule expired id=%s rule=%r", r.id, r.line())
+
     def loop(self) -> None:
         next_scan = time.monotonic()
         while not self.stop.is_set():
@@ -150,8 +198,10 @@ class Daemon:
                 self.reload.clear()
                 self.do_reload()
             self.poll_sources()
+            self.poll_rules()
             if time.monotonic() >= next_scan:
                 self.scan()
+                self.expire_rules()
                 next_scan = time.monotonic() + self.cfg.scan_interval
             self.stop.wait(min(0.5, max(0.05, next_scan - time.monotonic())))
 
@@ -217,6 +267,7 @@ class Daemon:
         if new.listen != old.listen or new.top_rules != old.top_rules:
             self._start_metrics()
         self._start_sources()
+        self._start_rule_sources()
         log.info("reloaded config=%s", self.config_path)
 
     def shutdown(self) -> None:

@@ -45,3 +45,15 @@ def clear_screen() -> None:
     """Redraw in place on a terminal (``--watch``); nothing when piped."""
     if sys.stdout.isatty():
         sys.stdout.write("\033[H\033[2J")
+
+
+def time_left(seconds: float) -> str:
+    """A TTL's remaining time, two units at most: "9m59s", "1h5m", "2d3h"."""
+    s = int(seconds)
+    if s <= 0:
+        return "expired"
+    for unit, size, sub, subsize in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if s >= size:
+            rest = (s % size) // subsize
+            return f"{s // size}{unit}" + (f"{rest}{sub}" if rest else "")
+    return f"{s}s"

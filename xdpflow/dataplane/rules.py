@@ -33,6 +33,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,7 @@ from xdpflow.dataplane.clock import JiffiesClock
 from xdpflow.dataplane.pins import PinRoot
 from xdpflow.errors import InputError, XdpflowError
 from xdpflow.rules.compile import DIRS, FAMILY_BITS, Compiled, Geometry, compile_rules
-from xdpflow.rules.rulespec import RuleError, RuleSpec, parse_line
+from xdpflow.rules.rulespec import BLOCKLIST_PRIORITY, RuleError, RuleSpec, parse_line
 
 # the data plane's sizes, from the header: the compiler checks a set against them
 GEOMETRY = Geometry(
@@ -166,15 +167,16 @@ class RuleTables:
 
     @classmethod
     @contextlib.contextmanager
-    def of_pins(cls, pins: PinRoot) -> Iterator[RuleTables]:
+    def of_pins(cls, pins: PinRoot, lock: bool = True) -> Iterator[RuleTables]:
         """The rule set under ``pins``, its maps opened on demand and closed
-        after. Raises NotAttachedError when nothing is attached there."""
+        after; writers take the pin-root lock (``lock`` False: the caller
+        holds it already). Raises NotAttachedError when nothing is attached."""
         from xdpflow.dataplane.maps import PinnedMaps, open_clock
 
         if not os.path.exists(pins.shared("rl_head")):
             raise pins.not_attached()
         with PinnedMaps(pins) as maps:
-            yield cls(maps, clock=lambda: open_clock(pins), lock=pins.lock)
+            yield cls(maps, clock=lambda: open_clock(pins), lock=pins.lock if lock else None)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -305,13 +307,64 @@ class RuleTables:
                 self.install([r for r in cur if r not in gone], now)
         return gone
 
-    def flush(self) -> list[RuleSpec]:
-        """Remove every rule; returns them."""
+    def flush(self, blocks: bool = False) -> list[RuleSpec]:
+        """Remove every rule but the `block add --ttl` entries (``blocks``:
+        those, and only those); returns what was removed."""
         with self.locked():
             cur = self.active()
-            if cur:
-                self.install([])
-        return cur
+            gone = [r for r in cur if (block_entry(r) is not None) == blocks]
+            if gone:
+                self.install([r for r in cur if r not in gone])
+        return gone
+
+    def add(self, rules: Sequence[RuleSpec], now: float | None = None) -> list[RuleSpec]:
+        """Add ``rules`` to the set (one already there keeps its id and takes
+        the new expiry and comment); returns them with their ids. Raises as
+        install()."""
+        with self.locked():
+            installed = self.install([*self.active(), *rules], now)
+        want = {r.identity() for r in rules}
+        return [r for r in installed if r.identity() in want]
+
+    def delete(self, ids: Sequence[int]) -> list[RuleSpec]:
+        """Remove the rules with these ids; returns them. Raises InputError,
+        changing nothing, when one is not in force."""
+        with self.locked():
+            cur = self.active()
+            have = {r.id for r in cur}
+            missing = [i for i in ids if i not in have]
+            if missing:
+                raise InputError(f"no rule with id {', '.join(map(str, missing))}; nothing was changed")
+            gone = [r for r in cur if r.id in set(ids)]
+            self.install([r for r in cur if r not in gone])
+        return gone
+
+    def sync(
+        self, rules: Sequence[RuleSpec], dry_run: bool = False, now: float | None = None
+    ) -> tuple[list[RuleSpec], list[RuleSpec]]:
+        """Make the rule set equal ``rules``, `block add --ttl` entries aside
+        (they stay). Returns (added, removed); ``dry_run`` changes nothing and
+        the added rules have no ids. Raises as install()."""
+        now = time.time() if now is None else now
+        with self.locked():
+            cur = self.active()
+            blocks = [r for r in cur if block_entry(r) is not None]
+            live = [r for r in rules if r.expires_at is None or r.expires_at > now]
+            new, removed = merge([r for r in cur if block_entry(r) is None], live)
+            added = [r for r in new if r.id is None]
+            if dry_run:
+                return added, removed
+            installed = self.install([*blocks, *new], now)
+        fresh = {r.identity() for r in added}
+        return [r for r in installed if r.identity() in fresh and r.id not in {b.id for b in blocks}], removed
+
+    def block_entries(self, now: float | None = None) -> list[tuple[RuleSpec, str, int]]:
+        """The `block add --ttl` entries in force: (rule, direction, packets
+        matched). Read only; expired entries (which match nothing) are left out."""
+        now = time.time() if now is None else now
+        rules = [r for r in self.active() if block_entry(r) is not None and (r.expires_at or 0) > now]
+        counts = self.counters() if rules else {}
+        return [(r, block_entry(r) or "src", counts.get(r.id or 0, (0, 0, 0))[0]) for r in rules]
 
     # writing one slot ---------------------------------------------------------
 
@@ -444,6 +497,32 @@ class RuleTables:
         flags = (cfg.flags & ~(SLOT_FLAG | RULES_FLAG)) | (SLOT_FLAG if t else 0) | (RULES_FLAG if nonempty else 0)
         cfg.flags = flags
         m[0] = cfg
+
+
+BLOCK_COMMENT = "block"
+
+
+def block_entry(rule: RuleSpec) -> str | None:
+    """The direction ("src"/"dst") of a `block add --ttl` entry: a drop rule
+    at the blocklist's priority with one address, an expiry and the comment
+    "block"; None for any other rule. `rule sync` and `rule flush` leave
+    these to the `block` commands."""
+    if (
+        rule.action != "drop"
+        or rule.priority != BLOCKLIST_PRIORITY
+        or rule.comment != BLOCK_COMMENT
+        or rule.expires_at is None
+        or (rule.src is None) == (rule.dst is None)
+        or rule.match_words()[1:-1] != [f"src={rule.src}" if rule.src is not None else f"dst={rule.dst}"]
+    ):
+        return None
+    return "src" if rule.src is not None else "dst"
+
+
+def block_rule(net: IPv4Network | IPv6Network, direction: str, expires_at: int) -> RuleSpec:
+    """The rule `block add CIDR --ttl` installs."""
+    kw = {direction: net}
+    return RuleSpec(action="drop", priority=BLOCKLIST_PRIORITY, expires_at=expires_at, comment=BLOCK_COMMENT, **kw)  # type: ignore[arg-type]
 
 
 def _order(r: RuleSpec) -> tuple[int, int]:

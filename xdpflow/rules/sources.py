@@ -44,10 +44,14 @@ from typing import Protocol
 
 from xdpflow.defaults import FEED_INTERVAL, FEED_TIMEOUT, MAX_FEED_BYTES
 from xdpflow.rules.blockfile import BlocklistFileError, check_direction, parse_keys, read_file_keys
+from xdpflow.rules.rulespec import RulesFileError, RuleSpec
+from xdpflow.rules.rulespec import parse_lines as parse_rules
 
 __all__ = [
     "FeedSource",
     "FileSource",
+    "RulesFileSource",
+    "RulesResult",
     "Source",
     "SourceResult",
     "SourceSet",
@@ -504,3 +508,80 @@ class SourceSet:
             else:
                 union.update(r.keys)
         return Update(sorted(union), tuple(changed), tuple(missing))
+
+
+@dataclass(frozen=True)
+class RulesResult:
+    """What one poll of a rules file found: ``changed`` when its rules differ
+    from the last good version's; ``rules`` the last good rules (None: never
+    loaded); ``error`` one line (file:line: reason: 'text' for a bad line)
+    when this poll failed, reported once per failure."""
+
+    source: str
+    changed: bool
+    rules: list[RuleSpec] | None = field(repr=False)
+    error: str | None = None
+
+
+class RulesFileSource:
+    """A watched rules file (one rule a line, see rules/rulespec.py), polled
+    like a FileSource: a stat per poll, a read when the signature changed
+    and the file has settled (or looked the same to two polls). A missing
+    file or a version with a bad line is an error and the last good rules
+    stay in force. A ``ttl=`` counts from the read that parsed it.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = self.name = path
+        self.rules: list[RuleSpec] | None = None
+        self.last_error: str | None = None
+        self._sig: tuple[int, ...] | None = None
+        self._seen: tuple[int, ...] | None = None
+        self._recheck = False
+        self._text: str | None = None  # of the last good version
+
+    def poll(self, now: float = 0.0) -> RulesResult:
+        """Stat the file; read and parse it if it changed. ``now`` is unused."""
+        try:
+            st = os.stat(self.path)
+        except OSError as e:
+            sig: tuple[int, ...] = (-1, e.errno or 0)
+            if sig == self._sig:
+                return RulesResult(self.name, False, self.rules)
+            self._sig = self._seen = sig
+            return self._failed(f"cannot read rules file {self.path}: {e.strerror or e}")
+        sig = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino, st.st_dev)
+        if sig == self._sig and not self._recheck:
+            self._seen = sig
+            return RulesResult(self.name, False, self.rules)
+        started = time.time_ns()
+        settled = self._sig is None or sig == self._seen or started - st.st_ctime_ns >= SETTLE_NS
+        self._seen = sig
+        if not settled:
+            return RulesResult(self.name, False, self.rules)
+        self._sig = sig
+        self._recheck = st.st_ctime_ns > started - RACY_NS
+        try:
+            with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
+                text = f.read()
+            rules = parse_rules(text.splitlines(), self.path)
+        except RulesFileError as e:
+            return self._failed(str(e))
+        except OSError as e:
+            self._recheck = True
+            return self._failed(f"cannot read rules file {self.path}: {e.strerror or e}")
+        # the text, not the rules: ttl= words give a new deadline at every read
+        changed = text != self._text
+        if changed:
+            self.rules, self._text = rules, text
+        self.last_error = None
+        return RulesResult(self.name, changed, self.rules)
+
+    def _failed(self, msg: str) -> RulesResult:
+        if msg == self.last_error:
+            return RulesResult(self.name, False, self.rules)
+        self.last_error = msg
+        kept = (
+            "nothing loaded yet" if self.rules is None else f"keeping the last good version ({len(self.rules)} rules)"
+        )
+        return RulesResult(self.name, False, self.rules, f"{msg}; {kept}")
