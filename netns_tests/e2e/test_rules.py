@@ -104,9 +104,10 @@ def test_each_action(lab: Lab, cli: Cli) -> None:
     # the blocklist counted its own drop, and nothing the pass rule exempted
     assert cli.blocklist() == [("198.18.7.0/24", "src", 1)]
     # dropped frames make no flows; passed and monitored ones do
-    flows = {(f["src"], f["dport"]) for f in cli.flows()}
-    assert ("198.18.7.7", 53) in flows and (GEN_V4, 5002) in flows
-    assert (GEN_V4, 5001) not in flows and ("198.18.7.8", 53) not in flows
+    flows = {(f["src"], f["dport"], f["proto"]) for f in cli.flows()}
+    assert ("198.18.7.7", 53, 17) in flows and (GEN_V4, 5002, 6) in flows
+    assert (GEN_V4, 5001, 17) not in flows and (GEN_V6, 5001, 17) not in flows
+    assert ("198.18.7.8", 53, 17) not in flows
 
     # del and flush
     assert cli("rule", "del", str(drop)) != ""
@@ -121,52 +122,67 @@ def _wait_until(t: float) -> None:
     time.sleep(max(0.0, t - time.time()))
 
 
+def _add_timed(cli: Cli, *args: str) -> tuple[float, float]:
+    """Run a command given ``--ttl 2s``; returns the earliest and latest
+    expiry it can have set (listing it would cost time, and expire it once
+    it has run out)."""
+    t0 = time.time()
+    cli(*args, "--ttl", "2s")
+    t1 = time.time()
+    return int(t0) + 2, int(t1) + 2
+
+
 def test_ttl_expires_without_a_process(lab: Lab, cli: Cli) -> None:
     frame = udp(GEN_V4, DUT_V4, 4100, 5100)
     listed = udp("198.18.8.1", DUT_V4, 4101, 53)
-    t0 = time.time()
-    rid = add(cli, "--proto", "udp", "--dport", "5100", "--action", "drop", "--ttl", "2s")
-    out = cli.json("block", "add", "198.18.8.0/24", "--ttl", "2s")
-    assert out["added"] == ["198.18.8.0/24"], out
-    rule = rules_by_id(cli)[rid]
-    assert t0 + 2 <= rule["expires_at"] <= time.time() + 2
-    timed = [e for e in cli.json("block", "list") if e["cidr"] == "198.18.8.0/24"]
-    assert len(timed) == 1 and timed[0]["expires_at"] is not None, timed
-    expiry = max(rule["expires_at"], timed[0]["expires_at"])
+    lo, hi = _add_timed(cli, "rule", "add", "--proto", "udp", "--dport", "5100", "--action", "drop")
+    assert send_and_receive(lab, [frame]) == []
+    assert time.time() < lo - 0.05, "too slow to send before the TTL ran out"
+    blo, bhi = _add_timed(cli, "block", "add", "198.18.8.0/24")
+    assert send_and_receive(lab, [listed]) == []
+    assert time.time() < blo - 0.05, "too slow to send before the TTL ran out"
 
-    before = time.time()
-    assert send_and_receive(lab, [frame, listed]) == []
-    assert time.time() < rule["expires_at"] - 0.1, "too slow to send before the TTL ran out"
-
-    # no xdpflow process runs from here on: the data plane alone expires them
-    _wait_until(expiry + 1.05)
+    # no xdpflow process runs from here on: the data plane alone stops
+    # matching them
+    _wait_until(max(hi, bhi) + 1.05)
     assert send_and_receive(lab, [frame, listed]) == raw([frame, listed])
     stats = cli.stats()
     assert (stats["dropped"], stats["passed"]) == (2, 2)
-    assert before < expiry
     # the next command tidies the expired entries away
     assert rules_by_id(cli) == {}
     assert [e for e in cli.json("block", "list") if e["cidr"] == "198.18.8.0/24"] == []
 
 
+def test_lists_show_expiry(cli: Cli) -> None:
+    t0 = time.time()
+    rid = add(cli, "--proto", "udp", "--dport", "5150", "--action", "drop", "--ttl", "10m")
+    assert cli.json("block", "add", "198.18.8.0/24", "--ttl", "1h") == {"added": ["198.18.8.0/24"], "deleted": []}
+    t1 = time.time()
+    assert int(t0) + 600 <= rules_by_id(cli)[rid]["expires_at"] <= int(t1) + 600
+    (entry,) = [e for e in cli.json("block", "list") if e["cidr"] == "198.18.8.0/24"]
+    assert int(t0) + 3600 <= entry["expires_at"] <= int(t1) + 3600
+    assert entry["direction"] == "src"
+    text = cli("rule", "list")
+    assert " 9m5" in text or " 9m4" in text or "10m" in text, text  # "9m59s": time left, not the deadline
+
+
 def test_rule_ttl_exact_to_a_second(lab: Lab, cli: Cli) -> None:
-    """--ttl 2s: matching 1.5 s after the expiry second starts counting is
-    wrong, so is not matching 1 s before it."""
+    """--ttl 2s: the rule matches until its expiry and not after it (to
+    within the 50 ms each probe takes to send)."""
     frame = udp(GEN_V4, DUT_V4, 4200, 5200)
-    rid = add(cli, "--proto", "udp", "--dport", "5200", "--action", "drop", "--ttl", "2s")
-    expires_at = rules_by_id(cli)[rid]["expires_at"]
-    sent = []
-    while time.time() < expires_at + 1.5:
+    lo, hi = _add_timed(cli, "rule", "add", "--proto", "udp", "--dport", "5200", "--action", "drop")
+    probes = []
+    while time.time() < hi + 1.0:
         t = time.time()
         got = send_and_receive(lab, [frame])
-        sent.append((t, time.time(), bool(got)))
-        time.sleep(0.1)
-    for t_start, t_end, passed in sent:
-        if t_end < expires_at - 0.05:
-            assert not passed, (t_start, expires_at, sent)
-        if t_start > expires_at + 0.05:
-            assert passed, (t_start, expires_at, sent)
-    assert any(p for *_, p in sent) and any(not p for *_, p in sent)
+        probes.append((t, time.time(), bool(got)))
+        time.sleep(0.05)
+    for t_start, t_end, passed in probes:
+        if t_end < lo - 0.02:
+            assert not passed, (lo, hi, probes)
+        if t_start > hi + 0.02:
+            assert passed, (lo, hi, probes)
+    assert any(p for *_, p in probes) and any(not p for *_, p in probes), probes
 
 
 def test_priorities_against_the_blocklist(lab: Lab, cli: Cli) -> None:
@@ -198,7 +214,8 @@ def test_priorities_against_the_blocklist(lab: Lab, cli: Cli) -> None:
         v6_above: (0, 0, 0),
         drop_late: (1, nbytes([f[drop_late]]), 0),
     }
-    assert sorted(cli.blocklist()) == [("198.18.9.0/24", "src", 3), ("2001:2:0:9::/64", "src", 1)]
+    # the listed frames no rule before the blocklist exempted
+    assert sorted(cli.blocklist()) == [("198.18.9.0/24", "src", 2), ("2001:2:0:9::/64", "src", 1)]
 
 
 # --------------------------------------------------------------------------
@@ -287,17 +304,20 @@ def test_rate_limit(lab: Lab, cli: Cli) -> None:
     seconds = s.last - s.first
     by_src = Counter(bytes(f)[26:30] for f in got)
     through = by_src[socket.inet_aton(GEN_V4)]
-    assert by_src[socket.inet_aton("198.18.0.9")] == n_quiet  # under the limit: all of it
+    quiet_through = by_src[socket.inet_aton("198.18.0.9")]
     rate = through / seconds
     print(f"\nrate limit: sent {n_flood} in {seconds:.2f} s ({n_flood / seconds:.0f} pps, pace behind by at most "
           f"{s.behind * 1e3:.1f} ms), {through} through: {rate:.0f} pps")  # fmt: skip
     assert n_flood / seconds > 5000, "the sender could not keep up: no overload to limit"
+    # under the limit on average: all of it, but for the few frames of a
+    # sender's catch-up burst beyond the bucket's tolerance (5 ms)
+    assert quiet_through >= 0.98 * n_quiet, (quiet_through, n_quiet, s.behind)
     assert 900 <= rate <= 1100, (through, seconds)
 
     packets, nbytes_, limited = counts(cli)[rid]
     assert packets == n_flood + n_quiet
     assert nbytes_ == n_flood * len(flood) + n_quiet * len(quiet)
-    assert packets - limited == through + n_quiet == len(got)
+    assert packets - limited == through + quiet_through == len(got)
     stats = cli.stats()
     assert stats["passed"] + stats["dropped"] == packets == stats["packets"]
     assert stats["dropped"] == limited
