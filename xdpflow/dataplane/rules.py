@@ -195,7 +195,8 @@ class RuleTables:
             finally:
                 self._depth -= 1
 
-    def _jiffies_clock(self) -> JiffiesClock:
+    def jiffies_clock(self) -> JiffiesClock:
+        """The clock deadlines are written in. Raises XdpflowError without one."""
         if self._clock is None:
             raise XdpflowError(errno.EINVAL, "a rule with a TTL needs the data plane's clock, and none was given")
         if not isinstance(self._clock, JiffiesClock):
@@ -289,7 +290,7 @@ class RuleTables:
                 out.append(r)
             texts = [stored_text(r) for r in out]
             compiled = compile_rules(out, GEOMETRY)  # MapFullError: nothing written yet
-            expires = {r.id: self._jiffies_clock().to_jiffies(r.expires_at) for r in out if r.expires_at is not None}
+            expires = {r.id: self.jiffies_clock().to_jiffies(r.expires_at) for r in out if r.expires_at is not None}
             rcu_grace_period()  # no frame still reads the target slot after this
             self._zero_counters(fresh)
             self._write_slot(target, compiled, {r.id: t for r, t in zip(out, texts)}, counter_of, expires, next_id)
