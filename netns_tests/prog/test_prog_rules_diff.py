@@ -363,6 +363,7 @@ def run_differential(prog: Any, seed: int, n_frames: int, chunk: int = 100_000) 
         run = prog.prog.test_run
         got = np.array([run(f, data_out=False).retval for f in fs], np.int64)
         t["test_run"] += time.monotonic() - t0
+        print(f"\nrules diff: frames {done}-{done + n}: test runs {t['test_run']:.1f} s so far")
         assert time.time() < now + LONG_TTL - 60, "the run outlived the long TTLs"
 
         bad = np.nonzero(got != verdict)[0]
