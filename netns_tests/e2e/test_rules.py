@@ -355,6 +355,7 @@ def _active(cli: Cli) -> list[tuple[Any, ...]]:
     return sorted(tuple(str(r[k]) for k in MATCH_KEYS) for r in cli.json("rule", "list"))
 
 
+@pytest.mark.slow
 def test_atomic_sync_under_traffic(lab: Lab, cli: Cli, tmp_path: Any) -> None:
     files = {"A": tmp_path / "a.rules", "B": tmp_path / "b.rules"}
     files["A"].write_text(SET_A)
@@ -415,6 +416,7 @@ def test_atomic_sync_under_traffic(lab: Lab, cli: Cli, tmp_path: Any) -> None:
     assert send_and_receive(lab, marked + unmarked) == unmarked
 
 
+@pytest.mark.slow
 def test_sync_killed_leaves_old_set_and_next_converges(lab: Lab, cli: Cli, tmp_path: Any) -> None:
     """A `rule sync` killed at many points of its run: the set in force is
     always the old or the new one whole, and the next sync converges."""
