@@ -12,6 +12,7 @@ from xdpflow.dataplane import abi, blocklist, lifecycle
 from xdpflow.dataplane.clock import CLOCK_PROG, JiffiesClock
 from xdpflow.dataplane.flows import Flow, read_table, to_flows
 from xdpflow.dataplane.lifecycle import AttachOptions
+from xdpflow.dataplane.rules import RuleTables
 
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX = 0, 1, 2, 3
 
@@ -22,12 +23,23 @@ class ProgHarness:
         self.prog = self.obj.program(lifecycle.PROG_NAME)
         self._maps: dict[str, Map] = {}
         self.blocklist = blocklist.Blocklist(self.map)
+        self._rules: RuleTables | None = None
 
     def map(self, name: str) -> Map:
         if name not in self._maps:
             key, value = abi.MAP_TYPES[name]
             self._maps[name] = self.obj.map(name, key, value, abi.ffi)
         return self._maps[name]
+
+    @property
+    def rules(self) -> RuleTables:
+        """The rule set of this object (deadlines in its clock's jiffies)."""
+        if self._rules is None:
+            clock_prog = self.obj.program(CLOCK_PROG)
+            clock = JiffiesClock(clock_prog, lifecycle.kernel_hz(self.obj))
+            clock_prog.close()
+            self._rules = RuleTables(self.map, clock=clock)
+        return self._rules
 
     def run(self, frame: Any, repeat: int = 1) -> int:
         """Run one frame (bytes or a scapy packet); returns the XDP verdict."""

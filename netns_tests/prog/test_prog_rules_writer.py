@@ -20,8 +20,6 @@ from typing import Any
 import pytest
 
 from xdpflow.dataplane.abi import C, ffi
-from xdpflow.dataplane.clock import CLOCK_PROG, JiffiesClock
-from xdpflow.dataplane.lifecycle import kernel_hz
 from xdpflow.dataplane.rules import RuleTables
 from xdpflow.errors import MapFullError
 from xdpflow.rules.compile import NO_L4
@@ -128,10 +126,7 @@ def _ifindex(name: str) -> int:
 
 @pytest.fixture
 def tables(prog: ProgHarness) -> RuleTables:
-    clock_prog = prog.obj.program(CLOCK_PROG)
-    clock = JiffiesClock(clock_prog, kernel_hz(prog.obj))
-    clock_prog.close()
-    return RuleTables(prog.map, clock=clock)
+    return prog.rules
 
 
 def test_random_sets_read_back_as_the_reference(prog: ProgHarness, tables: RuleTables) -> None:

@@ -399,7 +399,7 @@ def _block_add_ttl(args: argparse.Namespace, direction: str, ttl: str) -> int:
     except RuleError as e:
         raise InputError(f"--ttl: {e}") from None
     nets = [r.net for r in _parse_cidrs(args.cidrs, direction)]
-    with RuleTables.of_pins(args.pins) as rt:
+    with RuleTables.of_pins(args.pins) as rt, rt.locked():
         rt.expire()
         added = rt.add([block_rule(n, direction, expires_at) for n in nets])
     cidrs = [str(r.src or r.dst) for r in added]
