@@ -40,9 +40,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from xdpflow.dataplane import lifecycle
-from xdpflow.dataplane.clock import CLOCK_PROG, JiffiesClock
-from xdpflow.dataplane.rules import RuleTables
 from xdpflow.rules.blockfile import Rule, parse_cidr
 from xdpflow.rules.rulespec import BLOCKLIST_PRIORITY, LENGTH_MAX, RuleSpec, check
 
@@ -299,15 +296,6 @@ def expected(rules: list[RuleSpec], fr: Frames, now: float) -> tuple[np.ndarray,
 # the run
 
 
-def _tables(prog: Any) -> RuleTables:
-    clock_prog = prog.obj.program(CLOCK_PROG)
-    try:
-        clock = JiffiesClock(clock_prog, lifecycle.kernel_hz(prog.obj))
-    finally:
-        clock_prog.close()
-    return RuleTables(prog.map, clock=clock)
-
-
 def _rule_of(rules: list[RuleSpec], i: int) -> str | None:
     return None if i < 0 else rules[i].line()
 
@@ -319,7 +307,7 @@ def run_differential(prog: Any, seed: int, n_frames: int, chunk: int = 100_000) 
     rng = random.Random(seed)
     t0 = time.monotonic()
     now = time.time()
-    tables = _tables(prog)
+    tables = prog.rules
     rules = tables.install(random_rules(rng, N_RULES, now))
     assert len(rules) == N_RULES and all(r.id is not None for r in rules)
     assert len({r.id for r in rules}) == N_RULES
