@@ -211,7 +211,8 @@ static __always_inline __u32 rl_classify(struct pkt *p, __u32 slot,
 					 __u32 proto_len, __u64 ports,
 					 __u32 ifindex)
 {
-	struct xf_rule_bits *bs, *bd;
+	struct xf_rule_bits *bs, *bd, *b2, *b3, *b4, *b5, *b6;
+	__u32 rest, live;
 	struct rl_scan sc;
 	struct xf_rule_head *h;
 	__u32 fields, fd = 0, proto_key = proto_len & 0xffff;
@@ -267,8 +268,8 @@ static __always_inline __u32 rl_classify(struct pkt *p, __u32 slot,
 	bd = rl_bits(slot, sc.cls[1]);
 	if (!bs || !bd)
 		return 0;
-	sc.rest = bs->summary & bd->summary;
-	if (!sc.rest)
+	rest = bs->summary & bd->summary;
+	if (!rest)
 		return 0;
 	if (fields & XF_RF_PROTO)
 		sc.cls[2] = rl_table(&rl_proto, slot, 65536, proto_key & 0xffff);
@@ -284,16 +285,34 @@ static __always_inline __u32 rl_classify(struct pkt *p, __u32 slot,
 
 		sc.cls[6] = e ? *e : h->iface_default;
 	}
-	for (int f = 2; f < 7; f++) {
-		bs = rl_bits(slot, sc.cls[f]);
-		if (!bs)
-			return 0;
-		sc.rest &= bs->summary;
+	b2 = rl_bits(slot, sc.cls[2]);
+	b3 = rl_bits(slot, sc.cls[3]);
+	b4 = rl_bits(slot, sc.cls[4]);
+	b5 = rl_bits(slot, sc.cls[5]);
+	b6 = rl_bits(slot, sc.cls[6]);
+	if (!b2 || !b3 || !b4 || !b5 || !b6)
+		return 0;
+	rest &= b2->summary & b3->summary & b4->summary & b5->summary &
+		b6->summary;
+	if (!rest)
+		return 0;
+	/* The words where one rule accepts every field: usually none, and
+	 * then the frame is done without a scan. Branch-free (x | -x has its
+	 * top bit set iff x != 0), so the verifier sees one path, not one per
+	 * combination of words.
+	 */
+	live = 0;
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < XF_RULE_WORDS; i++) {
+		__u64 x = bs->w[i] & bd->w[i] & b2->w[i] & b3->w[i] & b4->w[i] &
+			  b5->w[i] & b6->w[i];
+
+		live |= (__u32)((x | -x) >> 63) << i;
 	}
+	sc.rest = live & rest;
 	if (!sc.rest)
 		return 0;
-	/* one step per word that survived (usually one or two), plus one
-	 * per expired rule met on the way */
+	/* one step per live word, plus one per expired rule met on the way */
 	sc.best_rank = ~0U;
 	bpf_loop(XF_RULE_BITS + XF_RULE_WORDS, rl_scan_step, &sc, 0);
 	return sc.best;
