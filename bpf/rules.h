@@ -37,21 +37,30 @@ static __always_inline __u32 ctz64(__u64 x)
 	return (__u32)((v * 0x0101010101010101ULL) >> 56) & 63;
 }
 
-/* probing one address level (bpf_loop: the verifier walks one level, not
- * every combination of eight) */
-struct rl_probe {
-	__u64 a0, a1;
-	__u32 tag;  /* (slot * 4 + fd) * XF_RLEVELS */
-	__u32 fam;
+/* Classification state: one stack object for both bpf_loop callbacks (the
+ * address probe, then the scan), so the deepest call chain stays within
+ * the verifier's 512-byte stack.
+ */
+struct rl_scan {
+	__u32 cls[7]; /* the frame's class per field (0: unconstrained) */
 	__u32 slot;
-	__u32 mask; /* levels holding entries in this /16 */
-	__u32 cls;
-	__u32 pad;
+	__u32 rest;   /* summary bits of the words not looked at yet */
+	__u32 best_rank;
+	__u32 best;   /* bit + 1, or 0 */
+	__u32 word;   /* the word being looked at */
+	__u64 w;      /* its candidates not ruled out yet */
+	__u64 now;    /* jiffies, read once a rule with a TTL is met */
+	/* address probe */
+	__u64 a0, a1; /* the address (IPv4: 4 bytes, then 0), masked level by level */
+	__u32 tag;    /* (slot * 4 + fd) * XF_RLEVELS */
+	__u32 fam;
+	__u32 mask;   /* levels holding entries in this /16 */
+	__u32 pcls;
 };
 
 static long rl_probe_level(__u32 n, void *ctx)
 {
-	struct rl_probe *pr = ctx;
+	struct rl_scan *pr = ctx;
 	__u32 i = (XF_RLEVELS - 1 - n) & (XF_RLEVELS - 1);
 	struct xf_raddr_key k;
 	struct xf_rule_head *h;
@@ -72,35 +81,29 @@ static long rl_probe_level(__u32 n, void *ctx)
 	hit = bpf_map_lookup_elem(&rl_addr, &k);
 	if (!hit)
 		return 0;
-	pr->cls = *hit;
+	pr->pcls = *hit;
 	return 1;
 }
 
-/* Class of an address: the longest rule CIDR holding it (see xdpflow.h).
- * a0, a1: the address's 16 bytes as they lie in memory (IPv4: 4, then 0).
- * Most addresses are answered by the /16 array alone.
+/* Class of an address (sc->a0, a1 set): the longest rule CIDR holding it
+ * (see xdpflow.h). Most addresses are answered by the /16 array alone.
  */
-static __always_inline __u32 rl_addr_class(__u32 slot, __u32 fd, __u64 a0,
-					   __u64 a1)
+static __always_inline __u32 rl_addr_class(struct rl_scan *sc, __u32 fd)
 {
-	__u32 top = (__u32)(a0 & 0xff) << 8 | (__u32)((a0 >> 8) & 0xff);
-	__u32 key = (slot * 4 + fd) * XF_RL1_SIZE + top;
+	__u32 top = (__u32)(sc->a0 & 0xff) << 8 | (__u32)((sc->a0 >> 8) & 0xff);
+	__u32 key = (sc->slot * 4 + fd) * XF_RL1_SIZE + top;
 	__u32 *e = bpf_map_lookup_elem(&rl_l1, &key);
-	struct rl_probe pr;
 
 	if (!e)
 		return 0;
-	pr.cls = *e & 0xffff;
-	pr.mask = *e >> 16;
-	if (!pr.mask)
-		return pr.cls;
-	pr.a0 = a0;
-	pr.a1 = a1;
-	pr.tag = (slot * 4 + fd) * XF_RLEVELS;
-	pr.fam = fd >> 1;
-	pr.slot = slot;
-	bpf_loop(XF_RLEVELS, rl_probe_level, &pr, 0);
-	return pr.cls;
+	sc->pcls = *e & 0xffff;
+	sc->mask = *e >> 16;
+	if (!sc->mask)
+		return sc->pcls;
+	sc->tag = (sc->slot * 4 + fd) * XF_RLEVELS;
+	sc->fam = fd >> 1;
+	bpf_loop(XF_RLEVELS, rl_probe_level, sc, 0);
+	return sc->pcls;
 }
 
 static __always_inline struct xf_rule_bits *rl_bits(__u32 slot, __u32 cls)
@@ -133,16 +136,26 @@ static __always_inline int gcra(__u64 *tat, __u64 now, __u64 cost, __u64 burst)
 	return 1;
 }
 
-static __always_inline int rate_ok(struct xf_rule_act *r, struct pkt *p,
-				   __u64 s0, __u64 s1)
+/* Whether a frame conforms to its rate-limit rule: one GCRA clock per source
+ * and rule for pps, one for bit/s. A global function (verified once), off
+ * the classifier's call chain so the two stacks do not add up.
+ */
+__attribute__((noinline)) int xf_rate_ok(struct xf_rule_act *r, struct pkt *p)
 {
-	struct xf_rate_key k = { .rule = r->id, .family = p->family };
-	__u64 now = bpf_ktime_get_ns();
-	__u64 bcost = (p->len * r->byte_ns) >> 10;
+	struct xf_rate_key k = {};
 	struct xf_rate_val *v, nv;
+	__u64 now, bcost;
 
-	__builtin_memcpy(k.addr, &s0, 8);
-	__builtin_memcpy(k.addr + 8, &s1, 8);
+	if (!r || !p)
+		return 1;
+	k.rule = r->id;
+	k.family = p->family;
+	if (p->family == 4)
+		__builtin_memcpy(k.addr, &p->k4.saddr, 4);
+	else
+		__builtin_memcpy(k.addr, p->k6.saddr, 16);
+	now = bpf_ktime_get_ns();
+	bcost = (p->len * r->byte_ns) >> 10;
 	v = bpf_map_lookup_elem(&rl_rate, &k);
 	if (!v) {
 		nv.tat_pkt = now + r->pkt_ns;
@@ -157,82 +170,70 @@ static __always_inline int rate_ok(struct xf_rule_act *r, struct pkt *p,
 	return 1;
 }
 
-/* the frame's class per field (0: unconstrained) and the words left */
-struct rl_scan {
-	__u32 cls[7];
-	__u32 slot;
-	__u32 rest; /* summary bits of the words not looked at yet */
-	__u32 best_rank;
-	__u32 best; /* bit + 1, or 0 */
-	__u32 pad;
-	__u64 now; /* jiffies, read once a rule with a TTL is met */
-};
-
-/* One candidate word (the lowest left): its first set bit whose rule has
- * not expired competes by rank. Bits are in rank order within a word.
+/* One step: the first candidate of the current word (taking the next word
+ * from the summary when it has none left). Bits are in rank order within a
+ * word, so the first candidate whose rule has not expired is the word's
+ * best, and the rest of the word is skipped. One step per word, plus one
+ * per expired rule met: a flat loop the verifier walks once.
  */
-static long rl_scan_word(__u32 n, void *ctx)
+static long rl_scan_step(__u32 n, void *ctx)
 {
 	struct rl_scan *sc = ctx;
 	struct xf_rule_bits *b;
 	struct xf_rule_act *r;
-	__u64 w = ~0ULL;
 	__u32 i, key;
+	__u64 w;
 
-	if (!sc->rest)
-		return 1;
-	i = ctz64(sc->rest);
-	sc->rest &= sc->rest - 1;
-	if (i >= XF_RULE_WORDS)
-		return 1;
-	for (int f = 0; f < 7; f++) {
-		b = rl_bits(sc->slot, sc->cls[f]);
-		if (!b)
+	if (!sc->w) {
+		if (!sc->rest)
 			return 1;
-		w &= b->w[i];
-	}
-	for (int j = 0; j < 64 && w; j++) {
-		key = sc->slot * XF_RULE_BITS + i * 64 + ctz64(w);
-		r = bpf_map_lookup_elem(&rl_act, &key);
-		if (!r)
+		i = ctz64(sc->rest);
+		sc->rest &= sc->rest - 1;
+		if (i >= XF_RULE_WORDS)
+			return 1;
+		w = ~0ULL;
+		for (int f = 0; f < 7; f++) {
+			b = rl_bits(sc->slot, sc->cls[f]);
+			if (!b)
+				return 1;
+			w &= b->w[i];
+		}
+		sc->word = i;
+		sc->w = w;
+		if (!w)
 			return 0;
-		if (r->expires) {
-			if (!sc->now)
-				sc->now = bpf_jiffies64();
-			if (sc->now >= r->expires) {
-				w &= w - 1;
-				continue;
-			}
-		}
-		if (r->rank < sc->best_rank) {
-			sc->best_rank = r->rank;
-			sc->best = r->bit + 1;
-		}
-		return 0;
 	}
+	key = sc->slot * XF_RULE_BITS + (sc->word & 31) * 64 + ctz64(sc->w);
+	r = bpf_map_lookup_elem(&rl_act, &key);
+	if (!r)
+		return 1;
+	if (r->expires) {
+		if (!sc->now)
+			sc->now = bpf_jiffies64();
+		if (sc->now >= r->expires) {
+			sc->w &= sc->w - 1;
+			return 0;
+		}
+	}
+	if (r->rank < sc->best_rank) {
+		sc->best_rank = r->rank;
+		sc->best = r->bit + 1;
+	}
+	sc->w = 0;
 	return 0;
 }
 
-static __always_inline __u32 popcount32(__u32 v)
-{
-	v = v - ((v >> 1) & 0x55555555);
-	v = (v & 0x33333333) + ((v >> 2) & 0x33333333);
-	v = (v + (v >> 4)) & 0x0f0f0f0f;
-	return (v * 0x01010101) >> 24;
-}
-
-/* The best rule for a frame: its bit + 1, or 0. A global function (the
- * verifier checks it once), so plain arguments: slot; proto << 8 | TCP
- * flags | IP length << 16; sport | dport << 32 (XF_RNO_L4 without L4).
+/* The best rule for a frame: its bit + 1, or 0. proto_len: proto << 8 |
+ * TCP flags | IP length << 16; ports: sport | dport << 32 (XF_RNO_L4
+ * without L4).
  */
-__attribute__((noinline)) __u32 xf_rl_classify(struct pkt *p, __u32 slot,
-					       __u32 proto_len, __u64 ports,
-					       __u32 ifindex)
+static __always_inline __u32 rl_classify(struct pkt *p, __u32 slot,
+					 __u32 proto_len, __u64 ports,
+					 __u32 ifindex)
 {
 	struct xf_rule_bits *bs, *bd;
 	struct rl_scan sc = {};
 	struct xf_rule_head *h;
-	__u64 sa0 = 0, sa1 = 0, da0 = 0, da1 = 0;
 	__u32 fields, fd = 0, proto_key = proto_len & 0xffff;
 	__u32 iplen = proto_len >> 16;
 	__u32 sport = ports & 0x1ffff, dport = (ports >> 32) & 0x1ffff;
@@ -241,16 +242,8 @@ __attribute__((noinline)) __u32 xf_rl_classify(struct pkt *p, __u32 slot,
 		return 0;
 	slot &= 1;
 	sc.slot = slot;
-	if (p->family == 4) {
-		sa0 = p->k4.saddr; /* network order bytes, in memory order */
-		da0 = p->k4.daddr;
-	} else {
-		__builtin_memcpy(&sa0, p->k6.saddr, 8);
-		__builtin_memcpy(&sa1, p->k6.saddr + 8, 8);
-		__builtin_memcpy(&da0, p->k6.daddr, 8);
-		__builtin_memcpy(&da1, p->k6.daddr + 8, 8);
+	if (p->family != 4)
 		fd = 2;
-	}
 
 	h = bpf_map_lookup_elem(&rl_head, &slot);
 	if (!h)
@@ -261,10 +254,27 @@ __attribute__((noinline)) __u32 xf_rl_classify(struct pkt *p, __u32 slot,
 	 * (every rule). The address fields come first: most traffic stops
 	 * there.
 	 */
-	if (fields & XF_RF_SRC)
-		sc.cls[0] = rl_addr_class(slot, fd, sa0, sa1);
-	if (fields & XF_RF_DST)
-		sc.cls[1] = rl_addr_class(slot, fd + 1, da0, da1);
+	/* addresses as their bytes lie in memory (network order) */
+	if (fields & XF_RF_SRC) {
+		if (fd) {
+			__builtin_memcpy(&sc.a0, p->k6.saddr, 8);
+			__builtin_memcpy(&sc.a1, p->k6.saddr + 8, 8);
+		} else {
+			sc.a0 = p->k4.saddr;
+			sc.a1 = 0;
+		}
+		sc.cls[0] = rl_addr_class(&sc, fd);
+	}
+	if (fields & XF_RF_DST) {
+		if (fd) {
+			__builtin_memcpy(&sc.a0, p->k6.daddr, 8);
+			__builtin_memcpy(&sc.a1, p->k6.daddr + 8, 8);
+		} else {
+			sc.a0 = p->k4.daddr;
+			sc.a1 = 0;
+		}
+		sc.cls[1] = rl_addr_class(&sc, fd + 1);
+	}
 	bs = rl_bits(slot, sc.cls[0]);
 	bd = rl_bits(slot, sc.cls[1]);
 	if (!bs || !bd)
@@ -294,59 +304,87 @@ __attribute__((noinline)) __u32 xf_rl_classify(struct pkt *p, __u32 slot,
 	}
 	if (!sc.rest)
 		return 0;
-	/* one call per word that survived: usually one or two */
+	/* one step per word that survived (usually one or two), plus one
+	 * per expired rule met on the way */
 	sc.best_rank = ~0U;
-	bpf_loop(popcount32(sc.rest), rl_scan_word, &sc, 0);
+	bpf_loop(XF_RULE_BITS + XF_RULE_WORDS, rl_scan_step, &sc, 0);
 	return sc.best;
 }
 
-/* The rules step for one IP frame: parse L4 (a frame without an L4 header
- * matches only rules that need none), classify, then account and apply
- * the best rule. Returns RJ_NONE, RJ_ALLOW, or RJ_DROP (drop or rate-limit
- * excess; the caller applies monitor mode).
+/* Classify one IP frame: parse L4 (a frame without an L4 header matches
+ * only rules that need none; the ports found are left in *p for the event),
+ * then find the best rule: its bit + 1, or 0.
  *
- * A global function, so the verifier checks it once instead of once per
+ * Global functions, so the verifier checks each once instead of once per
  * path through the program; hence plain arguments: off = L4 header offset
  * | IP packet end offset << 16, meta = IP protocol | l4_ok << 8.
+ * Classification and its effects are two calls from the program, not one
+ * inside the other, so their stacks never add up beyond the verifier's
+ * 512 bytes.
  */
-__attribute__((noinline)) int xf_rules(struct xdp_md *ctx, struct pkt *p,
-				       __u32 flags, __u32 meta, __u32 off)
+__attribute__((noinline)) __u32 xf_rl_classify(struct xdp_md *ctx,
+					       struct pkt *p, __u32 flags,
+					       __u32 meta, __u32 off)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	__u32 slot = (flags & XF_CFG_RULES_SLOT) ? 1 : 0, sport, dport, bit, key;
+	__u32 slot = (flags & XF_CFG_RULES_SLOT) ? 1 : 0, sport, dport, iplen;
 	int ipproto = meta & 0xff, l4_ok = (meta >> 8) & 1;
 	struct hdr_cursor nh;
-	struct xf_rule_act *best;
-	struct xf_rule_head *h;
-	struct xf_rule_cnt *cnt;
 	__be16 sp = 0, dp = 0;
-	__u32 tf = 0, iplen;
-	__u64 s0 = 0, s1 = 0;
+	__u32 tf = 0;
 
 	if (!p)
-		return RJ_NONE;
+		return 0;
 	/* bounded well below 64k, or the verifier cannot range-check the
 	 * header reads; XDP frames are far shorter */
 	nh.pos = data + (off & 0x3fff);
 	nh.end = data + (off >> 16);
 	if (!l4_ok || parse_l4(&nh, data_end, ipproto, l4_ok, &sp, &dp, &tf) < 0) {
 		sport = dport = XF_RNO_L4;
+		sp = dp = 0;
 		tf = 0;
 	} else {
 		sport = bpf_ntohs(sp);
 		dport = bpf_ntohs(dp);
 	}
+	if (p->family == 4) {
+		p->k4.sport = sp;
+		p->k4.dport = dp;
+	} else {
+		p->k6.sport = sp;
+		p->k6.dport = dp;
+	}
 	iplen = p->iplen > 65535 ? 65535 : p->iplen;
-	bit = xf_rl_classify(p, slot,
-			     (__u32)ipproto << 8 |
-				     (ipproto == IPPROTO_TCP ? tf & 0xff : 0) |
-				     iplen << 16,
-			     (__u64)sport | (__u64)dport << 32,
-			     ctx->ingress_ifindex);
-	if (!bit)
+	return rl_classify(p, slot,
+			   (__u32)ipproto << 8 |
+				   (ipproto == IPPROTO_TCP ? tf & 0xff : 0) |
+				   iplen << 16,
+			   (__u64)sport | (__u64)dport << 32,
+			   ctx->ingress_ifindex);
+}
+
+/* Apply rule bit + 1 to a classified frame: account it, run its rate
+ * limit, report it as an event (budgeted; pass rules stay quiet). Returns
+ * RJ_NONE (the blocklist comes first and lists the frame), RJ_ALLOW, or
+ * RJ_DROP (drop or rate-limit excess; the caller applies monitor mode).
+ */
+__attribute__((noinline)) int xf_rule_apply(struct xdp_md *ctx, struct pkt *p,
+					    __u32 flags, __u32 bit,
+					    __u32 listed)
+{
+	__u32 slot = (flags & XF_CFG_RULES_SLOT) ? 1 : 0, key, zero = 0;
+	struct xf_rule_act *best;
+	struct xf_rule_head *h;
+	struct xf_rule_cnt *cnt;
+	struct xf_counters *c;
+	struct xf_config *cfg;
+	__u64 now;
+	int rj;
+
+	if (!p || !bit)
 		return RJ_NONE;
-	key = slot * XF_RULE_BITS + bit - 1;
+	key = slot * XF_RULE_BITS + ((bit - 1) & (XF_RULE_BITS - 1));
 	best = bpf_map_lookup_elem(&rl_act, &key);
 	h = bpf_map_lookup_elem(&rl_head, &slot);
 	if (!best || !h)
@@ -354,16 +392,8 @@ __attribute__((noinline)) int xf_rules(struct xdp_md *ctx, struct pkt *p,
 
 	/* the blocklist sits at rank bl_rank: a rule after it applies only
 	 * to frames it does not list (RJ_NONE lets the caller block them) */
-	if (best->rank >= h->bl_rank) {
-		if (p->family == 4) {
-			if ((flags & (XF_CFG_BL4_SRC | XF_CFG_BL4_DST)) &&
-			    bl4_match(flags, &p->k4))
-				return RJ_NONE;
-		} else if ((flags & (XF_CFG_BL6_SRC | XF_CFG_BL6_DST)) &&
-			   bl6_match(flags, &p->k6)) {
-			return RJ_NONE;
-		}
-	}
+	if (listed && best->rank >= h->bl_rank)
+		return RJ_NONE;
 
 	cnt = bpf_map_lookup_elem(&rule_counters, &best->counter);
 	if (cnt) {
@@ -372,23 +402,30 @@ __attribute__((noinline)) int xf_rules(struct xdp_md *ctx, struct pkt *p,
 	}
 	switch (best->action) {
 	case XF_RA_PASS:
+		return RJ_ALLOW; /* quiet: allowing is what traffic does */
 	case XF_RA_MONITOR:
-		return RJ_ALLOW;
+		rj = RJ_ALLOW;
+		break;
 	case XF_RA_RATE:
-		if (p->family == 4) {
-			s0 = p->k4.saddr;
-		} else {
-			__builtin_memcpy(&s0, p->k6.saddr, 8);
-			__builtin_memcpy(&s1, p->k6.saddr + 8, 8);
-		}
-		if (rate_ok(best, p, s0, s1))
+		if (xf_rate_ok(best, p))
 			return RJ_ALLOW;
 		if (cnt)
 			cnt->limited++;
-		return RJ_DROP;
+		rj = RJ_DROP;
+		break;
 	default:
-		return RJ_DROP;
+		rj = RJ_DROP;
 	}
+
+	c = bpf_map_lookup_elem(&counters, &zero);
+	cfg = bpf_map_lookup_elem(&config, &zero);
+	if (!c || !cfg)
+		return rj;
+	now = bpf_jiffies64();
+	if (event_allowed(c, p, now, cfg))
+		emit(c, ctx, p, XF_EV_RULE, best->id, now, cfg,
+		     best->action | (rj == RJ_DROP ? XF_EV_RULE_DROPPED : 0));
+	return rj;
 }
 
 /* the call site's part: monitor mode turns a drop into a counted pass,
@@ -396,11 +433,18 @@ __attribute__((noinline)) int xf_rules(struct xdp_md *ctx, struct pkt *p,
 static __always_inline int rules_judge(struct xdp_md *ctx, struct xf_counters *c,
 				       struct pkt *p, __u32 flags,
 				       struct hdr_cursor *nh, int ipproto,
-				       int l4_ok, int *action, __u32 *act)
+				       int l4_ok, __u32 listed, int *action,
+				       __u32 *act)
 {
 	void *data = (void *)(long)ctx->data;
 	__u32 off = (__u32)(nh->pos - data) | (__u32)(nh->end - data) << 16;
-	int rj = xf_rules(ctx, p, flags, (ipproto & 0xff) | (l4_ok ? 256 : 0), off);
+	__u32 bit = xf_rl_classify(ctx, p, flags,
+				   (ipproto & 0xff) | (l4_ok ? 256 : 0), off);
+	int rj;
+
+	if (!bit)
+		return RJ_NONE;
+	rj = xf_rule_apply(ctx, p, flags, bit, listed);
 
 	if (rj != RJ_DROP)
 		return rj;

@@ -374,10 +374,16 @@ static __always_inline __u32 bl6_lookup(void *l0, void *deep, const __u8 *addr)
 	return v & XF_BL6_RULE_MASK;
 }
 
-static __always_inline __u32 bl6_match(__u32 flags, struct xf_flow6 *k)
+/* A global function: the verifier checks the unrolled walk once, not once
+ * per path of the program around it (that multiplied to most of the
+ * program's verification budget once the rules came after it).
+ */
+__attribute__((noinline)) __u32 bl6_match(__u32 flags, struct xf_flow6 *k)
 {
 	__u32 r;
 
+	if (!k)
+		return 0;
 	if (flags & XF_CFG_BL6_SRC) {
 		r = bl6_lookup(&bl6_l0_src, &bl6_deep_src, k->saddr);
 		if (r)
@@ -415,7 +421,7 @@ static __always_inline int event_allowed(struct xf_counters *c, struct pkt *p,
 
 static __always_inline void emit(struct xf_counters *c, struct xdp_md *ctx,
 				 struct pkt *p, __u8 type, __u32 rule, __u64 now,
-				 struct xf_config *cfg)
+				 struct xf_config *cfg, __u8 extra)
 {
 	struct xf_event *e;
 
@@ -430,7 +436,7 @@ static __always_inline void emit(struct xf_counters *c, struct xdp_md *ctx,
 	e->len = p->len;
 	e->type = type;
 	e->family = p->family;
-	e->pad = 0;
+	e->pad = extra;
 	e->generation = cfg->generation;
 	if (p->family == 4) {
 		e->proto = p->k4.proto;
@@ -495,7 +501,7 @@ static __always_inline void track(void *flows, void *key,
 	err = bpf_map_update_elem(flows, key, &nv, BPF_NOEXIST);
 	if (!err) {
 		if (event_allowed(c, p, now, cfg))
-			emit(c, ctx, p, XF_EV_NEW_FLOW, 0, now, cfg);
+			emit(c, ctx, p, XF_EV_NEW_FLOW, 0, now, cfg, 0);
 		return;
 	}
 	/* another CPU created it between our lookup and update */
@@ -533,7 +539,7 @@ static __always_inline int blocked(struct xf_counters *c, struct xdp_md *ctx,
 			parse_l4(nh, data_end, ipproto, l4_ok, &p->k6.sport,
 				 &p->k6.dport, &p->tcp_flags);
 		emit(c, ctx, p, monitor ? XF_EV_MONITORED : XF_EV_BLOCKED,
-		     rule, now, cfg);
+		     rule, now, cfg, 0);
 	}
 	if (monitor) {
 		count(c, XF_CNT_MONITORED, p->len);
@@ -552,7 +558,7 @@ int xdpflow(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data;
 	struct hdr_cursor nh = { .pos = data, .end = data_end };
 	__u32 cls = XF_CNT_PARSE_ERRORS, l4cnt = XF_CNT_MAX;
-	__u32 act = XF_CNT_PASSED, flags = 0, zero = 0;
+	__u32 act = XF_CNT_PASSED, flags = 0, zero = 0, listed = 0;
 	int action = XDP_PASS, ethproto, ipproto, l4_ok = 0;
 	struct xf_counters *c;
 	struct xf_config *cfg;
@@ -586,14 +592,23 @@ int xdpflow(struct xdp_md *ctx)
 		cls = XF_CNT_IPV4;
 		l4cnt = l4_class(ipproto);
 
-		if (flags & (XF_CFG_BL4_SRC | XF_CFG_BL4_DST)) {
-			__u32 r = bl4_match(flags, &p.k4);
+		/* the blocklist's answer first: the rules say whether it
+		 * applies (a rule before it may exempt the frame) */
+		if (flags & (XF_CFG_BL4_SRC | XF_CFG_BL4_DST))
+			listed = bl4_match(flags, &p.k4);
+		if (flags & XF_CFG_RULES) {
+			int rj = rules_judge(ctx, c, &p, flags, &nh, ipproto,
+					     l4_ok, listed, &action, &act);
 
-			if (r) {
-				action = blocked(c, ctx, &p, r - 1, cfg, &act,
-						 &nh, data_end, ipproto, l4_ok);
+			if (rj == RJ_DONE)
 				goto out;
-			}
+			if (rj == RJ_ALLOW)
+				listed = 0;
+		}
+		if (listed) {
+			action = blocked(c, ctx, &p, listed - 1, cfg, &act, &nh,
+					 data_end, ipproto, l4_ok);
+			goto out;
 		}
 		if (parse_l4(&nh, data_end, ipproto, l4_ok, &p.k4.sport,
 			     &p.k4.dport, &p.tcp_flags) < 0)
@@ -616,14 +631,23 @@ int xdpflow(struct xdp_md *ctx)
 		cls = XF_CNT_IPV6;
 		l4cnt = l4_class(ipproto);
 
-		if (flags & (XF_CFG_BL6_SRC | XF_CFG_BL6_DST)) {
-			__u32 r = bl6_match(flags, &p.k6);
+		/* the blocklist's answer first: the rules say whether it
+		 * applies (a rule before it may exempt the frame) */
+		if (flags & (XF_CFG_BL6_SRC | XF_CFG_BL6_DST))
+			listed = bl6_match(flags, &p.k6);
+		if (flags & XF_CFG_RULES) {
+			int rj = rules_judge(ctx, c, &p, flags, &nh, ipproto,
+					     l4_ok, listed, &action, &act);
 
-			if (r) {
-				action = blocked(c, ctx, &p, r - 1, cfg, &act,
-						 &nh, data_end, ipproto, l4_ok);
+			if (rj == RJ_DONE)
 				goto out;
-			}
+			if (rj == RJ_ALLOW)
+				listed = 0;
+		}
+		if (listed) {
+			action = blocked(c, ctx, &p, listed - 1, cfg, &act, &nh,
+					 data_end, ipproto, l4_ok);
+			goto out;
 		}
 		if (parse_l4(&nh, data_end, ipproto, l4_ok, &p.k6.sport,
 			     &p.k6.dport, &p.tcp_flags) < 0)

@@ -208,17 +208,23 @@ enum xf_event_type {
 	XF_EV_NEW_FLOW = 1,
 	XF_EV_BLOCKED = 2,
 	XF_EV_MONITORED = 3,
+	XF_EV_RULE = 4, /* a rule matched: rule = its id, pad = its action */
 };
+
+/* xf_event.pad of an XF_EV_RULE event: enum xf_rule_action, | this when the
+ * the rule dropped the frame (drop, or rate-limit excess), or would have in
+ * monitor mode */
+#define XF_EV_RULE_DROPPED 0x80
 
 struct xf_event {
 	__u64 ts; /* jiffies */
 	__u32 ifindex;
-	__u32 rule; /* blocklist rule index, blocked/monitored events */
+	__u32 rule; /* blocklist rule index (blocked/monitored); rule id (rule) */
 	__u32 len;  /* frame length */
 	__u8 type;  /* enum xf_event_type */
 	__u8 family; /* 4 or 6 */
 	__u8 proto;
-	__u8 pad;
+	__u8 pad;   /* XF_EV_RULE: the rule's action, see XF_EV_RULE_DROPPED */
 	__be16 sport;
 	__be16 dport;
 	__u8 saddr[16]; /* IPv4 in the first 4 bytes */

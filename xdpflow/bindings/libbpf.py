@@ -1192,7 +1192,8 @@ class Object:
         if ret < 0:
             err = -ret
             log = ffi.string(self._log).decode(errors="replace")
-            if log.strip() and err not in (errno.EPERM, errno.EACCES):
+            # the verifier refuses with EACCES as often as EINVAL; only EPERM means "not root"
+            if log.strip() and err != errno.EPERM:
                 raise VerifierError(
                     err,
                     f"the kernel refused to load {os.path.basename(self.path)}: {os.strerror(err)}; "

@@ -19,6 +19,15 @@ EVENT_TYPES = {
     abi.C.XF_EV_NEW_FLOW: "new_flow",
     abi.C.XF_EV_BLOCKED: "blocked",
     abi.C.XF_EV_MONITORED: "monitored",
+    abi.C.XF_EV_RULE: "rule",
+}
+
+# a rule event's action byte (xf_event.pad), as `rule list` spells actions
+RULE_ACTIONS = {
+    abi.C.XF_RA_PASS: "pass",
+    abi.C.XF_RA_DROP: "drop",
+    abi.C.XF_RA_MONITOR: "monitor",
+    abi.C.XF_RA_RATE: "rate-limit",
 }
 
 
@@ -77,7 +86,13 @@ def decode_event(data: bytes, rules: RuleNames | None, clock: JiffiesClock | Non
         "proto": int(e.proto),
         "len": int(e.len),
     }
-    if int(e.type) != abi.C.XF_EV_NEW_FLOW:
+    if int(e.type) == abi.C.XF_EV_RULE:
+        # a rule event names the rule by id: ids are never reused, so no generation is needed
+        extra = int(e.pad)
+        out["rule"] = int(e.rule)
+        out["action"] = RULE_ACTIONS.get(extra & ~abi.C.XF_EV_RULE_DROPPED, str(extra))
+        out["dropped"] = bool(extra & abi.C.XF_EV_RULE_DROPPED)
+    elif int(e.type) != abi.C.XF_EV_NEW_FLOW:
         if rules is None:
             out["rule"] = int(e.rule)
         else:
