@@ -37,10 +37,7 @@ static __always_inline __u32 ctz64(__u64 x)
 	return (__u32)((v * 0x0101010101010101ULL) >> 56) & 63;
 }
 
-/* Classification state: one stack object for both bpf_loop callbacks (the
- * address probe, then the scan), so the deepest call chain stays within
- * the verifier's 512-byte stack.
- */
+/* Classification state, shared with the scan's bpf_loop callback. */
 struct rl_scan {
 	__u32 cls[7]; /* the frame's class per field (0: unconstrained) */
 	__u32 slot;
@@ -50,60 +47,43 @@ struct rl_scan {
 	__u32 word;   /* the word being looked at */
 	__u64 w;      /* its candidates not ruled out yet */
 	__u64 now;    /* jiffies, read once a rule with a TTL is met */
-	/* address probe */
-	__u64 a0, a1; /* the address (IPv4: 4 bytes, then 0), masked level by level */
-	__u32 tag;    /* (slot * 4 + fd) * XF_RLEVELS */
-	__u32 fam;
-	__u32 mask;   /* levels holding entries in this /16 */
-	__u32 pcls;
+	__u64 a0, a1; /* the address probed (IPv4: 4 bytes, then 0) */
 };
 
-static long rl_probe_level(__u32 n, void *ctx)
-{
-	struct rl_scan *pr = ctx;
-	__u32 i = (XF_RLEVELS - 1 - n) & (XF_RLEVELS - 1);
-	struct xf_raddr_key k;
-	struct xf_rule_head *h;
-	__u32 *hit;
-
-	if (!(pr->mask & (1U << i)))
-		return 0;
-	h = bpf_map_lookup_elem(&rl_head, &pr->slot);
-	if (!h)
-		return 1;
-	/* levels from the longest down; the masks nest, so masking the
-	 * previous level's key is enough */
-	pr->a0 &= h->lmask[pr->fam & 1][i][0];
-	pr->a1 &= h->lmask[pr->fam & 1][i][1];
-	k.tag = pr->tag + i;
-	__builtin_memcpy(k.addr, &pr->a0, 8);
-	__builtin_memcpy(k.addr + 8, &pr->a1, 8);
-	hit = bpf_map_lookup_elem(&rl_addr, &k);
-	if (!hit)
-		return 0;
-	pr->pcls = *hit;
-	return 1;
-}
-
 /* Class of an address (sc->a0, a1 set): the longest rule CIDR holding it
- * (see xdpflow.h). Most addresses are answered by the /16 array alone.
+ * (see xdpflow.h). Most addresses are answered by the /16 array alone; the
+ * levels in use below it are probed longest first, unrolled.
  */
-static __always_inline __u32 rl_addr_class(struct rl_scan *sc, __u32 fd)
+static __always_inline __u32 rl_addr_class(struct rl_scan *sc,
+					   struct xf_rule_head *h, __u32 fd)
 {
 	__u32 top = (__u32)(sc->a0 & 0xff) << 8 | (__u32)((sc->a0 >> 8) & 0xff);
 	__u32 key = (sc->slot * 4 + fd) * XF_RL1_SIZE + top;
 	__u32 *e = bpf_map_lookup_elem(&rl_l1, &key);
+	struct xf_raddr_key k;
+	__u32 mask, fam = (fd >> 1) & 1, *hit;
+	__u64 a0 = sc->a0, a1 = sc->a1;
 
 	if (!e)
 		return 0;
-	sc->pcls = *e & 0xffff;
-	sc->mask = *e >> 16;
-	if (!sc->mask)
-		return sc->pcls;
-	sc->tag = (sc->slot * 4 + fd) * XF_RLEVELS;
-	sc->fam = fd >> 1;
-	bpf_loop(XF_RLEVELS, rl_probe_level, sc, 0);
-	return sc->pcls;
+	mask = *e >> 16;
+	if (!mask)
+		return *e & 0xffff;
+#pragma unroll
+	for (int i = XF_RLEVELS - 1; i >= 0; i--) {
+		if (!(mask & (1U << i)))
+			continue;
+		/* the masks nest, so masking the previous level's key is enough */
+		a0 &= h->lmask[fam][i][0];
+		a1 &= h->lmask[fam][i][1];
+		k.tag = (sc->slot * 4 + fd) * XF_RLEVELS + i;
+		__builtin_memcpy(k.addr, &a0, 8);
+		__builtin_memcpy(k.addr + 8, &a1, 8);
+		hit = bpf_map_lookup_elem(&rl_addr, &k);
+		if (hit)
+			return *hit;
+	}
+	return *e & 0xffff;
 }
 
 static __always_inline struct xf_rule_bits *rl_bits(__u32 slot, __u32 cls)
@@ -231,8 +211,9 @@ static __always_inline __u32 rl_classify(struct pkt *p, __u32 slot,
 					 __u32 proto_len, __u64 ports,
 					 __u32 ifindex)
 {
-	struct xf_rule_bits *bs, *bd;
-	struct rl_scan sc = {};
+	struct xf_rule_bits *bs, *bd, *b2, *b3, *b4, *b5, *b6;
+	__u32 rest, live;
+	struct rl_scan sc;
 	struct xf_rule_head *h;
 	__u32 fields, fd = 0, proto_key = proto_len & 0xffff;
 	__u32 iplen = proto_len >> 16;
@@ -241,7 +222,15 @@ static __always_inline __u32 rl_classify(struct pkt *p, __u32 slot,
 	if (!p)
 		return 0;
 	slot &= 1;
+	/* every field the scan reads, and no more: zeroing the whole state
+	 * costs on every frame */
 	sc.slot = slot;
+	sc.cls[0] = sc.cls[1] = sc.cls[2] = sc.cls[3] = 0;
+	sc.cls[4] = sc.cls[5] = sc.cls[6] = 0;
+	sc.best = 0;
+	sc.w = 0;
+	sc.now = 0;
+	sc.word = 0;
 	if (p->family != 4)
 		fd = 2;
 
@@ -263,7 +252,7 @@ static __always_inline __u32 rl_classify(struct pkt *p, __u32 slot,
 			sc.a0 = p->k4.saddr;
 			sc.a1 = 0;
 		}
-		sc.cls[0] = rl_addr_class(&sc, fd);
+		sc.cls[0] = rl_addr_class(&sc, h, fd);
 	}
 	if (fields & XF_RF_DST) {
 		if (fd) {
@@ -273,14 +262,14 @@ static __always_inline __u32 rl_classify(struct pkt *p, __u32 slot,
 			sc.a0 = p->k4.daddr;
 			sc.a1 = 0;
 		}
-		sc.cls[1] = rl_addr_class(&sc, fd + 1);
+		sc.cls[1] = rl_addr_class(&sc, h, fd + 1);
 	}
 	bs = rl_bits(slot, sc.cls[0]);
 	bd = rl_bits(slot, sc.cls[1]);
 	if (!bs || !bd)
 		return 0;
-	sc.rest = bs->summary & bd->summary;
-	if (!sc.rest)
+	rest = bs->summary & bd->summary;
+	if (!rest)
 		return 0;
 	if (fields & XF_RF_PROTO)
 		sc.cls[2] = rl_table(&rl_proto, slot, 65536, proto_key & 0xffff);
@@ -296,16 +285,34 @@ static __always_inline __u32 rl_classify(struct pkt *p, __u32 slot,
 
 		sc.cls[6] = e ? *e : h->iface_default;
 	}
-	for (int f = 2; f < 7; f++) {
-		bs = rl_bits(slot, sc.cls[f]);
-		if (!bs)
-			return 0;
-		sc.rest &= bs->summary;
+	b2 = rl_bits(slot, sc.cls[2]);
+	b3 = rl_bits(slot, sc.cls[3]);
+	b4 = rl_bits(slot, sc.cls[4]);
+	b5 = rl_bits(slot, sc.cls[5]);
+	b6 = rl_bits(slot, sc.cls[6]);
+	if (!b2 || !b3 || !b4 || !b5 || !b6)
+		return 0;
+	rest &= b2->summary & b3->summary & b4->summary & b5->summary &
+		b6->summary;
+	if (!rest)
+		return 0;
+	/* The words where one rule accepts every field: usually none, and
+	 * then the frame is done without a scan. Branch-free (x | -x has its
+	 * top bit set iff x != 0), so the verifier sees one path, not one per
+	 * combination of words.
+	 */
+	live = 0;
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < XF_RULE_WORDS; i++) {
+		__u64 x = bs->w[i] & bd->w[i] & b2->w[i] & b3->w[i] & b4->w[i] &
+			  b5->w[i] & b6->w[i];
+
+		live |= (__u32)((x | -x) >> 63) << i;
 	}
+	sc.rest = live & rest;
 	if (!sc.rest)
 		return 0;
-	/* one step per word that survived (usually one or two), plus one
-	 * per expired rule met on the way */
+	/* one step per live word, plus one per expired rule met on the way */
 	sc.best_rank = ~0U;
 	bpf_loop(XF_RULE_BITS + XF_RULE_WORDS, rl_scan_step, &sc, 0);
 	return sc.best;

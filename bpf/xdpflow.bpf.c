@@ -593,10 +593,14 @@ int xdpflow(struct xdp_md *ctx)
 		l4cnt = l4_class(ipproto);
 
 		/* the blocklist's answer first: the rules say whether it
-		 * applies (a rule before it may exempt the frame) */
+		 * applies (a rule before it may exempt the frame). Both
+		 * branches are marked unlikely so the common frame (no
+		 * rules, not listed) runs straight through: without the
+		 * hint clang laid the rules call in the fall-through path
+		 * and established UDP/IPv4 cost ~15 ns more. */
 		if (flags & (XF_CFG_BL4_SRC | XF_CFG_BL4_DST))
 			listed = bl4_match(flags, &p.k4);
-		if (flags & XF_CFG_RULES) {
+		if (__builtin_expect(flags & XF_CFG_RULES, 0)) {
 			int rj = rules_judge(ctx, c, &p, flags, &nh, ipproto,
 					     l4_ok, listed, &action, &act);
 
@@ -605,7 +609,7 @@ int xdpflow(struct xdp_md *ctx)
 			if (rj == RJ_ALLOW)
 				listed = 0;
 		}
-		if (listed) {
+		if (__builtin_expect(listed, 0)) {
 			action = blocked(c, ctx, &p, listed - 1, cfg, &act, &nh,
 					 data_end, ipproto, l4_ok);
 			goto out;
@@ -635,7 +639,7 @@ int xdpflow(struct xdp_md *ctx)
 		 * applies (a rule before it may exempt the frame) */
 		if (flags & (XF_CFG_BL6_SRC | XF_CFG_BL6_DST))
 			listed = bl6_match(flags, &p.k6);
-		if (flags & XF_CFG_RULES) {
+		if (__builtin_expect(flags & XF_CFG_RULES, 0)) {
 			int rj = rules_judge(ctx, c, &p, flags, &nh, ipproto,
 					     l4_ok, listed, &action, &act);
 
@@ -644,7 +648,7 @@ int xdpflow(struct xdp_md *ctx)
 			if (rj == RJ_ALLOW)
 				listed = 0;
 		}
-		if (listed) {
+		if (__builtin_expect(listed, 0)) {
 			action = blocked(c, ctx, &p, listed - 1, cfg, &act, &nh,
 					 data_end, ipproto, l4_ok);
 			goto out;

@@ -187,3 +187,32 @@ def test_expiry_and_counters_and_refusal(prog: ProgHarness, tables: RuleTables) 
     with pytest.raises(MapFullError):
         tables.install([r for r in too_many if r is not None])
     assert tables.active() == before
+
+
+def test_the_program_applies_what_was_written(prog: ProgHarness) -> None:
+    """A smoke check through BPF_PROG_TEST_RUN (the behaviour tests are elsewhere):
+    a drop rule drops, a pass rule below the blocklist's priority exempts a
+    listed source, a flip to an empty set lets everything through."""
+    from xdpflow.rules.blockfile import Rule, parse_cidr
+
+    from ..frames import raw_udp4
+    from ..progtest import XDP_DROP, XDP_PASS
+
+    def ip(text: str) -> int:
+        return int.from_bytes(socket.inet_aton(text), "big")
+
+    listed = raw_udp4(ip("198.51.100.7"), ip("198.18.0.1"), 4000, 53)
+    ntp = raw_udp4(ip("198.18.0.2"), ip("203.0.113.5"), 123, 4000)
+    other = raw_udp4(ip("198.18.0.2"), ip("203.0.113.6"), 123, 4000)
+    prog.blocklist.add([Rule(parse_cidr("198.51.100.0/24"), "src")])
+    assert [prog.run(f) for f in (listed, ntp, other)] == [XDP_DROP, XDP_PASS, XDP_PASS]
+    rules = [
+        parse_line(t, now=0.0)
+        for t in ("drop proto=udp sport=123 dst=203.0.113.5", "pass src=198.51.100.7 priority=10")
+    ]
+    installed = prog.rules.install([r for r in rules if r is not None])
+    assert [prog.run(f) for f in (listed, ntp, other)] == [XDP_PASS, XDP_DROP, XDP_PASS]
+    counts = prog.rules.counters()
+    assert sorted(c[0] for c in counts.values()) == [1, 1] and set(counts) == {r.id for r in installed}
+    prog.rules.install([])
+    assert [prog.run(f) for f in (listed, ntp, other)] == [XDP_DROP, XDP_PASS, XDP_PASS]

@@ -1,0 +1,165 @@
+"""In-kernel cost of the rules engine, measured with BPF_PROG_TEST_RUN.
+
+Three objects, each with the distant blocklist of bench_kernel loaded: no
+rules (the engine idle), 64 rules and 1,024 rules of mixed shapes. The rule
+sets are built to be hard for the classifier: most rules share the test
+frames' /16, /24 or /48 (so the address lookups return classes with live
+bits and the port, flag and length fields have to rule them out), the rest
+are feed-like CIDRs elsewhere, flag rules and port-only rules. None matches
+the established frames; one rate-limit rule (limit far above the test rate,
+so every frame conforms) matches the rate-limit frame.
+
+Used by scripts/bench.py; runnable alone:
+
+    python3 scripts/bench_rules.py [--runs 5] [--repeat 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import bench_kernel  # noqa: E402
+from scapy.layers.inet import IP, UDP  # noqa: E402
+from scapy.layers.l2 import Ether  # noqa: E402
+from scapy.packet import Raw  # noqa: E402
+
+from xdpflow.bindings.libbpf import Object  # noqa: E402
+from xdpflow.dataplane import abi  # noqa: E402
+from xdpflow.dataplane.rules import RuleTables  # noqa: E402
+from xdpflow.rules.rulespec import RuleSpec, parse_words  # noqa: E402
+
+RATE_SRC = "198.18.9.9"  # the rate-limit frame's source (inside the traffic's /16)
+
+
+def mixed_rules(n: int, seed: int = 11) -> list[RuleSpec]:
+    """n rules, none matching bench_kernel's udp4 (198.18.0.1:1024 ->
+    198.18.0.2:2048) or tcp6 (2001:2::1:1024 -> 2001:2::2:80, ACK) frames,
+    plus one rate-limit rule for RATE_SRC."""
+    rnd = random.Random(seed)
+    out: list[RuleSpec] = [parse_words(["rate-limit", f"src={RATE_SRC}/32", "pps=1000000000", "priority=5"])]
+    actions = ("drop", "monitor", "pass", "drop")
+    while len(out) < n:
+        kind = len(out) % 8
+        act = actions[len(out) % 4]
+        prio = f"priority={rnd.randrange(1, 2000)}"
+        if kind == 0:  # the frames' own /24 or host, ports elsewhere
+            plen = rnd.choice((16, 24, 28, 32))
+            net = ipaddress.ip_network(f"198.18.0.2/{plen}", strict=False)
+            lo = rnd.randrange(3000, 60000)
+            w = [act, f"dst={net}", "proto=udp", f"dport={lo}-{lo + rnd.randrange(0, 500)}", prio]
+        elif kind == 1:  # the IPv6 frames' /48, /64 or host, ports elsewhere
+            plen = rnd.choice((48, 56, 64, 128))
+            net = ipaddress.ip_network(f"2001:2::2/{plen}", strict=False)
+            lo = rnd.randrange(1000, 60000)
+            w = [act, f"dst={net}", "proto=tcp", f"dport={lo}-{lo + rnd.randrange(0, 200)}", prio]
+        elif kind == 2:  # sources inside the traffic's /16, other hosts
+            host = f"198.18.{rnd.randrange(10, 255)}.{rnd.randrange(1, 255)}"
+            net = ipaddress.ip_network(f"{host}/{rnd.choice((24, 32))}", strict=False)
+            w = [act, f"src={net}", prio]
+        elif kind == 3:  # feed-like IPv4 sources elsewhere
+            a = rnd.randrange(1, 224) << 24 | rnd.getrandbits(24)
+            if a >> 17 == (198 << 24 | 18 << 16) >> 17:
+                continue
+            net = ipaddress.ip_network((a, rnd.choice((8, 12, 16, 20, 24, 32))), strict=False)
+            w = [act, f"src={net}", prio]
+        elif kind == 4:  # feed-like IPv6 sources elsewhere
+            net = ipaddress.ip_network((0x2A00 << 112 | rnd.getrandbits(112), rnd.choice((32, 48, 64))), strict=False)
+            w = [act, f"src={net}", prio]
+        elif kind == 5:  # SYN-only rules: established traffic carries ACK
+            w = [act, "tcp-flags=SYN,!ACK", f"dport={rnd.randrange(1, 65535)}", prio]
+        elif kind == 6:  # port-only rules elsewhere
+            lo = rnd.randrange(3000, 60000)
+            w = [act, "proto=udp", f"sport={lo}-{lo + 100}", prio]
+        else:  # length ranges the frames do not have
+            lo = rnd.randrange(600, 1400)
+            w = [act, f"length={lo}-{lo + 50}", "proto=udp", prio]
+        out.append(parse_words(w))
+    return out
+
+
+@dataclass
+class RulesFigure:
+    name: str
+    target: float | None  # ns above `versus`
+    versus: str  # the figure it is compared with
+    samples: list[float]  # ns above XDP_PASS, one per round
+
+
+def measure(runs: int, repeat: int) -> list[RulesFigure]:
+    fr = bench_kernel.frames()
+    eth = Ether(src=bench_kernel.MAC_A, dst=bench_kernel.MAC_B)
+    fr["rate"] = bytes(eth / IP(src=RATE_SRC, dst="198.18.0.2") / UDP(sport=1024, dport=2048) / Raw(b"\0" * 18))
+    base_obj = Object(abi.object_path("baseline"))
+    base_obj.load()
+    xdp_pass = base_obj.program("xdp_pass")
+    prefixes = bench_kernel.random_prefixes(10000, 10000)
+    objs = {n: bench_kernel.Loaded(prefixes) for n in (0, 64, 1024)}
+    for n, o in objs.items():
+        if n:
+            RuleTables(o.map).install(mixed_rules(n))
+        for k in ("udp4", "tcp6", "rate"):
+            o.prog.test_run(fr[k], repeat=1)
+    rows = [
+        ("no rules: established UDP/IPv4", 0, "udp4", None, ""),
+        ("no rules: established TCP/IPv6", 0, "tcp6", None, ""),
+        ("64 rules, none matching: established UDP/IPv4", 64, "udp4", None, ""),
+        ("64 rules, none matching: established TCP/IPv6", 64, "tcp6", None, ""),
+        ("1,024 rules, none matching: established UDP/IPv4", 1024, "udp4", 30.0, "no rules: established UDP/IPv4"),
+        ("1,024 rules, none matching: established TCP/IPv6", 1024, "tcp6", 30.0, "no rules: established TCP/IPv6"),
+        ("1,024 rules: a rate-limit hit (conforming)", 1024, "rate", 60.0, "no rules: established UDP/IPv4"),
+    ]
+    figs = {name: RulesFigure(name, target, versus, []) for name, _, _, target, versus in rows}
+    try:
+        for _ in range(runs):
+            base = {k: bench_kernel.per_frame_ns(xdp_pass, fr[k], repeat) for k in ("udp4", "tcp6", "rate")}
+            for name, n, key, _, _ in rows:
+                figs[name].samples.append(bench_kernel.per_frame_ns(objs[n].prog, fr[key], repeat) - base[key])
+    finally:
+        for o in objs.values():
+            o.close()
+        xdp_pass.close()
+        base_obj.close()
+    return list(figs.values())
+
+
+def table(figs: list[RulesFigure]) -> list[str]:
+    by = {f.name: f for f in figs}
+    lines = [
+        "| path | ns above XDP_PASS (median) | min–max | more than | target | met |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for f in figs:
+        med = statistics.median(f.samples)
+        span = f"{min(f.samples):.1f}–{max(f.samples):.1f}"
+        if f.target is None:
+            lines.append(f"| {f.name} | {med:.1f} | {span} | | | |")
+            continue
+        more = med - statistics.median(by[f.versus].samples)
+        met = "yes" if more <= f.target else "NO"
+        lines.append(f"| {f.name} | {med:.1f} | {span} | {more:+.1f} ({f.versus}) | ≤ +{f.target:.0f} | {met} |")
+    return lines
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=1_000_000)
+    args = p.parse_args()
+    t = time.time()
+    print("\n".join(table(measure(args.runs, args.repeat))))
+    print(f"({time.time() - t:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
