@@ -294,13 +294,15 @@ def test_rate_limit(lab: Lab, cli: Cli) -> None:
               "--pps", "1000")  # fmt: skip
     flood = raw([udp(GEN_V4, DUT_V4, 4400, 6000)])[0]
     quiet = raw([udp("198.18.0.9", DUT_V4, 4401, 6000)])[0]
-    # 20 flood frames per quiet one: 10,000 + 500 pps
-    mix = [flood] * 20 + [quiet]
-    with lab.receiver(timeout=60) as rx, Sender(lab, mix, 10_500) as s:
+    # 200 flood frames per quiet one: 10,000 + 50 pps (a sender that falls
+    # behind catches up in a burst; at 50 pps a 100 ms lag bunches 5 quiet
+    # frames, within the bucket's tolerance)
+    mix = [flood] * 200 + [quiet]
+    with lab.receiver(timeout=60) as rx, Sender(lab, mix, 10_050) as s:
         time.sleep(4.0)
         s.stop()
         got = rx.stop()
-    n_flood, n_quiet = sum(s.sent[:20]), s.sent[20]
+    n_flood, n_quiet = sum(s.sent[:200]), s.sent[200]
     seconds = s.last - s.first
     by_src = Counter(bytes(f)[26:30] for f in got)
     through = by_src[socket.inet_aton(GEN_V4)]
@@ -309,9 +311,11 @@ def test_rate_limit(lab: Lab, cli: Cli) -> None:
     print(f"\nrate limit: sent {n_flood} in {seconds:.2f} s ({n_flood / seconds:.0f} pps, pace behind by at most "
           f"{s.behind * 1e3:.1f} ms), {through} through: {rate:.0f} pps")  # fmt: skip
     assert n_flood / seconds > 5000, "the sender could not keep up: no overload to limit"
-    # under the limit on average: all of it, but for the few frames of a
-    # sender's catch-up burst beyond the bucket's tolerance (5 ms)
-    assert quiet_through >= 0.98 * n_quiet, (quiet_through, n_quiet, s.behind)
+    # under the limit: all of it, unless a loaded machine made the sender
+    # lag so far that its catch-up burst beat the bucket's tolerance
+    if s.behind < 0.09:
+        assert quiet_through == n_quiet, (quiet_through, n_quiet, s.behind)
+    assert quiet_through >= 0.9 * n_quiet, (quiet_through, n_quiet, s.behind)
     assert 900 <= rate <= 1100, (through, seconds)
 
     packets, nbytes_, limited = counts(cli)[rid]
