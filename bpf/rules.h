@@ -389,9 +389,10 @@ __attribute__((noinline)) int xf_rule_apply(struct xdp_md *ctx, struct pkt *p,
 	__u64 now;
 	int rj;
 
-	if (!p || !bit)
+	/* a bound, not a mask: XF_RULE_BITS is not a power of two */
+	if (!p || !bit || bit > XF_RULE_BITS)
 		return RJ_NONE;
-	key = slot * XF_RULE_BITS + ((bit - 1) & (XF_RULE_BITS - 1));
+	key = slot * XF_RULE_BITS + bit - 1;
 	best = bpf_map_lookup_elem(&rl_act, &key);
 	h = bpf_map_lookup_elem(&rl_head, &slot);
 	if (!best || !h)
