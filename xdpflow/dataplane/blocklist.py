@@ -45,6 +45,7 @@ TRIES: dict[tuple[int, str], tuple[str, int]] = {
     (6, "dst"): ("bl6_dst", abi.C.XF_CFG_BL6_DST),
 }
 V6_TABLES = {"src": ("bl6_l0_src", "bl6_deep_src"), "dst": ("bl6_l0_dst", "bl6_deep_dst")}
+V6_FILTERS = {"src": "bl6_pf_src", "dst": "bl6_pf_dst"}
 V4_LEVELS = {
     "src": ("bl4_l1_src", "bl4_l2_src", "bl4_l3_src"),
     "dst": ("bl4_l1_dst", "bl4_l2_dst", "bl4_l3_dst"),
@@ -504,6 +505,9 @@ class Blocklist:
                 self._write_trie(kind, keys, [final[k] for k in keys])
         for direction, tables in v4.items():
             self._write_v4(direction, tables)
+        pf_final = {d: self._v6_filter(final, d) for d in V6_FILTERS}
+        for d in V6_FILTERS:  # a bit is set before any entry that needs it
+            self._write_filter(d, self._v6_filter(current, d) | pf_final[d])
         for direction, t6 in v6.items():
             self._write_v6(direction, t6)
         self._set_flags(list(current) + list(final))
@@ -512,6 +516,8 @@ class Blocklist:
         for kind, keys in _by_kind(to_delete).items():
             if keys:
                 self._delete_trie(kind, keys)
+        for d in V6_FILTERS:  # and cleared once no entry needs it
+            self._write_filter(d, pf_final[d])
         self._set_flags(list(final), bump=bool(to_add or to_delete))
         return Change(to_add, to_delete)
 
@@ -615,6 +621,31 @@ class Blocklist:
         _upsert(l1m, dict(zip(changed.tolist(), t.l1[changed].tolist())))
         _remove(l2m, [k for k in have2 if k not in t.l2])
         _remove(l3m, [k for k in have3 if k not in t.l3])
+
+    def _v6_filter(self, rules: dict[int, int], direction: str) -> np.ndarray:
+        """The filter's words for one direction: the bit of every /32 a rule
+        of /25 or longer overlaps (see XF_PF6_* in xdpflow.h)."""
+        words = np.zeros(abi.C.XF_PF6_WORDS, dtype=np.uint64)
+        tops: list[int] = []
+        for k in _by_kind(rules)[(6, direction)]:
+            plen = _plen(k)
+            if plen >= 25:
+                top = _addr(k) >> 96
+                tops.extend(range(top, top + (1 << max(32 - plen, 0))))
+        if tops:
+            t = np.array(tops, dtype=np.uint64)
+            bits = ((t * np.uint64(abi.C.XF_PF6_MULT)) & np.uint64(0xFFFFFFFF)) >> np.uint64(abi.C.XF_PF6_SHIFT)
+            np.bitwise_or.at(words, (bits >> np.uint64(6)).astype(np.int64), np.uint64(1) << (bits & np.uint64(63)))
+        return words
+
+    def _write_filter(self, direction: str, want: np.ndarray) -> None:
+        m = self._map(V6_FILTERS[direction])
+        raw = m.lookup_batch_raw(chunk=len(want))
+        have = np.frombuffer(raw[1], "<u8", raw[2]) if raw else np.array([v for _, v in sorted(m.items())])
+        changed = np.flatnonzero(have != want).astype(np.uint32)
+        if len(changed):
+            vals = np.ascontiguousarray(want[changed])
+            m.update_batch_raw(ffi.from_buffer(changed), ffi.from_buffer(vals), len(changed))
 
     def _write_v6(self, direction: str, t: V6Tables) -> None:
         """Rewrite one direction's IPv6 table: deeper entries first, then the
