@@ -89,12 +89,13 @@ BLOCKLIST_TRIE(bl6_dst, struct xf_lpm6);
 		__type(value, __u32);                                          \
 	} name SEC(".maps")
 
-BL4_LEVEL(bl4_l1_src, BPF_MAP_TYPE_ARRAY, XF_BL4_L1_SIZE, 0);
-BL4_LEVEL(bl4_l2c_src, BPF_MAP_TYPE_ARRAY, XF_BL4_L2C_SIZE, 0);
+/* the arrays are mmapable: the controller reads and writes them as memory */
+BL4_LEVEL(bl4_l1_src, BPF_MAP_TYPE_ARRAY, XF_BL4_L1_SIZE, BPF_F_MMAPABLE);
+BL4_LEVEL(bl4_l2c_src, BPF_MAP_TYPE_ARRAY, XF_BL4_L2C_SIZE, BPF_F_MMAPABLE);
 BL4_LEVEL(bl4_l2_src, BPF_MAP_TYPE_HASH, XF_BL4_L2_MAX, BPF_F_NO_PREALLOC);
 BL4_LEVEL(bl4_l3_src, BPF_MAP_TYPE_HASH, XF_BL4_L3_MAX, BPF_F_NO_PREALLOC);
-BL4_LEVEL(bl4_l1_dst, BPF_MAP_TYPE_ARRAY, XF_BL4_L1_SIZE, 0);
-BL4_LEVEL(bl4_l2c_dst, BPF_MAP_TYPE_ARRAY, XF_BL4_L2C_SIZE, 0);
+BL4_LEVEL(bl4_l1_dst, BPF_MAP_TYPE_ARRAY, XF_BL4_L1_SIZE, BPF_F_MMAPABLE);
+BL4_LEVEL(bl4_l2c_dst, BPF_MAP_TYPE_ARRAY, XF_BL4_L2C_SIZE, BPF_F_MMAPABLE);
 BL4_LEVEL(bl4_l2_dst, BPF_MAP_TYPE_HASH, XF_BL4_L2_MAX, BPF_F_NO_PREALLOC);
 BL4_LEVEL(bl4_l3_dst, BPF_MAP_TYPE_HASH, XF_BL4_L3_MAX, BPF_F_NO_PREALLOC);
 
@@ -103,6 +104,7 @@ BL4_LEVEL(bl4_l3_dst, BPF_MAP_TYPE_HASH, XF_BL4_L3_MAX, BPF_F_NO_PREALLOC);
 	struct {                                                               \
 		__uint(type, BPF_MAP_TYPE_ARRAY);                              \
 		__uint(max_entries, XF_BL6_L0_SIZE);                           \
+		__uint(map_flags, BPF_F_MMAPABLE);                             \
 		__type(key, __u32);                                            \
 		__type(value, __u32);                                          \
 	} name SEC(".maps")
@@ -120,6 +122,7 @@ BL4_LEVEL(bl4_l3_dst, BPF_MAP_TYPE_HASH, XF_BL4_L3_MAX, BPF_F_NO_PREALLOC);
 	struct {                                                               \
 		__uint(type, BPF_MAP_TYPE_ARRAY);                              \
 		__uint(max_entries, XF_PF6_WORDS);                             \
+		__uint(map_flags, BPF_F_MMAPABLE);                             \
 		__type(key, __u32);                                            \
 		__type(value, __u64);                                          \
 	} name SEC(".maps")
