@@ -24,7 +24,7 @@ import bisect
 import contextlib
 import errno
 import socket
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,7 +73,7 @@ def _kind(k: int) -> tuple[int, str]:
 
 def _by_kind(keys: Iterable[int]) -> dict[tuple[int, str], list[int]]:
     v6 = 1 << _V6_SHIFT  # every IPv6 key is at least this
-    ks = keys if isinstance(keys, (list, dict)) else list(keys)
+    ks = keys if isinstance(keys, Collection) else list(keys)  # two passes
     k4 = [k for k in ks if k < v6]
     k6 = [k for k in ks if k >= v6]
     return {
@@ -606,7 +606,7 @@ class Blocklist:
         if not len(idx):
             return
         view = self._view(name)
-        if view is not None:
+        if view is not None and view.flags.writeable:  # else the syscall says why not (EPERM)
             view[idx] = vals
             return
         m = self._map(name)
@@ -629,9 +629,9 @@ class Blocklist:
     def _zero_hits(self, indices: np.ndarray) -> None:
         m = self._map("rule_hits")
         n = len(indices)
-        keys = ffi.new("__u32[]", indices.tolist())
+        keys = np.ascontiguousarray(indices, dtype=np.uint32)
         vals = ffi.new("char[]", n * possible_cpus() * 8)
-        m.update_batch_raw(keys, vals, n)
+        m.update_batch_raw(ffi.from_buffer(keys), vals, n)
 
     def _trie_keys(self, m: Map, kind: tuple[int, str], keys: list[int]) -> np.ndarray:
         arr = np.zeros(len(keys), dtype=np_dtype(m.key_type))
@@ -672,8 +672,8 @@ class Blocklist:
         """
         l1m, l2m, l3m = (self._map(n) for n in V4_LEVELS[direction])
         have3, have2 = self._read_u32_map(l3m), self._read_u32_map(l2m)
-        _upsert(l3m, {k: v for k, v in t.l3.items() if have3.get(k) != v})
-        _upsert(l2m, {k: v for k, v in t.l2.items() if have2.get(k) != v})
+        _upsert(l3m, {k: v for k, v in t.l3.items() if have3.get(k) != v} if have3 else t.l3)
+        _upsert(l2m, {k: v for k, v in t.l2.items() if have2.get(k) != v} if have2 else t.l2)
         if t.chunks:
             name = V4_CHUNKS[direction]
             ks = np.fromiter(t.chunks.keys(), dtype=np.int64, count=len(t.chunks))
@@ -819,7 +819,9 @@ def _upsert_deep6(m: Map, entries: dict[tuple[int, int], int]) -> None:
 def _upsert(m: Map, entries: dict[int, int]) -> None:
     if entries:
         n = len(entries)
-        m.update_batch_raw(ffi.new("__u32[]", list(entries)), ffi.new("__u32[]", list(entries.values())), n)
+        keys = np.fromiter(entries.keys(), dtype=np.uint32, count=n)
+        vals = np.fromiter(entries.values(), dtype=np.uint32, count=n)
+        m.update_batch_raw(ffi.from_buffer(keys), ffi.from_buffer(vals), n)
 
 
 def _remove(m: Map, keys: list[int]) -> None:
