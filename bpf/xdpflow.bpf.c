@@ -89,12 +89,13 @@ BLOCKLIST_TRIE(bl6_dst, struct xf_lpm6);
 		__type(value, __u32);                                          \
 	} name SEC(".maps")
 
-BL4_LEVEL(bl4_l1_src, BPF_MAP_TYPE_ARRAY, XF_BL4_L1_SIZE, 0);
-BL4_LEVEL(bl4_l2c_src, BPF_MAP_TYPE_ARRAY, XF_BL4_L2C_SIZE, 0);
+/* the arrays are mmapable: the controller reads and writes them as memory */
+BL4_LEVEL(bl4_l1_src, BPF_MAP_TYPE_ARRAY, XF_BL4_L1_SIZE, BPF_F_MMAPABLE);
+BL4_LEVEL(bl4_l2c_src, BPF_MAP_TYPE_ARRAY, XF_BL4_L2C_SIZE, BPF_F_MMAPABLE);
 BL4_LEVEL(bl4_l2_src, BPF_MAP_TYPE_HASH, XF_BL4_L2_MAX, BPF_F_NO_PREALLOC);
 BL4_LEVEL(bl4_l3_src, BPF_MAP_TYPE_HASH, XF_BL4_L3_MAX, BPF_F_NO_PREALLOC);
-BL4_LEVEL(bl4_l1_dst, BPF_MAP_TYPE_ARRAY, XF_BL4_L1_SIZE, 0);
-BL4_LEVEL(bl4_l2c_dst, BPF_MAP_TYPE_ARRAY, XF_BL4_L2C_SIZE, 0);
+BL4_LEVEL(bl4_l1_dst, BPF_MAP_TYPE_ARRAY, XF_BL4_L1_SIZE, BPF_F_MMAPABLE);
+BL4_LEVEL(bl4_l2c_dst, BPF_MAP_TYPE_ARRAY, XF_BL4_L2C_SIZE, BPF_F_MMAPABLE);
 BL4_LEVEL(bl4_l2_dst, BPF_MAP_TYPE_HASH, XF_BL4_L2_MAX, BPF_F_NO_PREALLOC);
 BL4_LEVEL(bl4_l3_dst, BPF_MAP_TYPE_HASH, XF_BL4_L3_MAX, BPF_F_NO_PREALLOC);
 
@@ -103,6 +104,7 @@ BL4_LEVEL(bl4_l3_dst, BPF_MAP_TYPE_HASH, XF_BL4_L3_MAX, BPF_F_NO_PREALLOC);
 	struct {                                                               \
 		__uint(type, BPF_MAP_TYPE_ARRAY);                              \
 		__uint(max_entries, XF_BL6_L0_SIZE);                           \
+		__uint(map_flags, BPF_F_MMAPABLE);                             \
 		__type(key, __u32);                                            \
 		__type(value, __u32);                                          \
 	} name SEC(".maps")
@@ -116,10 +118,21 @@ BL4_LEVEL(bl4_l3_dst, BPF_MAP_TYPE_HASH, XF_BL4_L3_MAX, BPF_F_NO_PREALLOC);
 		__type(value, __u32);                                          \
 	} name SEC(".maps")
 
+#define BL6_FILTER(name)                                                       \
+	struct {                                                               \
+		__uint(type, BPF_MAP_TYPE_ARRAY);                              \
+		__uint(max_entries, XF_PF6_WORDS);                             \
+		__uint(map_flags, BPF_F_MMAPABLE);                             \
+		__type(key, __u32);                                            \
+		__type(value, __u64);                                          \
+	} name SEC(".maps")
+
 BL6_L0(bl6_l0_src);
 BL6_DEEP(bl6_deep_src);
+BL6_FILTER(bl6_pf_src);
 BL6_L0(bl6_l0_dst);
 BL6_DEEP(bl6_deep_dst);
+BL6_FILTER(bl6_pf_dst);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -328,7 +341,20 @@ static __always_inline __u32 bl4_match(__u32 flags, struct xf_flow4 *k)
  * returns rule index + 1, or 0. Each entry found is the complete answer for
  * its region; a miss means nothing longer covers the address.
  */
-static __always_inline __u32 bl6_lookup(void *l0, void *deep, const __u8 *addr)
+/* the filter's bit for the /32 of addr */
+static __always_inline int pf6_set(void *pf, const __u8 *addr)
+{
+	__u32 top = ((__u32)addr[0] << 24) | ((__u32)addr[1] << 16) |
+		    ((__u32)addr[2] << 8) | addr[3];
+	__u32 bit = (__u32)(top * (__u32)XF_PF6_MULT) >> XF_PF6_SHIFT;
+	__u32 word = bit >> 6;
+	__u64 *w = bpf_map_lookup_elem(pf, &word);
+
+	return w && ((*w >> (bit & 63)) & 1);
+}
+
+static __always_inline __u32 bl6_lookup(void *l0, void *deep, void *pf,
+					 const __u8 *addr)
 {
 	__u32 key0 = ((__u32)addr[0] << 8) | addr[1];
 	__u32 *e = bpf_map_lookup_elem(l0, &key0);
@@ -340,7 +366,7 @@ static __always_inline __u32 bl6_lookup(void *l0, void *deep, const __u8 *addr)
 		return 0;
 	v = *e;
 	next = v >> XF_BL6_NEXT_SHIFT;
-	if (!next)
+	if (!next || (next >= 32 && !pf6_set(pf, addr)))
 		return v & XF_BL6_RULE_MASK;
 	__builtin_memcpy(&hi, addr, 8);
 	__builtin_memcpy(&lo, addr + 8, 8);
@@ -385,12 +411,13 @@ __attribute__((noinline)) __u32 bl6_match(__u32 flags, struct xf_flow6 *k)
 	if (!k)
 		return 0;
 	if (flags & XF_CFG_BL6_SRC) {
-		r = bl6_lookup(&bl6_l0_src, &bl6_deep_src, k->saddr);
+		r = bl6_lookup(&bl6_l0_src, &bl6_deep_src, &bl6_pf_src, k->saddr);
 		if (r)
 			return r;
 	}
 	if (flags & XF_CFG_BL6_DST)
-		return bl6_lookup(&bl6_l0_dst, &bl6_deep_dst, k->daddr);
+		return bl6_lookup(&bl6_l0_dst, &bl6_deep_dst, &bl6_pf_dst,
+				  k->daddr);
 	return 0;
 }
 

@@ -57,6 +57,12 @@
 #define XF_BL6_NEXT_SHIFT 24
 #define XF_BL6_RULE_MASK 16777215
 #define XF_BL6_LEVELS 14 /* /24 .. /128 */
+/* ... and a filter in front of the deep hash: one bit per hashed /32 that a
+ * rule of /25 or longer overlaps. In a /16 whose longer rules all start at
+ * /32 or deeper, a clear bit means the walk would find nothing. */
+#define XF_PF6_WORDS 16384 /* 2^20 bits */
+#define XF_PF6_MULT 2654435761
+#define XF_PF6_SHIFT 12
 
 /* default event budget per CPU per second */
 #define XF_EVENTS_PER_SEC 1000

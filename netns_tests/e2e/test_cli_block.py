@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 from pathlib import Path
 
 import pytest
 
+from xdpflow.bindings.libbpf import BPF_F_MMAPABLE, BPF_MAP_TYPE_ARRAY, Map, Object, map_info, obj_get
+from xdpflow.dataplane import abi
+from xdpflow.dataplane.pins import SHARED_MAPS, PinRoot
 from xdpflow.testing.lab import DUT_V4, DUT_V6, GEN_V4, GEN_V6, Lab
 
 from ..clitest import (
@@ -329,3 +333,35 @@ def test_concurrent_block_commands_lose_nothing(lab: Lab, cli: Cli) -> None:
     frames += [udp(GEN_V6, f"2001:db8:0:{i}::9", 5100 + i, 53) for i in range(4)]
     assert send_and_receive(lab, frames) == []
     assert [h for _c, _d, h in cli.blocklist()] == [1] * 8
+
+
+def test_arrays_pinned_without_mmap_are_reused_and_written(lab: Lab, pin_root: str) -> None:
+    """An instance whose blocklist arrays were pinned by an object built
+    before they were mmapable upgrades in place: attach reuses those pins as
+    they are (libbpf would refuse them under the new flags), and the
+    blocklist reads and writes them by syscall, with the same verdicts."""
+    pins = PinRoot(pin_root)
+    os.mkdir(pin_root, 0o700)
+    with Object(abi.object_path()) as obj:
+        arrays = {n: s.max_entries for n, s in obj.maps.items() if s.map_flags & BPF_F_MMAPABLE and n in SHARED_MAPS}
+    assert {"bl4_l1_src", "bl4_l2c_src", "bl6_l0_src", "bl6_pf_src"} <= arrays.keys()
+    for name, size in arrays.items():
+        with Map.create(BPF_MAP_TYPE_ARRAY, name, *abi.MAP_TYPES[name], size, abi.ffi) as m:
+            m.pin(pins.shared(name))
+    cli = Cli.of(lab, pin_root)
+    cli("attach", lab.dut_if, "--flows", "1024")
+    # ten /24s in one /16 get an L2 chunk; the /48 sets the IPv6 filter's bit
+    chunked = [f"198.19.{i}.0/24" for i in range(10, 20)]
+    cli("block", "add", "198.51.100.0/24", "2001:db8:1::/48", "2001:db8:2::/48", *chunked)
+    blocked = [udp("198.51.100.1", DUT_V4, 5001, 53), udp("198.19.12.7", DUT_V4, 5002, 53)]
+    blocked += [udp("2001:db8:1::1", DUT_V6, 5003, 53), udp("2001:db8:2::1", DUT_V6, 5004, 53)]
+    passing = [udp4(), udp6(), udp("198.19.20.1", DUT_V4, 5005, 53), udp("2001:db8:3::1", DUT_V6, 5006, 53)]
+    assert send_and_receive(lab, blocked + passing) == raw(passing)
+    cli("block", "del", "198.19.12.0/24", "2001:db8:2::/48")
+    assert send_and_receive(lab, blocked) == raw(blocked[1::2])
+    for name in arrays:
+        fd = obj_get(pins.shared(name))
+        try:
+            assert not map_info(fd).flags & BPF_F_MMAPABLE, name
+        finally:
+            os.close(fd)

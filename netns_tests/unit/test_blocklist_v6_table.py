@@ -6,19 +6,26 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from xdpflow.dataplane import abi
-from xdpflow.dataplane.blocklist import V6Tables, v6_tables
+from xdpflow.dataplane.blocklist import V6Tables, pf6_bits, v6_filter, v6_tables
 
 NEXT = abi.C.XF_BL6_NEXT_SHIFT
 MASK = abi.C.XF_BL6_RULE_MASK
 
 
-def walk(t: V6Tables, addr: int) -> tuple[int, int]:
-    """(rule index + 1 or 0, deeper lookups made), as bl6_lookup() does it."""
+def walk(t: V6Tables, addr: int, pf: np.ndarray | None = None) -> tuple[int, int]:
+    """(rule index + 1 or 0, deeper lookups made), as bl6_lookup() does it;
+    with the filter's words ``pf``, a clear bit for the address's /32 stops
+    a walk that would start at /32 or deeper."""
     v = int(t.l0[addr >> 112])
     lookups = 0
+    if pf is not None and v >> NEXT >= 32:
+        bit = int(pf6_bits(np.array([addr >> 96]))[0])
+        if not int(pf[bit >> 6]) >> (bit & 63) & 1:
+            return v & MASK, 0
     while v >> NEXT:
         plen = v >> NEXT
         lookups += 1
@@ -57,11 +64,24 @@ def test_walk_equals_longest_prefix_match(seed: int) -> None:
     rnd = random.Random(seed)
     base = 0x2001_0002 << 96  # 2001:2::/32: rules nest in the traffic's own prefixes
     rules = random_rules(rnd, 300, base, 96)
-    t = v6_tables(rules)
+    t, pf = v6_tables(rules), v6_filter(rules)
     probes = [a | rnd.getrandbits(128 - p) if p < 128 else a for a, p, _ in rules]
     probes += [base | rnd.getrandbits(96) for _ in range(2000)] + [rnd.getrandbits(128) for _ in range(200)]
+    probes += [(base & ~(0xFFFF << 96)) | rnd.getrandbits(112) for _ in range(2000)]  # the same /16, other /32s
     for addr in probes:
-        assert walk(t, addr)[0] == reference(rules, addr), hex(addr)
+        assert walk(t, addr)[0] == walk(t, addr, pf)[0] == reference(rules, addr), hex(addr)
+
+
+def test_the_filter_stops_walks_into_a_32_without_rules() -> None:
+    # the /16 holds rules, all of them in another /32: its /32s cost no hash lookup
+    rules = [((0x2001_0DB8_0001 << 80), 48, 0), ((0x2001_0DB8_0002_0003 << 64), 64, 1), ((0x2001_0C00 << 96), 26, 2)]
+    t, pf = v6_tables(rules), v6_filter(rules)
+    misses = [(0x2001_0000 + i) << 96 | 5 for i in range(0, 0xFFFF, 97) if not 0x0C00 <= i <= 0x0C3F and i != 0x0DB8]
+    assert sum(walk(t, a, pf)[1] for a in misses) <= len(misses) // 64  # hash collisions only
+    assert all(walk(t, a, pf)[0] == 0 for a in misses)
+    assert walk(t, (0x2001_0DB8_0001 << 80) | 5, pf) == (1, 2)  # /32 marker, /48
+    assert walk(t, (0x2001_0DB8_0002_0003 << 64) | 5, pf) == (2, 3)  # /32 and /48 markers, /64
+    assert walk(t, (0x2001_0C3F << 96) | 5, pf) == (3, 1)  # the /26 spans 64 /32s, each with its bit
 
 
 def test_traffic_outside_every_rules_16_costs_one_array_load() -> None:

@@ -14,6 +14,7 @@ raises ``KeyError(key)`` as a mapping should.
 from __future__ import annotations
 
 import errno
+import mmap as _mmap
 import os
 from collections.abc import Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -142,6 +143,8 @@ CDEF = """
     int bpf_map__fd(const struct bpf_map *map);
     int bpf_map__type(const struct bpf_map *map);
     int bpf_map__set_type(struct bpf_map *map, int type);
+    uint32_t bpf_map__map_flags(const struct bpf_map *map);
+    int bpf_map__set_map_flags(struct bpf_map *map, uint32_t flags);
     uint32_t bpf_map__max_entries(const struct bpf_map *map);
     int bpf_map__set_max_entries(struct bpf_map *map, uint32_t max_entries);
     uint32_t bpf_map__key_size(const struct bpf_map *map);
@@ -270,6 +273,7 @@ BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
 BPF_MAP_TYPE_LPM_TRIE = 11
 BPF_MAP_TYPE_RINGBUF = 27
 BPF_F_NO_PREALLOC = 1 << 0
+BPF_F_MMAPABLE = 1 << 10
 PERCPU_TYPES = {BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH}
 ARRAY_TYPES = {BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY}
 
@@ -784,6 +788,31 @@ class Map(OwnedFd, MutableMapping[Any, Any]):
                     break
         _check(ret, f"batch-deleting from map {self.name}")
 
+    def mmap(self) -> _mmap.mmap | None:
+        """The values of an array created with BPF_F_MMAPABLE, mapped shared
+        into this process (writable unless the fd is read-only): value ``i``
+        at byte ``i * mmap_stride``. Reads and writes are plain memory
+        accesses, where a batch syscall copies one element at a time.
+
+        Returns None for any other map (such as an array pinned by an object
+        built without the flag). Raises XdpflowError when mapping fails.
+        """
+        if self.info.type != BPF_MAP_TYPE_ARRAY or not self.info.flags & BPF_F_MMAPABLE:
+            return None
+        size = self.info.max_entries * self.mmap_stride
+        try:
+            return _mmap.mmap(self.fd, size, _mmap.MAP_SHARED, _mmap.PROT_READ | _mmap.PROT_WRITE)
+        except PermissionError:
+            return _mmap.mmap(self.fd, size, _mmap.MAP_SHARED, _mmap.PROT_READ)
+        except OSError as e:
+            raise os_error(e.errno or errno.EINVAL, f"mapping map {self.name} into memory") from e
+
+    @property
+    def mmap_stride(self) -> int:
+        """Bytes from one value to the next in ``mmap()``: the kernel keeps
+        array elements 8-byte aligned."""
+        return round_up8(self.info.value_size)
+
     def clear(self) -> None:
         """Remove every entry; keys the program deletes meanwhile are ignored."""
         if self.is_array:
@@ -1085,6 +1114,13 @@ class MapSpec:
 
     def set_type(self, t: int) -> None:
         _check(lib.bpf_map__set_type(self._p, t), f"setting map {self.name} type")
+
+    @property
+    def map_flags(self) -> int:
+        return int(lib.bpf_map__map_flags(self._p))
+
+    def set_map_flags(self, flags: int) -> None:
+        _check(lib.bpf_map__set_map_flags(self._p, flags), f"setting map {self.name} flags")
 
     def set_pin_path(self, path: str) -> None:
         """Pin the map at path on load, or reuse the map already pinned there."""

@@ -72,8 +72,10 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "bl4_l3_dst": ("__u32", "__u32"),
     "bl6_l0_src": ("__u32", "__u32"),
     "bl6_deep_src": ("struct xf_bl6_key", "__u32"),
+    "bl6_pf_src": ("__u32", "__u64"),
     "bl6_l0_dst": ("__u32", "__u32"),
     "bl6_deep_dst": ("struct xf_bl6_key", "__u32"),
+    "bl6_pf_dst": ("__u32", "__u64"),
     "rule_hits": ("__u32", "__u64"),
     "event_budget": ("__u32", "struct xf_ratelimit"),
     "next_prog": ("__u32", "__u32"),  # a program array: fds in, ids out

@@ -24,7 +24,7 @@ import bisect
 import contextlib
 import errno
 import socket
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +45,7 @@ TRIES: dict[tuple[int, str], tuple[str, int]] = {
     (6, "dst"): ("bl6_dst", abi.C.XF_CFG_BL6_DST),
 }
 V6_TABLES = {"src": ("bl6_l0_src", "bl6_deep_src"), "dst": ("bl6_l0_dst", "bl6_deep_dst")}
+V6_FILTERS = {"src": "bl6_pf_src", "dst": "bl6_pf_dst"}
 V4_LEVELS = {
     "src": ("bl4_l1_src", "bl4_l2_src", "bl4_l3_src"),
     "dst": ("bl4_l1_dst", "bl4_l2_dst", "bl4_l3_dst"),
@@ -71,11 +72,16 @@ def _kind(k: int) -> tuple[int, str]:
 
 
 def _by_kind(keys: Iterable[int]) -> dict[tuple[int, str], list[int]]:
-    out: list[list[int]] = [[], [], [], []]
-    shift = _V6_SHIFT
-    for k in keys:
-        out[(k >> shift) << 1 | (k & 1)].append(k)
-    return dict(zip(_KINDS, out))
+    v6 = 1 << _V6_SHIFT  # every IPv6 key is at least this
+    ks = keys if isinstance(keys, Collection) else list(keys)  # two passes
+    k4 = [k for k in ks if k < v6]
+    k6 = [k for k in ks if k >= v6]
+    return {
+        (4, "src"): [k for k in k4 if not k & 1],
+        (4, "dst"): [k for k in k4 if k & 1],
+        (6, "src"): [k for k in k6 if not k & 1],
+        (6, "dst"): [k for k in k6 if k & 1],
+    }
 
 
 def _addr(k: int) -> int:
@@ -204,12 +210,13 @@ def place_chunks(t: V4Tables, old_l1: np.ndarray, capacity: int, chunk_min: int 
     assign = dict(zip(need[had].tolist(), (was[had] & np.uint32(RULE_MASK)).tolist()))
     used = set(((old_l1[(old_l1 & np.uint32(CHUNK)) != 0]) & np.uint32(RULE_MASK)).tolist())
     free = (k for k in range(capacity) if k not in used)
-    per16: dict[int, int] = {}
-    for c24 in t.l2:
-        per16[c24 >> 8] = per16.get(c24 >> 8, 0) + 1
-    for c in sorted(set(need.tolist()) - assign.keys(), key=lambda c: (-per16.get(c, 0), c)):
-        if per16.get(c, 0) < chunk_min:
-            break  # sparse: a 256-slot chunk for a few /24s costs more to write than it saves
+    k24 = np.fromiter(t.l2.keys(), dtype=np.int64, count=len(t.l2))
+    v24 = np.fromiter(t.l2.values(), dtype=np.uint32, count=len(t.l2))
+    per16 = np.bincount(k24 >> 8, minlength=abi.C.XF_BL4_L1_SIZE)
+    cand = need[~had]
+    # sparse /16s get none: a 256-slot chunk for a few /24s costs more to write than it saves
+    cand = cand[per16[cand] >= chunk_min]
+    for c in cand[np.lexsort((cand, -per16[cand]))].tolist():  # the most /24 entries first
         k = next(free, None)
         if k is None:
             break
@@ -219,8 +226,6 @@ def place_chunks(t: V4Tables, old_l1: np.ndarray, capacity: int, chunk_min: int 
     ks = np.fromiter(assign.values(), dtype=np.int64, count=len(assign))
     # every slot of a chunk starts as its /16's own answer, then takes its /24's
     slots = np.repeat((t.l1[cs] & np.uint32(RULE_MASK)).astype(np.uint32), 256).reshape(-1, 256)
-    k24 = np.fromiter(t.l2.keys(), dtype=np.int64, count=len(t.l2))
-    v24 = np.fromiter(t.l2.values(), dtype=np.uint32, count=len(t.l2))
     row_of = np.full(abi.C.XF_BL4_L1_SIZE, -1, dtype=np.int64)
     row_of[cs] = np.arange(len(cs))
     rows = row_of[k24 >> 8]
@@ -299,6 +304,26 @@ def v6_tables(rules: list[tuple[int, int, int]]) -> V6Tables:
     return V6Tables(l0, {key: v | (inside.get(key, 0) << _NEXT) for key, v in answer.items()})
 
 
+class _Split:
+    """A change's rule keys split by (family, direction) once: a pass over
+    10^5 keys costs tens of ms, and counts, tables and flags all need it.
+    ``to_delete`` is part of ``current``, ``to_add`` is not."""
+
+    def __init__(self, current: Iterable[int], to_add: list[int], to_delete: list[int]) -> None:
+        self.current, self.add, self.delete = _by_kind(current), _by_kind(to_add), _by_kind(to_delete)
+
+    def counts(self, deleted: int) -> dict[tuple[int, str], int]:
+        """Rules per kind: current and added, less the deleted ones with -1."""
+        return {k: len(self.current[k]) + len(self.add[k]) + deleted * len(self.delete[k]) for k in _KINDS}
+
+    def final(self, gone: set[int]) -> dict[tuple[int, str], list[int]]:
+        """Each kind's keys once ``gone`` (the deleted keys) are out and the added in."""
+        return {
+            k: ([x for x in self.current[k] if x not in gone] if self.delete[k] else self.current[k]) + self.add[k]
+            for k in _KINDS
+        }
+
+
 class Blocklist:
     """The blocklist maps of one xdpflow instance.
 
@@ -309,6 +334,7 @@ class Blocklist:
 
     def __init__(self, open_map: Callable[[str], Map]) -> None:
         self._map = open_map
+        self._views: dict[str, np.ndarray | None] = {}
 
     # reading ------------------------------------------------------------
 
@@ -423,10 +449,9 @@ class Blocklist:
     def _counts(self, keys: Iterable[int]) -> dict[tuple[int, str], int]:
         return {kind: len(ks) for kind, ks in _by_kind(keys).items()}
 
-    def _check_capacity(self, current: dict[int, int], to_add: list[int], to_delete: list[int]) -> None:
+    def _check_capacity(self, counts: dict[tuple[int, str], int]) -> None:
+        """Raises MapFullError unless the tries hold ``counts`` rules."""
         per_trie, total = self.capacity()
-        gone = set(to_delete)
-        counts = self._counts([k for k in current if k not in gone] + to_add)
         for (family, direction), n in counts.items():
             if n > per_trie:
                 raise MapFullError(
@@ -441,14 +466,14 @@ class Blocklist:
                 f"the blocklist holds at most {total} rules; this change needs {n}; nothing was changed",
             )
 
-    def _fits(self, current: dict[int, int], to_add: list[int]) -> bool:
-        """Whether the tries can hold the current rules and the new ones at once."""
+    def _fits(self, counts: dict[tuple[int, str], int]) -> bool:
+        """Whether the tries can hold ``counts`` rules at once."""
         per_trie, total = self.capacity()
-        if len(current) + len(to_add) > total:
-            return False
-        return max(self._counts(list(current) + to_add).values()) <= per_trie
+        return sum(counts.values()) <= total and max(counts.values()) <= per_trie
 
-    def _deletes_first(self, current: dict[int, int], to_add: list[int], to_delete: list[int]) -> list[int]:
+    def _deletes_first(
+        self, current: dict[int, int], to_add: list[int], to_delete: list[int], split: _Split | None = None
+    ) -> list[int]:
         """The deletions to make before the additions, so the tries never hold
         more than they can: none when old and new fit side by side; else the
         rules that share no address with any rule that stays or comes
@@ -457,13 +482,14 @@ class Blocklist:
         else first could unblock, for a moment, an address listed before and
         after.
         """
-        self._check_capacity(current, to_add, to_delete)
-        if not to_add or self._fits(current, to_add):
+        sp = split or _Split(current, to_add, to_delete)
+        self._check_capacity(sp.counts(-1))
+        if not to_add or self._fits(sp.counts(0)):
             return []
         gone = set(to_delete)
         first = _disjoint_from(to_delete, [k for k in current if k not in gone] + to_add)
         firsts = set(first)
-        if not self._fits({k: i for k, i in current.items() if k not in firsts}, to_add):
+        if not self._fits(self._counts([k for k in current if k not in firsts] + to_add)):
             per_trie, total = self.capacity()
             raise MapFullError(
                 errno.E2BIG,
@@ -475,7 +501,8 @@ class Blocklist:
         return first
 
     def _apply(self, current: dict[int, int], to_add: list[int], to_delete: list[int]) -> Change:
-        first = self._deletes_first(current, to_add, to_delete)
+        split = _Split(current, to_add, to_delete)
+        first = self._deletes_first(current, to_add, to_delete, split)
         if first:
             self._apply(current, [], first)
             firsts = set(first)
@@ -493,36 +520,42 @@ class Blocklist:
             final.update(zip(to_add, free.tolist()))
             self._zero_hits(free)
 
-        v4 = {d: self._v4_placed(final, d) for d in V4_LEVELS}
+        kinds = split.final(gone)
+        v4 = {d: self._v4_placed(kinds[(4, d)], final, d) for d in V4_LEVELS}
         self._check_v4_sizes(v4)
-        v6 = {d: self._v6_tables(final, d) for d in V6_TABLES}
+        rules6 = {d: [(_addr(k), _plen(k), final[k]) for k in kinds[(6, d)]] for d in V6_TABLES}
+        v6 = {d: v6_tables(rules6[d]) for d in V6_TABLES}
         self._check_v6_sizes(v6)
+        pf_final = {d: v6_filter(rules6[d]) for d in V6_FILTERS}
+        flags = _flags_of(kinds)
 
         # 1. adds: the rule store, then the tables, then the flags
-        for kind, keys in _by_kind(to_add).items():
+        for kind, keys in split.add.items():
             if keys:
                 self._write_trie(kind, keys, [final[k] for k in keys])
         for direction, tables in v4.items():
             self._write_v4(direction, tables)
+        for d in V6_FILTERS:  # a bit is set before any entry that needs it
+            self._write_filter(d, pf_final[d], keep=True)
         for direction, t6 in v6.items():
             self._write_v6(direction, t6)
-        self._set_flags(list(current) + list(final))
+        self._set_flags(flags, keep=True)
 
         # 2. deletes: out of the rule store, then the flags nobody needs
-        for kind, keys in _by_kind(to_delete).items():
+        for kind, keys in split.delete.items():
             if keys:
                 self._delete_trie(kind, keys)
-        self._set_flags(list(final), bump=bool(to_add or to_delete))
+        for d in V6_FILTERS:  # and cleared once no entry needs it
+            self._write_filter(d, pf_final[d])
+        self._set_flags(flags, bump=bool(to_add or to_delete))
         return Change(to_add, to_delete)
 
-    def _v4_tables(self, rules: dict[int, int], direction: str) -> V4Tables:
-        keys = np.array(_by_kind(rules)[(4, direction)], dtype=np.uint64)
-        idx = np.array([rules[k] for k in keys.tolist()], dtype=np.uint64)
-        net = keys >> np.uint64(1)
+    def _v4_tables(self, keys: list[int], rules: dict[int, int]) -> V4Tables:
+        """The IPv4 table of one direction's rule keys (rules: key -> index)."""
+        arr = np.array(keys, dtype=np.uint64)
+        idx = np.array([rules[k] for k in keys], dtype=np.uint64)
+        net = arr >> np.uint64(1)
         return v4_tables(net >> np.uint64(8), (net & np.uint64(0xFF)).astype(np.int64), idx)
-
-    def _v6_tables(self, rules: dict[int, int], direction: str) -> V6Tables:
-        return v6_tables([(_addr(k), _plen(k), rules[k]) for k in _by_kind(rules)[(6, direction)]])
 
     def _check_v6_sizes(self, v6: dict[str, V6Tables]) -> None:
         for direction, t in v6.items():
@@ -535,16 +568,51 @@ class Blocklist:
                     "use fewer prefixes whose length is not a multiple of 8; nothing was changed",
                 )
 
-    def _v4_placed(self, rules: dict[int, int], direction: str) -> V4Placed:
-        l1m = self._map(V4_LEVELS[direction][0])
+    def _v4_placed(self, keys: list[int], rules: dict[int, int], direction: str) -> V4Placed:
         capacity = self._map(V4_CHUNKS[direction]).info.max_entries // 256
-        return place_chunks(self._v4_tables(rules, direction), self._read_l1(l1m), capacity)
+        return place_chunks(self._v4_tables(keys, rules), self._read_array(V4_LEVELS[direction][0]), capacity)
 
-    def _read_l1(self, m: Map) -> np.ndarray:
+    def _view(self, name: str) -> np.ndarray | None:
+        """The values of array ``name`` as a writable numpy array over the
+        map's memory, or None where the map is not mmapable (pinned by an
+        older object): then it is read and written by batch syscalls."""
+        if name not in self._views:
+            m = self._map(name)
+            mm = m.mmap()
+            if mm is None or mm.closed:
+                self._views[name] = None
+            else:
+                dtype = np.dtype("<u8" if m.info.value_size == 8 else "<u4")
+                self._views[name] = np.ndarray((m.info.max_entries,), dtype=dtype, buffer=mm, strides=(m.mmap_stride,))
+        return self._views[name]
+
+    def _read_array(self, name: str) -> np.ndarray:
+        """A copy of an array map's values (uint32 or uint64, by value size)."""
+        view = self._view(name)
+        if view is not None:
+            return view.copy()
+        m = self._map(name)
+        dtype = "<u8" if m.info.value_size == 8 else "<u4"
         raw = m.lookup_batch_raw(chunk=m.info.max_entries)
         if raw is None:
-            return np.array([v for _, v in sorted(m.items())], dtype=np.uint32)
-        return np.frombuffer(raw[1], "<u4", raw[2]).copy()
+            return np.array([v for _, v in sorted(m.items())], dtype=dtype)
+        return np.frombuffer(raw[1], dtype, raw[2]).copy()
+
+    def _write_array(self, name: str, idx: np.ndarray, vals: np.ndarray) -> None:
+        """Store vals at the indices idx of an array map. Through the map's
+        memory the stores land in program order (x86 keeps store order, as
+        the syscall path did no more), so the bottom-up order of the table
+        writes holds either way."""
+        if not len(idx):
+            return
+        view = self._view(name)
+        if view is not None and view.flags.writeable:  # else the syscall says why not (EPERM)
+            view[idx] = vals
+            return
+        m = self._map(name)
+        keys = np.ascontiguousarray(idx, dtype=np.uint32)
+        values = np.ascontiguousarray(vals, dtype="<u8" if m.info.value_size == 8 else "<u4")
+        m.update_batch_raw(ffi.from_buffer(keys), ffi.from_buffer(values), len(keys))
 
     def _check_v4_sizes(self, v4: dict[str, V4Placed]) -> None:
         for direction, t in v4.items():
@@ -561,14 +629,19 @@ class Blocklist:
     def _zero_hits(self, indices: np.ndarray) -> None:
         m = self._map("rule_hits")
         n = len(indices)
-        keys = ffi.new("__u32[]", indices.tolist())
+        keys = np.ascontiguousarray(indices, dtype=np.uint32)
         vals = ffi.new("char[]", n * possible_cpus() * 8)
-        m.update_batch_raw(keys, vals, n)
+        m.update_batch_raw(ffi.from_buffer(keys), vals, n)
 
     def _trie_keys(self, m: Map, kind: tuple[int, str], keys: list[int]) -> np.ndarray:
         arr = np.zeros(len(keys), dtype=np_dtype(m.key_type))
+        if kind[0] == 4:  # IPv4 keys fit in 64 bits: numpy does them at once
+            k = np.array(keys, dtype=np.uint64)
+            arr["prefixlen"] = (k >> np.uint64(1)) & np.uint64(0xFF)
+            arr["addr"] = (k >> np.uint64(9)).astype(">u4").view(np.uint8).reshape(len(keys), 4)
+            return arr
         arr["prefixlen"] = [_plen(k) for k in keys]
-        width = 4 if kind[0] == 4 else 16
+        width = 16
         arr["addr"] = np.frombuffer(b"".join(_addr(k).to_bytes(width, "big") for k in keys), dtype=np.uint8).reshape(
             len(keys), width
         )
@@ -599,22 +672,31 @@ class Blocklist:
         """
         l1m, l2m, l3m = (self._map(n) for n in V4_LEVELS[direction])
         have3, have2 = self._read_u32_map(l3m), self._read_u32_map(l2m)
-        _upsert(l3m, {k: v for k, v in t.l3.items() if have3.get(k) != v})
-        _upsert(l2m, {k: v for k, v in t.l2.items() if have2.get(k) != v})
+        _upsert(l3m, {k: v for k, v in t.l3.items() if have3.get(k) != v} if have3 else t.l3)
+        _upsert(l2m, {k: v for k, v in t.l2.items() if have2.get(k) != v} if have2 else t.l2)
         if t.chunks:
-            l2c = self._map(V4_CHUNKS[direction])
-            have_c = self._read_l1(l2c)
-            want = have_c.copy()
+            name = V4_CHUNKS[direction]
             ks = np.fromiter(t.chunks.keys(), dtype=np.int64, count=len(t.chunks))
-            want.reshape(-1, 256)[ks] = np.stack(list(t.chunks.values()))
-            diff = np.flatnonzero(have_c != want).astype(np.uint32)
-            if len(diff):
-                vals = np.ascontiguousarray(want[diff])
-                l2c.update_batch_raw(ffi.from_buffer(diff), ffi.from_buffer(vals), len(diff))
+            slots = (ks[:, None] * 256 + np.arange(256)).ravel()
+            want = np.stack(list(t.chunks.values())).ravel()
+            view = self._view(name)
+            have = view[slots] if view is not None else self._read_array(name)[slots]
+            diff = np.flatnonzero(have != want)
+            self._write_array(name, slots[diff], want[diff])
         changed = np.flatnonzero(t.old_l1 != t.l1)  # read by _v4_placed, under the same lock
-        _upsert(l1m, dict(zip(changed.tolist(), t.l1[changed].tolist())))
+        self._write_array(V4_LEVELS[direction][0], changed, t.l1[changed])
         _remove(l2m, [k for k in have2 if k not in t.l2])
         _remove(l3m, [k for k in have3 if k not in t.l3])
+
+    def _write_filter(self, direction: str, want: np.ndarray, keep: bool = False) -> None:
+        """Make one direction's filter ``want``; with ``keep``, bits set now
+        stay set (entries of the rules being replaced may still need them)."""
+        name = V6_FILTERS[direction]
+        have = self._read_array(name)
+        if keep:
+            want = want | have
+        changed = np.flatnonzero(have != want)
+        self._write_array(name, changed, want[changed])
 
     def _write_v6(self, direction: str, t: V6Tables) -> None:
         """Rewrite one direction's IPv6 table: deeper entries first, then the
@@ -622,10 +704,9 @@ class Blocklist:
         l0m, deepm = (self._map(n) for n in V6_TABLES[direction])
         have = self._read_deep6(deepm)
         _upsert_deep6(deepm, {k: v for k, v in t.deep.items() if have.get(k) != v})
-        raw = l0m.lookup_batch_raw(chunk=len(t.l0))
-        have0 = np.frombuffer(raw[1], "<u4", raw[2]) if raw else np.array([v for _, v in sorted(l0m.items())])
+        have0 = self._read_array(V6_TABLES[direction][0])
         changed = np.flatnonzero(have0 != t.l0)
-        _upsert(l0m, dict(zip(changed.tolist(), t.l0[changed].tolist())))
+        self._write_array(V6_TABLES[direction][0], changed, t.l0[changed])
         gone = [k for k in have if k not in t.deep]
         if gone:
             keys = _deep6_keys(deepm, gone)
@@ -647,16 +728,14 @@ class Blocklist:
             out[(plen, ((hi << 64) | lo) >> (128 - plen))] = v
         return out
 
-    def _set_flags(self, keys: Iterable[int], bump: bool = False) -> None:
-        """Set the non-empty flags for the tries ``keys`` occupy; ``bump``
-        also starts a new generation: rule indices may mean other rules now."""
-        flags = 0
-        for kind, ks in _by_kind(keys).items():
-            if ks:
-                flags |= TRIES[kind][1]
+    def _set_flags(self, flags: int, keep: bool = False, bump: bool = False) -> None:
+        """Make the non-empty flags ``flags`` (see _flags_of); with ``keep``,
+        flags set now stay set (the rules being replaced may need them);
+        ``bump`` also starts a new generation: rule indices may mean other
+        rules now."""
         m = self._map("config")
         cfg = m[0]
-        new = (cfg.flags & ~ALL_TRIE_FLAGS) | flags
+        new = (cfg.flags & ~ALL_TRIE_FLAGS) | flags | (cfg.flags & ALL_TRIE_FLAGS if keep else 0)
         if new != cfg.flags or bump:
             cfg.flags = new
             cfg.generation = (cfg.generation + int(bump)) & 0xFFFFFFFF
@@ -664,6 +743,34 @@ class Blocklist:
 
     def generation(self) -> int:
         return int(self._map("config")[0].generation)
+
+
+def _flags_of(kinds: dict[tuple[int, str], list[int]]) -> int:
+    """The config flags of the non-empty tries."""
+    return sum(TRIES[kind][1] for kind, ks in kinds.items() if ks)
+
+
+def pf6_bits(tops: np.ndarray) -> np.ndarray:
+    """The filter's bit numbers of IPv6 /32s (their top 32 bits), hashed as
+    pf6_set() in the program does."""
+    t = tops.astype(np.uint64)
+    return ((t * np.uint64(abi.C.XF_PF6_MULT)) & np.uint64(0xFFFFFFFF)) >> np.uint64(abi.C.XF_PF6_SHIFT)
+
+
+def v6_filter(rules: Iterable[tuple[int, int, int]]) -> np.ndarray:
+    """The words of one direction's IPv6 filter, for its rules as v6_tables()
+    takes them: the bit of every /32 a rule of /25 or longer overlaps (see
+    XF_PF6_* in xdpflow.h)."""
+    words = np.zeros(abi.C.XF_PF6_WORDS, dtype=np.uint64)
+    tops: list[int] = []
+    for addr, plen, _idx in rules:
+        if plen >= 25:
+            top = addr >> 96
+            tops.extend(range(top, top + (1 << max(32 - plen, 0))))
+    if tops:
+        bits = pf6_bits(np.array(tops, dtype=np.uint64))
+        np.bitwise_or.at(words, (bits >> np.uint64(6)).astype(np.int64), np.uint64(1) << (bits & np.uint64(63)))
+    return words
 
 
 def _disjoint_from(keys: list[int], others: list[int]) -> list[int]:
@@ -712,7 +819,9 @@ def _upsert_deep6(m: Map, entries: dict[tuple[int, int], int]) -> None:
 def _upsert(m: Map, entries: dict[int, int]) -> None:
     if entries:
         n = len(entries)
-        m.update_batch_raw(ffi.new("__u32[]", list(entries)), ffi.new("__u32[]", list(entries.values())), n)
+        keys = np.fromiter(entries.keys(), dtype=np.uint32, count=n)
+        vals = np.fromiter(entries.values(), dtype=np.uint32, count=n)
+        m.update_batch_raw(ffi.from_buffer(keys), ffi.from_buffer(vals), n)
 
 
 def _remove(m: Map, keys: list[int]) -> None:

@@ -14,9 +14,11 @@ from typing import Any
 
 from xdpflow.bindings import netlink
 from xdpflow.bindings.libbpf import (
+    BPF_F_MMAPABLE,
     BPF_MAP_TYPE_LRU_HASH,
     BPF_MAP_TYPE_LRU_PERCPU_HASH,
     MapInfo,
+    MapSpec,
     Object,
     Program,
     map_info,
@@ -107,6 +109,17 @@ def _pinned_type(path: str) -> int | None:
     return info.type if info else None
 
 
+def _keep_pinned_mmapable(spec: MapSpec, path: str) -> None:
+    """An array pinned by an object built before it was mmapable keeps its
+    definition, so an upgrade reuses it (libbpf refuses a pin whose flags
+    differ); the controller then reads and writes it by syscall."""
+    if not spec.map_flags & BPF_F_MMAPABLE:
+        return
+    info = _pinned_info(path)
+    if info is not None and not info.flags & BPF_F_MMAPABLE:
+        spec.set_map_flags(spec.map_flags & ~BPF_F_MMAPABLE)
+
+
 def _rodata(obj: Object) -> Any:
     for name, spec in obj.maps.items():
         if name.endswith(".rodata"):
@@ -134,7 +147,9 @@ def _prepare(obj: Object, opts: AttachOptions, pins: PinRoot | None, ifname: str
 
     if pins is not None and ifname is not None:
         for name in SHARED_MAPS:
-            obj.map_spec(name).set_pin_path(pins.shared(name))
+            spec = obj.map_spec(name)
+            spec.set_pin_path(pins.shared(name))
+            _keep_pinned_mmapable(spec, pins.shared(name))
         for name in IFACE_MAPS:
             obj.map_spec(name).set_pin_path(pins.iface(ifname, name))
 
