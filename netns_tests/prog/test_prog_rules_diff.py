@@ -60,6 +60,7 @@ LONG_TTL = 3600
 # 1000, at the blocklist, or after it), so many rules get to judge
 BROAD = 0.02
 BROAD_PRIORITIES = (1000, 1001, 5000, 65535)
+XDP_IP_MAX = 3000  # IP length of the longest frame: one XDP buffer, see build_frame
 AIMED = 0.35  # share of frames built to match a chosen rule
 
 BLOCKLIST = [
@@ -115,7 +116,11 @@ def build_frame(rng: random.Random, p: Pkt) -> tuple[Pkt, bytes]:
     frag = not p.has_l4 and p.proto in (1, 6, 17, 58)
     hdr = 8 if frag else _L4_HDR.get(p.proto, 0)
     ip_hdr = 20 if p.family == 4 else 40 + (8 if frag else 0)
-    iplen = max(p.iplen, ip_hdr + hdr)
+    # One XDP buffer: BPF_PROG_TEST_RUN moves bytes past ~3.5 KB into
+    # fragments a program without xdp.frags never sees (nor does a NIC
+    # without multi-buffer deliver such frames), so the program cannot read
+    # their end and rightly counts them as parse errors.
+    iplen = min(max(p.iplen, ip_hdr + hdr), XDP_IP_MAX)
     if frag:
         l4 = b""
     elif p.proto == 6:
@@ -356,7 +361,7 @@ def run_differential(prog: Any, seed: int, n_frames: int, chunk: int = 100_000) 
 
         bad = np.nonzero(got != verdict)[0]
         if len(bad):
-            show = [(fs[k].hex(), pkts[k], int(got[k]), int(verdict[k]), _rule_of(rules, counted[k])) for k in bad[:3]]
+            show = [(len(fs[k]), pkts[k], int(got[k]), int(verdict[k]), _rule_of(rules, counted[k])) for k in bad[:3]]
             pytest.fail(f"{len(bad)} of {n} verdicts differ from the reference; first: {show}")
 
         lens = np.array([len(f) for f in fs], np.int64)
