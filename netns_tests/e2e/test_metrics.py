@@ -74,6 +74,10 @@ def populate(lab: Lab, pin_root: str) -> int:
     """Attach, block RULES, send the traffic mix and frames the rules drop;
     returns how many frames were dropped."""
     xdpflow(lab, pin_root, "attach", lab.dut_if)
+    # rules that see the mix without changing its fate: monitor passes, a pass rule after the
+    # blocklist (priority 2000) exempts nothing
+    xdpflow(lab, pin_root, "rule", "add", "--proto", "udp", "--action", "monitor", "--priority", "2000")
+    xdpflow(lab, pin_root, "rule", "add", "--proto", "tcp", "--action", "pass", "--priority", "2000")
     for direction in ("src", "dst"):
         cidrs = [c for c, d in RULES if d == direction]
         xdpflow(lab, pin_root, "block", "add", *cidrs, *(["--dst"] if direction == "dst" else []))
@@ -117,6 +121,11 @@ def assert_matches_cli(text: str, lab: Lab, pin_root: str) -> None:
         frozenset({("cidr", r["cidr"]), ("direction", r["direction"])}): r["hits"] for r in listing if r["hits"]
     }
     assert by_name(got, "xdpflow_blocklist_rule_hits_total") == want_hits
+    rules = xdpflow_json(lab, pin_root, "rule", "list", "--json")
+    assert got[("xdpflow_rules", NONE)] == len(rules)
+    for metric, key in (("packets", "packets"), ("bytes", "bytes"), ("limited", "limited")):
+        want = {frozenset({("id", str(r["id"])), ("action", r["action"])}): r[key] for r in rules if r["packets"]}
+        assert by_name(got, f"xdpflow_rule_{metric}_total") == want, metric
 
 
 def test_metrics_equal_cli(lab: Lab, pin_root: str) -> None:

@@ -32,7 +32,7 @@ import socket
 import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -48,6 +48,7 @@ from xdpflow.dataplane.blocklist import Blocklist, key_cidr
 from xdpflow.dataplane.flows import count_flows
 from xdpflow.dataplane.maps import PinnedMaps
 from xdpflow.dataplane.pins import PinRoot
+from xdpflow.dataplane.rules import RuleTables
 from xdpflow.defaults import TOP_RULES
 from xdpflow.errors import XdpflowError, os_error
 
@@ -123,6 +124,9 @@ class _Shared:
     rules: int
     rules_max: int
     top: list[tuple[str, str, int]]  # (cidr, direction, hits), most hits first
+    rules_in_force: int = 0  # multi-field rules (`rule list`)
+    # (id, action, packets, bytes, limited), most packets first
+    top_rules: list[tuple[int, str, int, int, int]] = field(default_factory=list)
 
 
 def _vanished(e: OSError) -> bool:
@@ -200,6 +204,13 @@ class XdpflowCollector(Collector):
             hits = None
             if entries and self.top_n:
                 hits = bl.hit_counts(limit=max(entries.values()) + 1)
+            rule_set = RuleTables(opened)
+            in_force = rule_set.active()
+            top_rules: list[tuple[int, str, int, int, int]] = []
+            if in_force and self.top_n:
+                counts = rule_set.counters()
+                hit = [(r.id, r.action, *counts[r.id]) for r in in_force if r.id is not None and r.id in counts]
+                top_rules = sorted((h for h in hit if h[2]), key=lambda h: (-h[2], h[0]))[: self.top_n]
         except OSError as e:
             if _vanished(e):
                 return None
@@ -207,7 +218,7 @@ class XdpflowCollector(Collector):
         finally:
             opened.close()
         top = _top_rules(entries, hits, self.top_n) if hits is not None else []
-        return _Shared(monitor, len(entries), rules_max, top)
+        return _Shared(monitor, len(entries), rules_max, top, len(in_force), top_rules)
 
     # the metrics --------------------------------------------------------------
 
@@ -281,6 +292,27 @@ class XdpflowCollector(Collector):
             for cidr, direction, n in shared.top:
                 hits.add_metric([cidr, direction], n)
         out += [rules, rules_max, monitor, hits]
+
+        in_force = GaugeMetricFamily(f"{PREFIX}_rules", "Multi-field rules in force (`xdpflow rule list`)")
+        shown = f"shown only for the up to {self.top_n} rules with the most packets"
+        r_packets = CounterMetricFamily(
+            f"{PREFIX}_rule_packets", f"Frames a rule matched ({shown})", labels=["id", "action"]
+        )
+        r_bytes = CounterMetricFamily(
+            f"{PREFIX}_rule_bytes", f"Bytes of the frames a rule matched ({shown})", labels=["id", "action"]
+        )
+        r_limited = CounterMetricFamily(
+            f"{PREFIX}_rule_limited",
+            f"Frames a rate-limit rule dropped as excess ({shown})",
+            labels=["id", "action"],
+        )
+        if shared is not None:
+            in_force.add_metric([], shared.rules_in_force)
+            for rid, action, pk, by, lim in shared.top_rules:
+                r_packets.add_metric([str(rid), action], pk)
+                r_bytes.add_metric([str(rid), action], by)
+                r_limited.add_metric([str(rid), action], lim)
+        out += [in_force, r_packets, r_bytes, r_limited]
 
         if self.stats is not None:
             for field, text in _EXPORTER_COUNTERS.items():
