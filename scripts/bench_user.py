@@ -116,6 +116,7 @@ def measure(runs: int, flows: int = 1_000_000, prefixes: int = 100_000) -> list[
 
             top = Timing(f"`flows --top 20` of {flows:,} flows", [], [])
             stats = Timing("`stats --json`", [], [])
+            status = Timing(f"`status --json` with {flows:,} flows", [], [])
             sync = Timing(f"`block sync` {prefixes:,} prefixes (from empty)", [], [])
             resync = Timing(f"`block sync` {prefixes:,} prefixes (replacing {prefixes:,} others)", [], [])
             for _ in range(runs):
@@ -124,12 +125,14 @@ def measure(runs: int, flows: int = 1_000_000, prefixes: int = 100_000) -> list[
                 top.base.append(base)
                 stats.samples.append(wall([*cli, "stats", "--json"]))
                 stats.base.append(base)
+                status.samples.append(wall([*cli, "status", "--json"]))
+                status.base.append(base)
                 subprocess.run([*cli, "block", "flush"], check=True, capture_output=True)
                 sync.samples.append(wall([*cli, "block", "sync", files[0]]))
                 sync.base.append(base)
                 resync.samples.append(wall([*cli, "block", "sync", files[1]]))
                 resync.base.append(base)
-            out = [top, sync, resync, stats]
+            out = [top, sync, resync, stats, status]
         finally:
             subprocess.run([*cli, "detach", lab.dut_if], capture_output=True)
             shutil.rmtree(pin_root, ignore_errors=True)
