@@ -238,4 +238,14 @@ def kernel_counts(a: Map, b: Map) -> tuple[int, int] | None:
     return n4, n6
 
 
-__all__ = ["Flow", "FlowArrays", "SORT_KEYS", "count_flows", "fold", "kernel_counts", "read_table", "tcp_flags_str", "top_flows"]
+__all__ = [
+    "Flow",
+    "FlowArrays",
+    "SORT_KEYS",
+    "count_flows",
+    "fold",
+    "kernel_counts",
+    "read_table",
+    "tcp_flags_str",
+    "top_flows",
+]
