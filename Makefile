@@ -65,7 +65,7 @@ FFI_MODS := xdpflow/bindings/_libbpf_ffi.py xdpflow/dataplane/_abi_ffi.py
 build: $(BPF_OBJS) xdpflow/bpf/xdpflow.h $(FFI_MODS)
 
 # cffi's parsed declarations as Python modules: commands start without pycparser
-$(FFI_MODS) &: bpf/xdpflow.h xdpflow/bindings/libbpf.py scripts/ffigen.py
+$(FFI_MODS) &: bpf/xdpflow.h xdpflow/bindings/libbpf.py xdpflow/dataplane/abi.py scripts/ffigen.py
 	@echo "  FFIGEN $(FFI_MODS)"
 	$(Q)$(PYTHON) scripts/ffigen.py bpf/xdpflow.h >/dev/null
 

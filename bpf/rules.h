@@ -66,6 +66,29 @@ static __always_inline __u32 rl_addr_class(struct rl_scan *sc,
 
 	if (!e)
 		return 0;
+	if (fd < 2) {
+		/* IPv4: arrays, one load per level (rl_c24 by the third
+		 * byte, rl_c32 by the fourth); a hash lookup of the 20-byte
+		 * key cost ~40 ns */
+		__u32 v = *e, c;
+
+		if (!(v & XF_RL_CHUNK))
+			return v & 0xffff;
+		c = (v >> 16) & (XF_RC24_CHUNKS - 1);
+		key = ((sc->slot & 1) * XF_RC24_CHUNKS + c) * 256 +
+		      (__u32)((a0 >> 16) & 0xff);
+		e = bpf_map_lookup_elem(&rl_c24, &key);
+		if (!e)
+			return v & 0xffff;
+		v = *e;
+		if (!(v & XF_RL_CHUNK))
+			return v & 0xffff;
+		c = (v >> 16) & (XF_RC32_CHUNKS - 1);
+		key = ((sc->slot & 1) * XF_RC32_CHUNKS + c) * 256 +
+		      (__u32)((a0 >> 24) & 0xff);
+		e = bpf_map_lookup_elem(&rl_c32, &key);
+		return e ? *e & 0xffff : v & 0xffff;
+	}
 	mask = *e >> 16;
 	if (!mask)
 		return *e & 0xffff;

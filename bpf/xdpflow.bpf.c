@@ -179,6 +179,8 @@ RULE_ARRAY(rl_dport, 2 * XF_RPORT_SIZE, __u32);
 RULE_ARRAY(rl_proto, 2 * 65536, __u32);
 RULE_ARRAY(rl_len, 2 * 65536, __u32);
 RULE_ARRAY(rl_l1, 2 * 4 * XF_RL1_SIZE, __u32);
+RULE_ARRAY(rl_c24, 2 * XF_RC24_CHUNKS * 256, __u32);
+RULE_ARRAY(rl_c32, 2 * XF_RC32_CHUNKS * 256, __u32);
 RULE_ARRAY(rl_act, 2 * XF_RULE_BITS, struct xf_rule_act);
 RULE_ARRAY(rule_defs, 2 * XF_RULE_CAP, struct xf_rule_def);
 

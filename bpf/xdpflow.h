@@ -282,6 +282,13 @@ struct xf_gen_knobs {
 #define XF_RL1_SIZE 65536    /* address top 16 bits, per slot and fd */
 #define XF_RADDR_MAX 524288  /* address level entries, both slots */
 #define XF_RLEVELS 8
+/* IPv4 addresses (rl_l1 of fd 0 and 1) are read as arrays, DIR-16-8-8: an
+ * entry with XF_RL_CHUNK names, in bits 16-30, a 256-entry chunk of the next
+ * level (rl_c24 by the third byte, rl_c32 by the fourth); bits 0-15 are the
+ * class. Chunks are numbered per slot, both directions sharing them. */
+#define XF_RL_CHUNK 0x80000000
+#define XF_RC24_CHUNKS 2048  /* /16s with rule prefixes longer than /16 */
+#define XF_RC32_CHUNKS 2048  /* /24s with rule prefixes longer than /24 */
 #define XF_RCOUNTERS 2048    /* counter slots: rules of both sets */
 #define XF_RRATE_MAX 65536   /* rate-limited sources tracked */
 

@@ -48,6 +48,12 @@ class MapReader:
     def _addr_class(self, slot: int, head: Any, fd: int, addr: bytes) -> int:
         a = addr.ljust(16, b"\0")
         e = self._get("rl_l1", (slot * 4 + fd) * C.XF_RL1_SIZE + (a[0] << 8 | a[1]))
+        if fd < 2:  # IPv4: the chunk arrays
+            if e & C.XF_RL_CHUNK:
+                e = self._get("rl_c24", (slot * C.XF_RC24_CHUNKS + ((e >> 16) & 0x7FFF)) * 256 + a[2])
+                if e & C.XF_RL_CHUNK:
+                    e = self._get("rl_c32", (slot * C.XF_RC32_CHUNKS + ((e >> 16) & 0x7FFF)) * 256 + a[3])
+            return int(e) & 0xFFFF
         cls, mask = e & 0xFFFF, e >> 16
         for i in reversed(range(C.XF_RLEVELS)):
             if not mask & (1 << i):

@@ -11,10 +11,10 @@ import pytest
 
 from xdpflow.errors import MapFullError
 from xdpflow.rules import rulespec
-from xdpflow.rules.compile import Geometry, compile_rules
+from xdpflow.rules.compile import CHUNK, Compiled, Geometry, compile_rules
 from xdpflow.rules.rulespec import RuleError, RulesFileError, RuleSpec, parse_line, parse_lines
 
-from ..rules_ref import Pkt, random_pkt, random_rule, reference, via_tables
+from ..rules_ref import Pkt, _addr_class, random_pkt, random_rule, reference, via_tables
 
 GEO = Geometry(rules=1024, words=20, classes=16384, addr_entries=262144)
 NOW = 1_700_000_000
@@ -141,3 +141,46 @@ def test_capacity_of_mixed_shapes() -> None:
     rules = [random_rule(rng, i + 1) for i in range(GEO.rules)]
     c = compile_rules(rules, GEO)
     assert len(c.rules) == GEO.rules
+
+
+def _chunk_class(c: Compiled, direction: str, addr: bytes) -> int:
+    """An IPv4 address's class the way bpf/rules.h reads the arrays."""
+    assert c.c24 is not None and c.c32 is not None
+    e = int(c.l1v4[direction][addr[0] << 8 | addr[1]])
+    if e & CHUNK:
+        e = int(c.c24[(e >> 16) & 0x7FFF, addr[2]])
+        if e & CHUNK:
+            e = int(c.c32[(e >> 16) & 0x7FFF, addr[3]])
+    return e & 0xFFFF
+
+
+def test_ipv4_chunks_give_the_levels_answers() -> None:
+    """The arrays the data plane reads answer every IPv4 address as the
+    longest-first walk of the compiled levels does."""
+    rng = random.Random(5)
+    for trial in range(4):
+        rules = [random_rule(rng, i + 1) for i in range(300)]
+        # and some that nest inside one /16 and one /24, where the chunks matter
+        for i, plen in enumerate((17, 20, 24, 25, 28, 30, 32, 32)):
+            net = ipaddress.ip_network(f"198.18.5.{64 + i}/{plen}", strict=False)
+            rules.append(RuleSpec("drop", priority=10 + i, dst=net, id=400 + i))
+        c = compile_rules(rules, GEO)
+        addrs = [rng.getrandbits(32).to_bytes(4, "big") for _ in range(3000)]
+        addrs += [bytes([198, 18, 5, rng.randrange(256)]) for _ in range(500)]
+        for r in rules:
+            for net in (r.src, r.dst):
+                if net is not None and net.version == 4:
+                    addrs.append(net.network_address.packed)
+                    addrs.append(net.broadcast_address.packed)
+        for direction in ("src", "dst"):
+            if (4, direction) not in c.l1:
+                continue
+            for a in addrs:
+                assert _chunk_class(c, direction, a) == _addr_class(c, 4, direction, a), (trial, direction, a)
+
+
+def test_ipv4_chunks_refuse_what_does_not_fit() -> None:
+    rules = [RuleSpec("drop", dst=ipaddress.ip_network(f"10.{i}.0.1/32"), id=i + 1) for i in range(40)]
+    with pytest.raises(MapFullError) as e:
+        compile_rules(rules, Geometry(rules=1024, words=20, classes=16384, addr_entries=262144, c24_chunks=32))
+    assert e.value.errno == errno.E2BIG and "nothing was changed" in str(e.value)

@@ -21,7 +21,7 @@ HEADER = BPF_DIR / "xdpflow.h"
 
 # cffi takes declarations and "#define NAME <int>"; every other preprocessor
 # line (include guards, includes) means nothing to it and is dropped.
-_DEFINE = re.compile(r"^#define\s+(XF_\w+)\s+(\d+)\b")
+_DEFINE = re.compile(r"^#define\s+(XF_\w+)\s+(0x[0-9a-fA-F]+|\d+)\b")
 
 
 def declarations(text: str) -> str:
@@ -86,6 +86,8 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "rl_proto": ("__u32", "__u32"),
     "rl_len": ("__u32", "__u32"),
     "rl_l1": ("__u32", "__u32"),
+    "rl_c24": ("__u32", "__u32"),
+    "rl_c32": ("__u32", "__u32"),
     "rl_act": ("__u32", "struct xf_rule_act"),
     "rule_defs": ("__u32", "struct xf_rule_def"),
     "rl_addr": ("struct xf_raddr_key", "__u32"),

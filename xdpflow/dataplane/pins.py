@@ -54,6 +54,8 @@ SHARED_MAPS = (
     "rl_proto",
     "rl_len",
     "rl_l1",
+    "rl_c24",
+    "rl_c32",
     "rl_act",
     "rule_defs",
     "rl_addr",

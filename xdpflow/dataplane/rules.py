@@ -53,6 +53,8 @@ GEOMETRY = Geometry(
     classes=C.XF_RCLASS_MAX,
     addr_entries=C.XF_RADDR_MAX // 2,  # the hash holds both slots
     max_levels=C.XF_RLEVELS,
+    c24_chunks=C.XF_RC24_CHUNKS,
+    c32_chunks=C.XF_RC32_CHUNKS,
 )
 CAPACITY = C.XF_RULE_CAP
 
@@ -392,9 +394,15 @@ class RuleTables:
         for name, table in (("rl_sport", c.sport), ("rl_dport", c.dport), ("rl_proto", c.proto), ("rl_len", c.length)):
             if table is not None:
                 _write_array(self._map(name), t * len(table), table)
+        # IPv4 as the arrays the program reads: the chunks, then the /16 entries naming them
+        if c.c32 is not None and len(c.c32):
+            _write_array(self._map("rl_c32"), t * C.XF_RC32_CHUNKS * 256, c.c32.reshape(-1))
+        if c.c24 is not None and len(c.c24):
+            _write_array(self._map("rl_c24"), t * C.XF_RC24_CHUNKS * 256, c.c24.reshape(-1))
         for (family, direction), l1 in c.l1.items():
             if direction in c.fields:
-                _write_array(self._map("rl_l1"), (t * 4 + _fd(family, direction)) * C.XF_RL1_SIZE, l1)
+                table = c.l1v4[direction] if family == 4 else l1
+                _write_array(self._map("rl_l1"), (t * 4 + _fd(family, direction)) * C.XF_RL1_SIZE, table)
         self._write_addr(t, c)
         self._write_iface(t, c)
         self._write_act(t, c, counter_of, expires)
@@ -434,17 +442,18 @@ class RuleTables:
             for k in list(m):
                 if k.tag // per_slot == t:
                     m.pop(k, None)
-        if not c.addr:
+        v6 = {k: v for k, v in c.addr.items() if k[0] == 6}  # IPv4 is read from arrays
+        if not v6:
             return
-        keys = np.zeros(len(c.addr), dtype=kdt)
+        keys = np.zeros(len(v6), dtype=kdt)
         addrs = bytearray()
         tags = []
-        for family, direction, li, prefix in c.addr:
+        for family, direction, li, prefix in v6:
             tags.append((t * 4 + _fd(family, direction)) * C.XF_RLEVELS + li)
             addrs += prefix.to_bytes(FAMILY_BITS[family] // 8, "big").ljust(16, b"\0")
         keys["tag"] = tags
-        keys["addr"] = np.frombuffer(bytes(addrs), dtype=np.uint8).reshape(len(c.addr), 16)
-        vals = np.fromiter(c.addr.values(), dtype="<u4", count=len(c.addr))
+        keys["addr"] = np.frombuffer(bytes(addrs), dtype=np.uint8).reshape(len(v6), 16)
+        vals = np.fromiter(v6.values(), dtype="<u4", count=len(v6))
         m.update_batch_raw(ffi.from_buffer(keys), ffi.from_buffer(vals), len(keys))
 
     def _write_iface(self, t: int, c: Compiled) -> None:

@@ -41,6 +41,7 @@ from xdpflow.errors import MapFullError
 from xdpflow.rules.rulespec import BLOCKLIST_PRIORITY, LENGTH_MAX, TCP, RuleSpec
 
 NO_L4 = 65536
+CHUNK = 0x8000_0000  # an IPv4 entry naming a chunk of the next level
 PORT_TABLE = 65537
 DIRS = ("src", "dst")
 FAMILY_BITS = {4: 32, 6: 128}
@@ -57,6 +58,8 @@ class Geometry:
     classes: int  # bitmaps in one slot's pool
     addr_entries: int  # level entries per slot, every family and direction
     max_levels: int = 8
+    c24_chunks: int = 2048  # IPv4 /16s with longer rule prefixes, both directions
+    c32_chunks: int = 2048  # IPv4 /24s with rule prefixes longer than /24
 
 
 @dataclass
@@ -78,6 +81,14 @@ class Compiled:
     levels: dict[int, list[int]] = field(default_factory=dict)  # family -> level prefix lengths
     addr: dict[tuple[int, str, int, int], int] = field(default_factory=dict)  # (fam, dir, level, prefix) -> class
     iface: dict[str, int] = field(default_factory=dict)
+    # IPv4 as arrays (what the data plane reads; `l1` and `addr` are the same
+    # answers as a FIB's levels): per direction the /16 array, entries
+    # CHUNK | chunk << 16 | class where a /16 holds longer prefixes; 256-slot
+    # chunks of /24 answers (CHUNK | chunk << 16 | class again where a /24
+    # holds longer ones) and of /32 answers
+    l1v4: dict[str, np.ndarray] = field(default_factory=dict)
+    c24: np.ndarray | None = None  # (chunks, 256) u32
+    c32: np.ndarray | None = None
     iface_default: int = 0
 
     def words(self, cls: int, nwords: int) -> list[int]:
@@ -209,6 +220,7 @@ def compile_rules(rules: Sequence[RuleSpec], geo: Geometry) -> Compiled:
     for d in DIRS:
         if any(getattr(r, d) is not None for r in rs):
             c.fields.add(d)
+    _v4_chunks(c, geo)
 
     def base_without(pred: object) -> int:
         out = 0
@@ -247,6 +259,54 @@ def compile_rules(rules: Sequence[RuleSpec], geo: Geometry) -> Compiled:
             c.iface[name] = pool(base | _or(bitof[id(r)] for r in rs if r.iface == name))
     c.pool = pool.bitmaps
     return c
+
+
+def _v4_chunks(c: Compiled, geo: Geometry) -> None:
+    """The IPv4 levels as arrays (DIR-16-8-8): an array load per level where
+    a hash lookup of a 20-byte key cost ~40 ns. A longest-first walk of the
+    levels gives, for each address, the /32 entry, else the /24 entry, else
+    the /16 array's class; the chunks hold exactly that answer per slot.
+    Raises MapFullError when the chunks do not fit."""
+    per16: dict[tuple[str, int], dict[int, int]] = {}  # (dir, /16) -> {byte 2: /24 class}
+    per24: dict[tuple[str, int], dict[int, int]] = {}  # (dir, /24) -> {byte 3: /32 class}
+    for (family, direction, li, prefix), cls in c.addr.items():
+        if family != 4:
+            continue
+        if V4_LEVELS[li] == 24:
+            per16.setdefault((direction, prefix >> 16), {})[(prefix >> 8) & 0xFF] = cls
+        else:
+            per24.setdefault((direction, prefix >> 8), {})[prefix & 0xFF] = cls
+            per16.setdefault((direction, prefix >> 16), {})
+    if len(per16) > geo.c24_chunks or len(per24) > geo.c32_chunks:
+        raise MapFullError(
+            errno.E2BIG,
+            f"the rules' IPv4 CIDRs longer than /16 fall in {len(per16)} /16s and those longer than /24 in "
+            f"{len(per24)} /24s, more than the {geo.c24_chunks} and {geo.c32_chunks} the tables hold; "
+            "nothing was changed",
+        )
+    c24 = np.zeros((len(per16), 256), dtype=np.uint32)
+    c32 = np.zeros((len(per24), 256), dtype=np.uint32)
+    for direction in DIRS:
+        l1 = c.l1.get((4, direction))
+        if l1 is not None:
+            c.l1v4[direction] = (l1 & 0xFFFF).astype(np.uint32)
+    chunk24: dict[tuple[str, int], int] = {}
+    for i, ((direction, top), entries) in enumerate(sorted(per16.items())):
+        l1v = c.l1v4[direction]
+        base = int(l1v[top])
+        c24[i, :] = base
+        for b, cls in entries.items():
+            c24[i, b] = cls
+        l1v[top] = CHUNK | i << 16 | base
+        chunk24[(direction, top)] = i
+    for j, ((direction, p24), entries) in enumerate(sorted(per24.items())):
+        i, b = chunk24[(direction, p24 >> 8)], p24 & 0xFF
+        under = int(c24[i, b]) & 0xFFFF
+        c32[j, :] = under
+        for h, cls in entries.items():
+            c32[j, h] = cls
+        c24[i, b] = CHUNK | j << 16 | under
+    c.c24, c.c32 = c24, c32
 
 
 def _or(bits: Iterable[int]) -> int:
