@@ -235,7 +235,7 @@ static __always_inline __u32 rl_classify(struct pkt *p, __u32 slot,
 					 __u32 ifindex)
 {
 	struct xf_rule_bits *bs, *bd, *b2, *b3, *b4, *b5, *b6;
-	__u32 rest, live;
+	__u32 rest, live, left;
 	struct rl_scan sc;
 	struct xf_rule_head *h;
 	__u32 fields, fd = 0, proto_key = proto_len & 0xffff;
@@ -325,11 +325,17 @@ static __always_inline __u32 rl_classify(struct pkt *p, __u32 slot,
 	 * combination of words.
 	 */
 	live = 0;
+	left = rest;
 #pragma clang loop unroll(disable)
-	for (int i = 0; i < XF_RULE_WORDS; i++) {
-		__u64 x = bs->w[i] & bd->w[i] & b2->w[i] & b3->w[i] & b4->w[i] &
-			  b5->w[i] & b6->w[i];
+	for (int k = 0; k < XF_RULE_WORDS && left; k++) {
+		__u32 i = ctz64(left);
+		__u64 x;
 
+		left &= left - 1;
+		if (i >= XF_RULE_WORDS)
+			break;
+		x = bs->w[i] & bd->w[i] & b2->w[i] & b3->w[i] & b4->w[i] &
+		    b5->w[i] & b6->w[i];
 		live |= (__u32)((x | -x) >> 63) << i;
 	}
 	sc.rest = live & rest;
