@@ -18,8 +18,8 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
+from typing import Any
 
 import numpy as np
 
@@ -88,7 +88,11 @@ def plan(
     in force (sources they exempt are never banned)."""
     kind = policy.mitigation
     victim = ip_network(attack.victim)
-    common: dict[str, Any] = {"priority": MITIGATION_PRIORITY, "expires_at": expires_at, "comment": mitigation_comment(attack.id)}
+    common: dict[str, Any] = {
+        "priority": MITIGATION_PRIORITY,
+        "expires_at": expires_at,
+        "comment": mitigation_comment(attack.id),
+    }
     if kind == "none":
         return [], None
     if kind == "ban_sources":
