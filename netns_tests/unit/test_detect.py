@@ -297,3 +297,15 @@ def test_protect_config_errors(tmp_path: Path, edit: tuple[str, str], says: str)
 def test_attack_json_round_trip() -> None:
     a = attack(pps=5.0)
     assert json.loads(json.dumps(a.json())) == Attack.from_json(a.json()).json()
+
+
+def test_the_example_config_parses_with_mitigation_uncommented(tmp_path: Path) -> None:
+    import re
+
+    text = (Path(__file__).parents[2] / "contrib" / "xdpflow.toml").read_text().replace("# allowlist", "allowlist")
+    head, tail = text.split("# --- automatic mitigation")
+    p = tmp_path / "x.toml"
+    p.write_text(head + "#" + re.sub(r"(?m)^# (?=[a-z\[])", "", tail))
+    cfg = config.load_config(str(p))
+    assert [g.name for g in cfg.protect] == ["web"] and cfg.protect[0].ttl == 300 and cfg.allowlist
+    assert cfg.notify.command[0].endswith("xdpflow-exabgp")
