@@ -633,6 +633,52 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if report.ok else EXIT_FAIL
 
 
+def cmd_attacks(args: argparse.Namespace) -> int:
+    """The daemon's attacks (its state file): active and recent ones."""
+    from xdpflow.export.detect import load_state, state_path
+
+    attacks, _ = load_state(state_path(args.pins))
+    if args.json:
+        emit_json([a.json() for a in attacks])
+        return 0
+    if not attacks:
+        print("no attacks")
+        return 0
+
+    def when(t: float | None) -> str:
+        return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+    rows = []
+    for a in attacks:
+        m = a.mitigation
+        if m is None or m.kind == "none":
+            what = "none"
+        elif m.declined:
+            what = f"{m.kind}: declined: {m.declined}"
+        else:
+            what = f"{m.kind}{' (dry run)' if m.dry_run else ''}: " + (
+                ", ".join(map(str, m.rules)) if m.rules else "; ".join(m.lines)
+            )
+        rows.append(
+            [
+                a.id,
+                "active" if a.active else "ended",
+                a.victim,
+                a.group,
+                when(a.start),
+                when(a.end),
+                human(a.peak.get("pps", 0)),
+                human(a.peak.get("bps", 0)),
+                ",".join(a.exceeded),
+                what,
+            ]
+        )
+    print(
+        table(rows, ["ID", "STATE", "VICTIM", "GROUP", "START", "END", "PEAK PPS", "PEAK BIT/S", "OVER", "MITIGATION"])
+    )
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from xdpflow.app.daemon import main as run_daemon
 
@@ -807,6 +853,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dr.add_argument("ifaces", nargs="*", metavar="IFACE")
     dr.set_defaults(func=cmd_doctor)
+
+    at = sub.add_parser(
+        "attacks",
+        parents=[common],
+        help="attacks the daemon detected ([[protect]] groups): active and recent, with their mitigation",
+    )
+    at.set_defaults(func=cmd_attacks)
 
     from xdpflow.app.config import add_run_arguments
 
