@@ -135,7 +135,8 @@ class Legit:
 
 
 class Flood:
-    """A flood in a thread: ``send()`` called until ``stop()``; what it sent adds up in ``sent``."""
+    """A flood in a thread: ``send()`` (a pktgen sender) called until ``stop()``;
+    what it sent adds up in ``sent``."""
 
     def __init__(self, send: Any) -> None:
         self.send = send
@@ -143,15 +144,19 @@ class Flood:
         self.calls = 0
         self.seconds = 0.0
         self.error: BaseException | None = None
+        self.first_frame: float | None = None  # monotonic time the first frame left, once known
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, name="flood", daemon=True)
-        self.started = time.monotonic()
         self._t.start()
 
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
                 r = self.send()
+                if self.first_frame is None:
+                    # Result.seconds covers the sending alone: not loading the
+                    # generator's program nor parking it in the dispatcher
+                    self.first_frame = time.monotonic() - r.seconds
                 self.sent += r.sent
                 self.seconds += r.seconds
                 self.calls += 1

@@ -7,9 +7,9 @@ everything read back through the console script (`attacks`, `rule list`,
 
 Each test's group uses short settings (trigger 2 s, release 2 s, TTL 3-4 s)
 so an attack starts, ends and its rules expire within a few seconds.
-Times are measured from when the flood thread started (the first frames
-leave a little later) to when the daemon's log line was read, so they are
-upper bounds. Addresses: 198.18.0.0/15 only (spoofed sources 198.19.0.0/16).
+Times are measured from the flood's first frame (when the generator's first
+call began sending) to when the test read the daemon's log line, so they
+are upper bounds. Addresses: 198.18.0.0/15 only (spoofed sources 198.19.0.0/16).
 """
 
 from __future__ import annotations
@@ -124,11 +124,13 @@ def host(cidr: str | None) -> str | None:
     return None if cidr is None else str(ip_network(cidr).network_address)
 
 
-def timed_start(d: Daemon, since: int, t0: float) -> tuple[int, float, float]:
-    """(attack id, seconds from t0 to its start line, seconds from that to its mitigation line)."""
+def timed_start(d: Daemon, since: int, fl: Flood) -> tuple[int, float, float]:
+    """(attack id, seconds from the flood's first frame to the attack's start
+    line, seconds from that to its mitigation line)."""
     t_start, line = d.wait_log(r"attack started id=", DETECT_S + 10, since)
     t_mit, _ = d.wait_log(r"attack mitigation id=", MITIGATE_S + 10, since)
     attack_id = int(line.split("attack started id=")[1].split()[0])
+    t0 = wait_until(lambda: fl.first_frame, 10, 0.05, "the flood's first call returned")
     return attack_id, t_start - t0, t_mit - t_start
 
 
@@ -184,7 +186,7 @@ def test_udp_flood_from_1000_sources_banned_legit_exact_then_released(
         mark = d.mark()
         with flooding(flood) as fl:
             try:
-                attack_id, detect_s, mitigate_s = timed_start(d, mark, fl.started)
+                attack_id, detect_s, mitigate_s = timed_start(d, mark, fl)
             except AssertionError as e:
                 raise AssertionError(f"{e}\nstats {cli.stats()}") from None
         pre_pps = fl.pps
@@ -247,7 +249,7 @@ def test_spoofed_flood_ban_declines_fingerprint_mitigates(
         # ban_sources: 65,536 sources, none carrying a noticeable share: it declines
         mark = d.mark()
         with flooding(spoof_to(banned_host)) as fl:
-            ban_id, detect_s, _ = timed_start(d, mark, fl.started)
+            ban_id, detect_s, _ = timed_start(d, mark, fl)
         (a,) = attacks(cli)
         assert (a["id"], a["group"], a["victim"]) == (ban_id, "ban", banned_host)
         assert a["mitigation"]["kind"] == "ban_sources" and a["mitigation"]["rules"] == []
@@ -260,7 +262,7 @@ def test_spoofed_flood_ban_declines_fingerprint_mitigates(
         # fingerprint: victim + udp + the flood's destination port
         mark = d.mark()
         with flooding(spoof_to(printed_host)) as fl:
-            fp_id, detect_s, mitigate_s = timed_start(d, mark, fl.started)
+            fp_id, detect_s, mitigate_s = timed_start(d, mark, fl)
         a = next(x for x in attacks(cli) if x["id"] == fp_id)
         m = a["mitigation"]
         assert (m["kind"], m["declined"], len(m["rules"])) == ("fingerprint", None, 1), m
@@ -291,7 +293,7 @@ def test_syn_flood_to_443_fingerprinted_established_connections_pass(lab: Lab, p
         try:
             mark = d.mark()
             with flooding(lambda: spoofed(lab, syn, 4 * 65536)) as fl:
-                attack_id, detect_s, mitigate_s = timed_start(d, mark, fl.started)
+                attack_id, detect_s, mitigate_s = timed_start(d, mark, fl)
                 (a,) = attacks(cli)
                 assert a["exceeded"] == ["syn_pps"]
                 (r,) = mitigation_rules(cli)
@@ -326,7 +328,7 @@ def test_dry_run_drops_nothing_and_reports_the_would_be_rules(
         legit = Legit(lab, TARGETS)
         mark = d.mark()
         with flooding(lambda: blast(lab.gen_if, flood_frames, 300_000, netns=lab.gen_ns)) as fl:
-            attack_id, detect_s, mitigate_s = timed_start(d, mark, fl.started)
+            attack_id, detect_s, mitigate_s = timed_start(d, mark, fl)
             time.sleep(1)
             (a,) = attacks(cli)
         m = a["mitigation"]
@@ -366,7 +368,7 @@ def test_notifications_reach_a_command_and_a_webhook(lab: Lab, pin_root: str, tm
             d.wait_ready()
             mark = d.mark()
             with flooding(lambda: blast(lab.gen_if, flood_frames, 300_000, netns=lab.gen_ns)) as fl:
-                attack_id, detect_s, mitigate_s = timed_start(d, mark, fl.started)
+                attack_id, detect_s, mitigate_s = timed_start(d, mark, fl)
             d.wait_log(rf"attack ended id={attack_id} ", 15, mark)
 
             def by_command() -> list[dict[str, Any]]:
@@ -404,7 +406,7 @@ def test_hanging_command_and_webhook_delay_nothing(lab: Lab, pin_root: str, tmp_
             d.wait_ready()
             mark = d.mark()
             with flooding(lambda: blast(lab.gen_if, flood_frames, 300_000, netns=lab.gen_ns)) as fl:
-                attack_id, detect_s, mitigate_s = timed_start(d, mark, fl.started)
+                attack_id, detect_s, mitigate_s = timed_start(d, mark, fl)
                 assert len(mitigation_rules(cli)) == 1
             report("hanging notifications", detect_s=detect_s, mitigate_s=mitigate_s)
             assert detect_s <= DETECT_S and mitigate_s <= MITIGATE_S
@@ -428,7 +430,7 @@ def test_kill_9_mid_attack_rules_expire_and_a_restart_resumes(lab: Lab, pin_root
         with Daemon(lab, pin_root, "--config", cfg, *LISTEN) as d:
             d.wait_ready()  # attached: the veth takes the generator's frames from now on
             fl = Flood(lambda: blast(lab.gen_if, flood_frames, 300_000, netns=lab.gen_ns))
-            attack_id, _, _ = timed_start(d, 0, fl.started)
+            attack_id, _, _ = timed_start(d, 0, fl)
             (r,) = mitigation_rules(cli)
             assert d.stop(signal.SIGKILL) == -signal.SIGKILL
         killed = time.time()
