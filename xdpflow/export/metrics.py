@@ -351,7 +351,7 @@ def _attack_families(stats: ExporterStats) -> list[Metric]:
         labels=["victim", "group", "rate"],
     )
     for victim, group, name, value in stats.attack_rates:
-        rates.add_metric([victim, group, name], value)
+        rates.add_metric([victim, group, name], round(value))  # whole units: rates over a second
     return [active, total, rules, rates]
 
 
