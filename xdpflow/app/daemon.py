@@ -69,6 +69,7 @@ class Daemon:
         self.detector: Detector | None = None
         self.mitigator: Mitigator | None = None
         self.notifier: Notifier | None = None
+        self.overflow_logged = -1e9
 
     @property
     def pins(self) -> PinRoot:
@@ -299,12 +300,14 @@ class Daemon:
         try:
             with ProtectTables.of_pins(self.pins) as pt:
                 changes = det.update(pt.hosts(), now)
+                overflow = pt.overflow()
                 idle = det.idle_hosts(now)
                 if idle:
                     pt.forget([ip_address(raw) for _, raw in idle])
         except OSError as e:
             log.error("reading the per-destination counters failed: %s", e)
             return
+        self._overflow(overflow)
         for ch in changes:
             a = ch.attack
             rates = " ".join(f"{k}={v:.0f}" for k, v in a.rates.items() if v)
@@ -335,6 +338,21 @@ class Daemon:
             except OSError as e:
                 log.error("saving the attacks state failed: %s", e)
         self._update_stats([a for a, _ in active], now)
+
+    def _overflow(self, overflow: dict[int, dict[str, int]]) -> None:
+        """Frames to hosts the full table had no room for are counted per
+        group only: no host's rates, so say so (once a minute at most)."""
+        names = {i + 1: p.name for i, p in enumerate(self.cfg.protect)}
+        packets = {names.get(g, str(g)): c.get("packets", 0) for g, c in overflow.items()}
+        grown = [g for g, n in packets.items() if n > self.stats.protect_overflow.get(g, 0)]
+        self.stats.protect_overflow = packets
+        if grown and time.monotonic() - self.overflow_logged > 60:
+            self.overflow_logged = time.monotonic()
+            log.warning(
+                "protected host table full: frames to new hosts are counted per group only groups=%s "
+                "(raise hosts in [[protect]]; a full table needs a detach and attach to grow)",
+                ",".join(grown),
+            )
 
     def _update_stats(self, active: list[Attack], now: float) -> None:
         det, mit = self.detector, self.mitigator
