@@ -342,3 +342,26 @@ def test_attack_metrics_only_with_groups_and_rates_of_active_attacks() -> None:
     assert s[("xdpflow_protect_overflow_packets_total", web)] == 7
     rates = {k: v for k, v in s.items() if k[0] == "xdpflow_attack_rate"}
     assert rates == {("xdpflow_attack_rate", frozenset({("victim", VICTIM), ("group", "web"), ("rate", "pps")})): 123}
+
+
+def test_a_full_table_takes_well_under_a_second_a_read() -> None:
+    import time
+
+    n = 65536
+    addr = np.zeros((n, 16), dtype=np.uint8)
+    addr[:, :4] = np.frombuffer(np.arange(n, dtype=">u4").tobytes(), dtype=np.uint8).reshape(n, 4)
+    base = {c: np.full(n, 10, dtype=np.uint64) for c, _ in RATES.values()}
+    fam = np.full(n, 4, dtype=np.uint8)
+    det = Detector([POLICY])
+    det.update(Counts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **base), 0.0)
+    more = {c: v * 2 for c, v in base.items()}
+    more["packets"][5] += 10**6
+    t0 = time.perf_counter()
+    det.update(Counts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **more), 1.0)
+    got = det.update(Counts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **more), 2.0)
+    assert time.perf_counter() - t0 < 2 * 0.5  # two reads
+    assert got == [] and list(det.rates) == []  # one second over: no attack yet; the next read is calm
+    assert Detector([]).update(Counts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **base), 0.0) == []
+    none = Detector([])
+    none.update(Counts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **base), 0.0)
+    assert none.update(Counts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **more), 1.0) == []
