@@ -52,15 +52,84 @@ static __always_inline __u32 prot_group(__u32 slot, __u32 fam, const __u8 *addr,
 	return v & XF_PGROUP_MASK;
 }
 
-static __always_inline void prot_add(struct xf_host_cnt *c,
-				     const struct xf_host_cnt *f)
+/* whether the filter's bit for addr's region is set (see xdpflow.h) */
+static __always_inline int prot_filter(__u32 slot, __u32 fam, const __u8 *a)
+{
+	struct xf_prot_head *h = bpf_map_lookup_elem(&prot_head, &slot);
+	__u32 x, bit, word, t;
+	__u64 top, *w;
+
+	if (!h)
+		return 1;
+	if (fam) {
+		__builtin_memcpy(&top, a, 8);
+		top = bpf_be64_to_cpu(top) >> ((64 - h->pf_len[1]) & 63);
+	} else {
+		__builtin_memcpy(&t, a, 4);
+		top = bpf_ntohl(t) >> ((32 - h->pf_len[0]) & 31);
+	}
+	x = (__u32)top ^ (__u32)(top >> 32);
+	bit = (__u32)(x * (__u32)XF_PF6_MULT) >> XF_PF6_SHIFT;
+	word = slot * XF_PPF_WORDS + (bit >> 6);
+	w = bpf_map_lookup_elem(&prot_pf, &word);
+	return w && ((*w >> (bit & 63)) & 1);
+}
+
+/* what one frame adds to its host's counters (packets and bytes aside) */
+struct prot_frame {
+	__u32 syn, udp, icmp, frags;
+};
+
+static __always_inline void prot_add(struct xf_host_cnt *c, struct pkt *p,
+				     const struct prot_frame *f)
 {
 	c->packets++;
-	c->bytes += f->bytes;
+	c->bytes += p->len;
 	c->syn += f->syn;
 	c->udp += f->udp;
 	c->icmp += f->icmp;
 	c->frags += f->frags;
+}
+
+/* The first frame to a host: find its group, insert it, or count it in the
+ * group's overflow record when the table is full. Off the hit path. */
+static __always_inline void prot_insert(struct pkt *p, struct xf_host_key *key,
+					__u32 slot, __u32 fam, __u32 v,
+					const struct prot_frame *f)
+{
+	struct xf_host_cnt nv, *hc;
+	__u32 g = prot_group(slot, fam, key->addr, v);
+	long err;
+
+	if (!g)
+		return;
+	nv.packets = 1;
+	nv.bytes = p->len;
+	nv.new_flows = 0;
+	nv.syn = f->syn;
+	nv.udp = f->udp;
+	nv.icmp = f->icmp;
+	nv.frags = f->frags;
+	nv.group = g;
+	nv.pad = 0;
+	err = bpf_map_update_elem(&prot_hosts, key, &nv, BPF_NOEXIST);
+	if (!err) {
+		p->prot = PROT_HOST;
+		return;
+	}
+	/* another CPU inserted it meanwhile; else the table is full */
+	if (err == -EEXIST) {
+		hc = bpf_map_lookup_elem(&prot_hosts, key);
+		if (hc) {
+			prot_add(hc, p, f);
+			p->prot = PROT_HOST;
+			return;
+		}
+	}
+	hc = bpf_map_lookup_elem(&prot_overflow, &g);
+	if (hc)
+		prot_add(hc, p, f);
+	p->prot = g;
 }
 
 /* Count one IP frame if its destination is protected. A global function,
@@ -71,72 +140,60 @@ static __always_inline void prot_add(struct xf_host_cnt *c,
 __attribute__((noinline)) int xf_protect(struct xdp_md *ctx, struct pkt *p,
 					 __u32 flags, __u32 meta)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	__u32 slot = (flags & XF_CFG_PROTECT_SLOT) ? 1 : 0, fam, key1, v, g;
-	__u32 proto = meta & 0xff;
-	struct xf_host_cnt f = {}, *hc;
-	struct xf_host_key key = {};
+	__u32 slot = (flags & XF_CFG_PROTECT_SLOT) ? 1 : 0, fam, key1, proto;
+	struct prot_frame f = {};
+	struct xf_host_key key;
+	struct xf_host_cnt *hc;
+	void *data, *data_end;
+	const __u8 *a;
 	__u8 *tf;
 	__u32 *e;
-	long err;
 
 	if (!p)
 		return 0;
-	if (p->family == 4) {
-		fam = 0;
-		__builtin_memcpy(key.addr, &p->k4.daddr, 4);
-	} else {
-		fam = 1;
-		__builtin_memcpy(key.addr, p->k6.daddr, 16);
-	}
-	key1 = (slot * 2 + fam) * XF_PL1_SIZE +
-	       ((__u32)key.addr[0] << 8 | key.addr[1]);
+	fam = p->family == 4 ? 0 : 1;
+	a = fam ? p->k6.daddr : (const __u8 *)&p->k4.daddr;
+	key1 = (slot * 2 + fam) * XF_PL1_SIZE + ((__u32)a[0] << 8 | a[1]);
 	e = bpf_map_lookup_elem(&prot_l1, &key1);
 	/* outside every protected /16: the common frame ends here */
 	if (!e || !*e)
 		return 0;
-	v = *e;
-	key.family = p->family;
+	/* in a /16 that only longer prefixes touch, and not near one */
+	if (!(*e & XF_PGROUP_MASK) && !prot_filter(slot, fam, a))
+		return 0;
 
-	f.packets = 1;
-	f.bytes = p->len;
+	key.family = p->family;
+	key.pad[0] = key.pad[1] = key.pad[2] = 0;
+	if (fam) {
+		__builtin_memcpy(key.addr, p->k6.daddr, 16);
+	} else {
+		__builtin_memcpy(key.addr, &p->k4.daddr, 4);
+		__builtin_memset(key.addr + 4, 0, 12);
+	}
+	proto = meta & 0xff;
 	f.frags = (meta >> 8) & 1;
-	if (proto == IPPROTO_UDP)
+	if (proto == IPPROTO_UDP) {
 		f.udp = 1;
-	else if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6)
+	} else if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
 		f.icmp = 1;
-	else if (proto == IPPROTO_TCP && (meta & 0x200)) {
+	} else if (proto == IPPROTO_TCP && (meta & 0x200)) {
 		/* the flags byte; a truncated header is not a SYN */
+		data = (void *)(long)ctx->data;
+		data_end = (void *)(long)ctx->data_end;
 		tf = data + ((meta >> 16) & 0x3fff) + 13;
 		if ((void *)(tf + 1) <= data_end && (*tf & 0x12) == 0x02)
 			f.syn = 1;
 	}
 
+	/* a host already counted was inside a protected prefix when it was
+	 * inserted: no prefix lookup */
 	hc = bpf_map_lookup_elem(&prot_hosts, &key);
-	if (!hc) {
-		g = prot_group(slot, fam, key.addr, v);
-		if (!g)
-			return 0;
-		f.group = g;
-		err = bpf_map_update_elem(&prot_hosts, &key, &f, BPF_NOEXIST);
-		if (!err) {
-			p->prot = PROT_HOST;
-			return 0;
-		}
-		/* another CPU inserted it meanwhile; else the table is full */
-		if (err == -EEXIST)
-			hc = bpf_map_lookup_elem(&prot_hosts, &key);
-		if (!hc) {
-			hc = bpf_map_lookup_elem(&prot_overflow, &g);
-			if (hc)
-				prot_add(hc, &f);
-			p->prot = g;
-			return 0;
-		}
+	if (hc) {
+		prot_add(hc, p, &f);
+		p->prot = PROT_HOST;
+		return 0;
 	}
-	prot_add(hc, &f);
-	p->prot = PROT_HOST;
+	prot_insert(p, &key, slot, fam, *e, &f);
 	return 0;
 }
 

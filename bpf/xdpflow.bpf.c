@@ -222,6 +222,7 @@ struct {
 } prot_l1 SEC(".maps");
 
 RULE_ARRAY(prot_head, 2, struct xf_prot_head);
+RULE_ARRAY(prot_pf, 2 * XF_PPF_WORDS, __u64);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

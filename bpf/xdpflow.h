@@ -396,10 +396,18 @@ struct xf_rule_def {
 #define XF_PLEVELS 8
 #define XF_PADDR_MAX 262144     /* level entries, both slots */
 #define XF_PGROUP_MASK 65535
+/* ... and a filter in front of the host table and the levels, per slot:
+ * one bit per hashed region that a prefix longer than /16 overlaps; a
+ * region is the address's top pf_len bits (the shortest such prefix, at
+ * most /32 for IPv4, /64 for IPv6), hashed as XF_PF6_* after folding to 32
+ * bits. A /16 whose entry has levels but no group of its own is mostly not
+ * protected (IPv6 unicast shares a few /16s): a clear bit ends the lookup
+ * after one more array load. */
+#define XF_PPF_WORDS 16384 /* 2^20 bits */
 
 struct xf_prot_head {
 	__u64 digest; /* of the group set the slot holds */
-	__u64 pad;
+	__u32 pf_len[2]; /* v4, v6: the filter's region prefix length */
 	__u64 lmask[2][8][2]; /* v4, v6 x XF_PLEVELS x 16 address bytes */
 };
 

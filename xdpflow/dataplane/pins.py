@@ -62,6 +62,7 @@ SHARED_MAPS = (
     "rl_rate",
     "prot_l1",
     "prot_head",
+    "prot_pf",
     "prot_addr",
     "prot_hosts",
     "prot_overflow",

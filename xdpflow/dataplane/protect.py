@@ -43,6 +43,7 @@ LEVELS_MAX = C.XF_PLEVELS
 L1_SIZE = C.XF_PL1_SIZE
 ADDR_ENTRIES = C.XF_PADDR_MAX // 2  # the level hash holds both slots
 FAMILY_BITS = {4: 32, 6: 128}
+FILTER_MAX = {4: 32, 6: 64}  # the filter's region: at most a /32 or a /64
 _NO_BATCH = "this kernel cannot batch-read hash maps: protected groups need Linux 5.6 or later"
 COUNT_FIELDS = ("packets", "bytes", "new_flows", "syn", "udp", "icmp", "frags")
 
@@ -70,6 +71,8 @@ class Compiled:
     levels: dict[int, list[int]]
     addr: dict[tuple[int, int, int], int]
     digest: int
+    filter: np.ndarray = field(default_factory=lambda: np.zeros(C.XF_PPF_WORDS, dtype=np.uint64))
+    pf_len: dict[int, int] = field(default_factory=lambda: {4: 0, 6: 0})  # the filter's region length
 
     def group_of(self, addr: IPv4Address | IPv6Address) -> int:
         """The group id the program finds for ``addr`` (0: none): the
@@ -79,6 +82,10 @@ class Compiled:
         a = int(addr)
         v = int(self.l1[fam][a >> (width - 16)])
         mask = v >> 16
+        if v and not v & C.XF_PGROUP_MASK:
+            bit = int(_filter_bits(np.array([a >> (width - self.pf_len[fam])], dtype=np.uint64))[0])
+            if not (int(self.filter[bit >> 6]) >> (bit & 63)) & 1:
+                return 0
         for i in reversed(range(len(self.levels[fam]))):
             if mask & (1 << i):
                 lv = self.levels[fam][i]
@@ -157,12 +164,14 @@ def _compile_family(c: Compiled, fam: int, nets: dict[tuple[int, int], int]) -> 
             l1[top : top + (1 << (16 - plen))] = gid  # longer prefixes come later and overwrite
     deep = {p: len(v) for p, v in by_len.items() if p > 16}
     levels = _choose_levels(list(deep), dict(deep))
+    c.pf_len[fam] = min([FILTER_MAX[fam], *deep])  # one region per prefix: each sets one bit
     for a, plen in nets:
         if plen <= 16:
             continue
         li = next(i for i, lv in enumerate(levels) if lv >= plen)
         lv = levels[li]
         l1[a >> (width - 16)] |= np.uint32(1 << (16 + li))
+        _set_filter(c, fam, a, plen)
         step = 1 << (width - lv)
         for j in range(1 << (lv - plen)):
             e = a + j * step
@@ -175,6 +184,21 @@ def _compile_family(c: Compiled, fam: int, nets: dict[tuple[int, int], int]) -> 
                 )
     c.l1[fam] = l1
     c.levels[fam] = levels
+
+
+def _filter_bits(tops: np.ndarray) -> np.ndarray:
+    """The filter's bit numbers for region prefixes (bpf/protect.h prot_filter)."""
+    x = (tops & np.uint64(0xFFFFFFFF)) ^ (tops >> np.uint64(32))
+    return ((x * np.uint64(C.XF_PF6_MULT)) & np.uint64(0xFFFFFFFF)) >> np.uint64(C.XF_PF6_SHIFT)
+
+
+def _set_filter(c: Compiled, fam: int, a: int, plen: int) -> None:
+    """Set the bits of every region the prefix (a, plen) overlaps."""
+    width, rb = FAMILY_BITS[fam], c.pf_len[fam]
+    first = a >> (width - rb)
+    n = 1 << (rb - plen) if plen < rb else 1
+    bits = _filter_bits(np.arange(first, first + n, dtype=np.uint64))
+    np.bitwise_or.at(c.filter, (bits >> np.uint64(6)).astype(np.intp), np.uint64(1) << (bits & np.uint64(63)))
 
 
 def _mask_words(plen: int, width: int) -> tuple[int, int]:
@@ -420,8 +444,12 @@ class ProtectTables:
                 arr[i]["addr"] = np.frombuffer(_addr_bytes(fam, a), dtype=np.uint8)
                 gids[i] = g
             m.update_batch_raw(ffi.from_buffer(arr), ffi.from_buffer(gids), len(arr))
+        words = np.ascontiguousarray(c.filter, dtype="<u8")
+        keys = np.arange(t * C.XF_PPF_WORDS, (t + 1) * C.XF_PPF_WORDS, dtype="<u4")
+        self._map("prot_pf").update_batch_raw(ffi.from_buffer(keys), ffi.from_buffer(words), C.XF_PPF_WORDS)
         head = ffi.new("struct xf_prot_head *")
         head.digest = c.digest
+        head.pf_len = [c.pf_len[4], c.pf_len[6]]
         for fam_i, fam in enumerate((4, 6)):
             for li, lv in enumerate(c.levels[fam]):
                 w0, w1 = _mask_words(lv, FAMILY_BITS[fam])
