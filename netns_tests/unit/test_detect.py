@@ -18,6 +18,8 @@ from xdpflow.export.detect import RATES, Attack, Detector, Policy, load_state, s
 from xdpflow.export.mitigate import FlowSample, plan
 from xdpflow.rules.rulespec import ALLOWLIST_PRIORITY, MITIGATION_PRIORITY, parse_line
 
+from ..clitest import metric_samples
+
 VICTIM = "198.18.0.2"
 OTHER = "198.18.0.3"
 
@@ -309,3 +311,57 @@ def test_the_example_config_parses_with_mitigation_uncommented(tmp_path: Path) -
     cfg = config.load_config(str(p))
     assert [g.name for g in cfg.protect] == ["web"] and cfg.protect[0].ttl == 300 and cfg.allowlist
     assert cfg.notify.command[0].endswith("xdpflow-exabgp")
+
+
+def test_attack_metrics_only_with_groups_and_rates_of_active_attacks() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from xdpflow.export.metrics import ExporterStats, XdpflowCollector
+
+    def samples(stats: ExporterStats) -> dict[tuple[str, frozenset[tuple[str, str]]], int]:
+        reg = CollectorRegistry()
+        reg.register(XdpflowCollector(PinRoot("/nonexistent/xdpflow-unit"), stats, 5, None))
+        return metric_samples(generate_latest(reg).decode())
+
+    assert not any(k[0].startswith("xdpflow_attack") for k in samples(ExporterStats()))
+    stats = ExporterStats(
+        protecting=True,
+        attacks_active={"web": 1, "dns": 0},
+        attacks_total={"web": 2, "dns": 0},
+        mitigation_rules=3,
+        attack_rates=[(VICTIM, "web", "pps", 123.4)],
+        protect_overflow={"web": 7},
+        notifications_failed=4,
+    )
+    s = samples(stats)
+    web = frozenset({("group", "web")})
+    assert s[("xdpflow_attacks_active", web)] == 1 and s[("xdpflow_attacks_total", web)] == 2
+    assert s[("xdpflow_attacks_active", frozenset({("group", "dns")}))] == 0
+    assert s[("xdpflow_mitigation_rules", frozenset())] == 3
+    assert s[("xdpflow_notifications_failed_total", frozenset())] == 4
+    assert s[("xdpflow_protect_overflow_packets_total", web)] == 7
+    rates = {k: v for k, v in s.items() if k[0] == "xdpflow_attack_rate"}
+    assert rates == {("xdpflow_attack_rate", frozenset({("victim", VICTIM), ("group", "web"), ("rate", "pps")})): 123}
+
+
+def test_a_full_table_takes_well_under_a_second_a_read() -> None:
+    import time
+
+    n = 65536
+    addr = np.zeros((n, 16), dtype=np.uint8)
+    addr[:, :4] = np.frombuffer(np.arange(n, dtype=">u4").tobytes(), dtype=np.uint8).reshape(n, 4)
+    base = {c: np.full(n, 10, dtype=np.uint64) for c, _ in RATES.values()}
+    fam = np.full(n, 4, dtype=np.uint8)
+    det = Detector([POLICY])
+    det.update(Counts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **base), 0.0)
+    more = {c: v * 2 for c, v in base.items()}
+    more["packets"][5] += 10**6
+    t0 = time.perf_counter()
+    det.update(Counts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **more), 1.0)
+    got = det.update(Counts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **more), 2.0)
+    assert time.perf_counter() - t0 < 2 * 0.5  # two reads
+    assert got == [] and list(det.rates) == []  # one second over: no attack yet; the next read is calm
+    assert Detector([]).update(Counts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **base), 0.0) == []
+    none = Detector([])
+    none.update(Counts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **base), 0.0)
+    assert none.update(Counts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **more), 1.0) == []

@@ -291,6 +291,11 @@ def _notify(t: dict[str, Any], where: str) -> NotifyConfig:
     return NotifyConfig(command=cmd, webhooks=hooks, timeout=_number(t, "timeout", where, d.timeout), retries=retries)
 
 
+def protect_hosts(cfg: Config) -> int:
+    """Hosts the [[protect]] groups want room for in the per-host table."""
+    return sum(p.hosts for p in cfg.protect)
+
+
 _BRACKETED = re.compile(r"^\[([0-9A-Fa-f:.]+)\]:(\d{1,5})$")
 _PLAIN = re.compile(r"^([^:\[\]\s]+):(\d{1,5})$")
 

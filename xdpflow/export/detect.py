@@ -194,7 +194,8 @@ class Detector:
         self.policies = list(policies)
         self.next_id = next_id
         self.total: dict[str, int] = {}  # group -> attacks started by this process
-        self._prev: dict[tuple[int, bytes], np.ndarray] = {}
+        self._prev_pos: dict[tuple[int, bytes], int] = {}  # host -> its row of _prev_mat
+        self._prev_mat = np.zeros((0, len(RATES)))
         self._prev_time: float | None = None
         self._moved: dict[tuple[int, bytes], float] = {}  # host -> last time its counters moved
         self._watch: dict[tuple[int, bytes], _Watch] = {}
@@ -231,43 +232,54 @@ class Detector:
         ``counts`` has arrays family, addr (16-byte rows), group (1-based),
         and one per RATES counter. Returns the attacks that started and
         ended, in that order."""
-        keys = [host_key(int(f), bytes(a)) for f, a in zip(counts.family, np.asarray(counts.addr))]
-        cols = [np.asarray(getattr(counts, c), dtype=np.float64) * k for c, k in RATES.values()]
-        cur = np.stack(cols, axis=1) if keys else np.zeros((0, len(RATES)))
+        fam = np.asarray(counts.family)
+        addr = np.asarray(counts.addr)
+        keys = [host_key(int(f), a.tobytes()) for f, a in zip(fam, addr)]
+        n = len(keys)
+        cur = np.zeros((n, len(RATES)))
+        for j, (c, factor) in enumerate(RATES.values()):
+            cur[:, j] = np.asarray(getattr(counts, c), dtype=np.float64) * factor
         groups = np.asarray(counts.group, dtype=np.int64)
         first = self._prev_time is None
         dt = 1.0 if first else max(now - (self._prev_time or now), 1e-3)
-        prev = np.stack([self._prev.get(k, np.zeros(len(RATES))) for k in keys]) if keys else cur
+        pos = np.fromiter((self._prev_pos.get(k, -1) for k in keys), dtype=np.int64, count=n)
+        prev = np.where((pos >= 0)[:, None], self._prev_mat[np.maximum(pos, 0)] if n and len(self._prev_mat) else 0, 0)
         delta = cur - prev
         delta = np.where(delta < 0, cur, delta)  # forgotten and inserted again: from zero
         rates = delta / dt
+        for moved in np.nonzero((pos < 0) | (delta != 0).any(axis=1))[0].tolist():
+            self._moved[keys[moved]] = now
         changes: list[Change] = []
-        seen: set[tuple[int, bytes]] = set()
         self.rates = {}
-        for i, k in enumerate(keys):
-            seen.add(k)
-            if k not in self._prev or (delta[i] != 0).any():
-                self._moved[k] = now
-            if first:
-                continue
-            g = int(groups[i])
-            if not 1 <= g <= len(self.policies):
-                continue
-            changes += self._step(k, self.policies[g - 1], rates[i], now, dt)
-        # hosts gone from the table: their attacks end by the release rule with rates of zero
-        for k, w in list(self._watch.items()):
-            if k not in seen and w.attack is not None and not first:
-                pol = self._policy(w.attack.group)
+        if not first:
+            # thresholds of each host's group (inf: none); a host of no configured group is never over
+            table = np.full((max(len(self.policies), 1), len(RATES)), np.inf)
+            for gi, p in enumerate(self.policies):
+                table[gi] = [p.thresholds.get(r, np.inf) for r in RATES]
+            valid = (groups >= 1) & (groups <= len(self.policies))
+            t = table[np.clip(groups - 1, 0, len(table) - 1)]
+            over = valid & (rates > t).any(axis=1)
+            index = dict(zip(keys, range(n)))
+            todo = set(np.nonzero(over)[0].tolist())
+            todo |= {index[k] for k in self._watch if k in index and valid[index[k]]}
+            for row in sorted(todo):
+                changes += self._step(keys[row], self.policies[int(groups[row]) - 1], rates[row], now, dt)
+            # hosts gone from the table: their attacks end by the release rule with rates of zero
+            for k, w in list(self._watch.items()):
+                if k in index:
+                    continue
+                pol = self._policy(w.attack.group) if w.attack is not None else None
                 if pol is not None:
                     changes += self._step(k, pol, np.zeros(len(RATES)), now, dt)
-            if k not in seen and w.attack is None:
-                del self._watch[k]
+                elif w.attack is None:
+                    del self._watch[k]
         # an attack whose group left the config ends now
         names = {p.name for p in self.policies}
         for k, w in list(self._watch.items()):
             if w.attack is not None and w.attack.group not in names:
                 changes.append(self._end(k, w, now))
-        self._prev = dict(zip(keys, cur))
+        self._prev_pos = dict(zip(keys, range(n)))
+        self._prev_mat = cur
         self._prev_time = now
         changes.sort(key=lambda c: c.kind != "start")
         return changes

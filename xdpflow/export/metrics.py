@@ -114,6 +114,7 @@ class ExporterStats:
     attacks_active: dict[str, int] = field(default_factory=dict)  # group -> attacks going on
     attacks_total: dict[str, int] = field(default_factory=dict)  # group -> attacks started
     mitigation_rules: int = 0  # mitigation rules in force
+    protect_overflow: dict[str, int] = field(default_factory=dict)  # group -> frames counted without a host
     # (victim, group, rate name, value) of the active attacks only: bounded by them
     attack_rates: list[tuple[str, str, str, float]] = field(default_factory=list)
 
@@ -351,8 +352,15 @@ def _attack_families(stats: ExporterStats) -> list[Metric]:
         labels=["victim", "group", "rate"],
     )
     for victim, group, name, value in stats.attack_rates:
-        rates.add_metric([victim, group, name], value)
-    return [active, total, rules, rates]
+        rates.add_metric([victim, group, name], round(value))  # whole units: rates over a second
+    overflow = CounterMetricFamily(
+        f"{PREFIX}_protect_overflow_packets",
+        "Frames to protected hosts the full per-host table had no room for (counted per group only)",
+        labels=["group"],
+    )
+    for g in groups:
+        overflow.add_metric([g], stats.protect_overflow.get(g, 0))
+    return [active, total, rules, rates, overflow]
 
 
 def _top_rules(entries: dict[int, int], hits: np.ndarray, n: int) -> list[tuple[str, str, int]]:
