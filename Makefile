@@ -69,7 +69,7 @@ $(FFI_MODS) &: bpf/xdpflow.h xdpflow/bindings/libbpf.py xdpflow/dataplane/abi.py
 	@echo "  FFIGEN $(FFI_MODS)"
 	$(Q)$(PYTHON) scripts/ffigen.py bpf/xdpflow.h >/dev/null
 
-xdpflow/bpf/%.bpf.o: bpf/%.bpf.c bpf/xdpflow.h bpf/parsing.h bpf/rules.h | xdpflow/bpf
+xdpflow/bpf/%.bpf.o: bpf/%.bpf.c bpf/xdpflow.h bpf/parsing.h bpf/rules.h bpf/protect.h | xdpflow/bpf
 	@echo "  CLANG  $@"
 	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 

@@ -113,7 +113,9 @@ static __always_inline int ipv6_is_ext(__u8 nexthdr)
 }
 
 /* IPv6 plus up to XF_IPV6_EXT_MAX extension headers; a chain longer than
- * that is malformed for us. Returns the upper-layer protocol.
+ * that is malformed for us. Returns the upper-layer protocol. *l4_ok is 1,
+ * 0 for a later fragment (no L4 header), or 2 for a first fragment (an L4
+ * header, and a fragment header before it).
  */
 static __always_inline int parse_ip6hdr(struct hdr_cursor *nh, void *data_end,
 					struct ipv6hdr **ip6hp, int *l4_ok)
@@ -151,6 +153,7 @@ static __always_inline int parse_ip6hdr(struct hdr_cursor *nh, void *data_end,
 				*l4_ok = 0;
 				goto done;
 			}
+			*l4_ok = 2; /* a first fragment: headers, but a fragment */
 		} else {
 			struct ipv6_opt_hdr_min *oh = pos;
 

@@ -215,11 +215,47 @@ struct {
 	__type(value, struct xf_rate_val);
 } rl_rate SEC(".maps");
 
+/* protected destinations (bpf/protect.h): two slots, see xdpflow.h */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2 * 2 * XF_PL1_SIZE);
+	__type(key, __u32);
+	__type(value, __u32);
+} prot_l1 SEC(".maps");
+
+RULE_ARRAY(prot_head, 2, struct xf_prot_head);
+RULE_ARRAY(prot_pf, 2 * XF_PPF_WORDS, __u64);
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XF_PADDR_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct xf_paddr_key);
+	__type(value, __u32);
+} prot_addr SEC(".maps");
+
+/* preallocated: a full table fails the insert (counted as overflow) where an
+ * LRU would evict a victim's counts silently */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, XF_PHOSTS_DEFAULT);
+	__type(key, struct xf_host_key);
+	__type(value, struct xf_host_cnt);
+} prot_hosts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XF_PGROUPS);
+	__type(key, __u32);
+	__type(value, struct xf_host_cnt);
+} prot_overflow SEC(".maps");
+
 /* what one frame turned out to be */
 struct pkt {
 	__u32 len;      /* frame length */
 	__u32 iplen;    /* IP length, counted by flows */
 	__u32 tcp_flags;
+	__u32 prot;     /* how xf_protect counted it (bpf/protect.h), 0: not */
 	__u8 family;
 	union {
 		struct xf_flow4 k4;
@@ -234,6 +270,8 @@ static __always_inline void count(struct xf_counters *c, __u32 idx, __u32 len)
 		c->c[idx].bytes += len;
 	}
 }
+
+#include "protect.h"
 
 static __always_inline __u32 l4_class(int proto)
 {
@@ -529,6 +567,8 @@ static __always_inline void track(void *flows, void *key,
 	nv.rec_start = now;
 	err = bpf_map_update_elem(flows, key, &nv, BPF_NOEXIST);
 	if (!err) {
+		if (__builtin_expect(p->prot, 0))
+			xf_protect_flow(p);
 		if (event_allowed(c, p, now, cfg))
 			emit(c, ctx, p, XF_EV_NEW_FLOW, 0, now, cfg, 0);
 		return;
@@ -602,6 +642,7 @@ int xdpflow(struct xdp_md *ctx)
 
 	p.len = data_end - data;
 	p.tcp_flags = 0;
+	p.prot = 0;
 
 	ethproto = parse_ethhdr(&nh, data_end);
 	if (ethproto == bpf_htons(ETH_P_IP)) {
@@ -620,6 +661,14 @@ int xdpflow(struct xdp_md *ctx)
 		p.k4.pad[0] = p.k4.pad[1] = p.k4.pad[2] = 0;
 		cls = XF_CNT_IPV4;
 		l4cnt = l4_class(ipproto);
+
+		/* counted whatever the rules and the blocklist make of it */
+		if (__builtin_expect(flags & XF_CFG_PROTECT, 0))
+			xf_protect(ctx, &p, flags,
+				   (ipproto & 0xff) |
+					   (iph->frag_off & bpf_htons(0x3fff) ? 0x100 : 0) |
+					   (l4_ok ? 0x200 : 0) |
+					   (__u32)(nh.pos - data) << 16);
 
 		/* the blocklist's answer first: the rules say whether it
 		 * applies (a rule before it may exempt the frame). Both
@@ -663,6 +712,12 @@ int xdpflow(struct xdp_md *ctx)
 		p.k6.pad[0] = p.k6.pad[1] = p.k6.pad[2] = 0;
 		cls = XF_CNT_IPV6;
 		l4cnt = l4_class(ipproto);
+
+		if (__builtin_expect(flags & XF_CFG_PROTECT, 0))
+			xf_protect(ctx, &p, flags,
+				   (ipproto & 0xff) | (l4_ok != 1 ? 0x100 : 0) |
+					   (l4_ok ? 0x200 : 0) |
+					   (__u32)(nh.pos - data) << 16);
 
 		/* the blocklist's answer first: the rules say whether it
 		 * applies (a rule before it may exempt the frame) */

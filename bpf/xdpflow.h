@@ -182,6 +182,8 @@ enum xf_config_flags {
 	XF_CFG_BL6_DST = 16,
 	XF_CFG_RULES = 32,      /* the active rule set holds rules */
 	XF_CFG_RULES_SLOT = 64, /* the active rule set is slot 1 (else 0) */
+	XF_CFG_PROTECT = 128,   /* count frames to protected hosts */
+	XF_CFG_PROTECT_SLOT = 256, /* the active protected set is slot 1 */
 };
 
 struct xf_config {
@@ -380,6 +382,66 @@ struct xf_rule_def {
 	__u32 counter;
 	__u64 expires_at; /* Unix seconds; 0: never */
 	char text[496];   /* the rule's canonical rules-file words */
+};
+
+/* Protected destinations (issue 12; bpf/protect.h, written by
+ * xdpflow/dataplane/protect.py). Every frame to a host inside a protected
+ * prefix is counted per host, whatever its fate, so a spoofed flood that
+ * churns the flow table is still seen. The prefix lookup walks no trie:
+ * prot_l1[(slot * 2 + family_is_v6) * XF_PL1_SIZE + top 16 bits] holds the
+ * group of the longest prefix of /16 or shorter covering that /16 (0: none)
+ * in its low 16 bits and, above them, a mask of the levels (prefix lengths
+ * below /16, at most XF_PLEVELS per family, longer prefixes expanded to the
+ * next level) holding a prefix inside it; those are probed longest first in
+ * prot_addr, masked by prot_head[slot].lmask. Like the rules, everything
+ * exists twice: the controller writes the inactive slot, then flips
+ * XF_CFG_PROTECT_SLOT.
+ */
+#define XF_PHOSTS_DEFAULT 65536 /* hosts counted; sized at attach */
+#define XF_PGROUPS 1024         /* group ids 1 .. 1023 */
+#define XF_PL1_SIZE 65536
+#define XF_PLEVELS 8
+#define XF_PADDR_MAX 262144     /* level entries, both slots */
+#define XF_PGROUP_MASK 65535
+/* ... and a filter in front of the host table and the levels, per slot:
+ * one bit per hashed region that a prefix longer than /16 overlaps; a
+ * region is the address's top pf_len bits (the shortest such prefix, at
+ * most /32 for IPv4, /64 for IPv6), hashed as XF_PF6_* after folding to 32
+ * bits. A /16 whose entry has levels but no group of its own is mostly not
+ * protected (IPv6 unicast shares a few /16s): a clear bit ends the lookup
+ * after one more array load. */
+#define XF_PPF_WORDS 16384 /* 2^20 bits */
+
+struct xf_prot_head {
+	__u64 digest; /* of the group set the slot holds */
+	__u32 pf_len[2]; /* v4, v6: the filter's region prefix length */
+	__u64 lmask[2][8][2]; /* v4, v6 x XF_PLEVELS x 16 address bytes */
+};
+
+struct xf_paddr_key {
+	__u32 tag; /* (slot * 2 + family_is_v6) * XF_PLEVELS + level */
+	__u8 addr[16]; /* masked; IPv4 in the first 4 bytes */
+};
+
+/* key of prot_hosts */
+struct xf_host_key {
+	__u8 family; /* 4 or 6 */
+	__u8 pad[3];
+	__u8 addr[16]; /* IPv4 in the first 4 bytes, the rest zero */
+};
+
+/* per-CPU value of prot_hosts, and of prot_overflow (per group: frames to
+ * hosts that found the host table full) */
+struct xf_host_cnt {
+	__u64 packets;
+	__u64 bytes;     /* frame bytes */
+	__u64 new_flows; /* flows the flow table took in */
+	__u64 syn;       /* TCP SYN without ACK */
+	__u64 udp;
+	__u64 icmp;      /* ICMP and ICMPv6 */
+	__u64 frags;     /* IPv4 MF or offset, IPv6 fragment header */
+	__u32 group;     /* set in the inserting CPU's value only; 0 elsewhere */
+	__u32 pad;
 };
 
 #endif /* XDPFLOW_H */

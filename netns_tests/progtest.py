@@ -12,6 +12,7 @@ from xdpflow.dataplane import abi, blocklist, lifecycle
 from xdpflow.dataplane.clock import CLOCK_PROG, JiffiesClock
 from xdpflow.dataplane.flows import Flow, read_table, to_flows
 from xdpflow.dataplane.lifecycle import AttachOptions
+from xdpflow.dataplane.protect import ProtectTables
 from xdpflow.dataplane.rules import RuleTables
 
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX = 0, 1, 2, 3
@@ -40,6 +41,11 @@ class ProgHarness:
             clock_prog.close()
             self._rules = RuleTables(self.map, clock=clock)
         return self._rules
+
+    @property
+    def protect(self) -> ProtectTables:
+        """The protected-destination tables of this object."""
+        return ProtectTables(self.map)
 
     def run(self, frame: Any, repeat: int = 1) -> int:
         """Run one frame (bytes or a scapy packet); returns the XDP verdict."""

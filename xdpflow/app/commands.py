@@ -17,7 +17,7 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xdpflow.app.output import clear_screen, emit_json, human, proto_name, table, time_left
 from xdpflow.bindings import netlink
@@ -28,6 +28,9 @@ from xdpflow.errors import InputError, NotAttachedError, one_line
 from xdpflow.rules.blockfile import BlocklistFileError, Rule, parse_cidr, read_file_keys
 from xdpflow.rules.rulespec import RuleError, RulesFileError, RuleSpec, from_fields, parse_duration
 from xdpflow.rules.rulespec import read_file as read_rules_file
+
+if TYPE_CHECKING:
+    from xdpflow.dataplane.top import TopRow
 
 # numpy-backed modules (flows, blocklist, events) are imported by the commands
 # that use them: `stats` must start fast.
@@ -255,6 +258,54 @@ def cmd_flows(args: argparse.Namespace) -> int:
         )
     print(table(rows, ["iface", "proto", "source", "destination", "packets", "bytes", "flags", "idle"]))
     return 0
+
+
+TOP_BY = ("src", "dst", "flow")  # dataplane.top.BY, without importing numpy
+_TOP_WHAT = {"src": "sources", "dst": "destinations", "flow": "flows"}
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from xdpflow.dataplane.top import read_snapshot, top
+
+    ifnames = _ifaces(args)
+    prev = read_snapshot(args.pins, ifnames)
+    try:
+        while True:
+            # the interval runs from read to read, whatever the last one cost
+            time.sleep(max(prev.at + args.interval - time.monotonic(), 0.0))
+            now = read_snapshot(args.pins, ifnames)
+            rows = top(prev, now, args.by, args.count)
+            interval = now.at - prev.at
+            if args.json:
+                emit_json({"by": args.by, "interval": interval, "rows": [r.to_json() for r in rows]})
+            else:
+                clear_screen()
+                print(
+                    time.strftime("%H:%M:%S"),
+                    f"top {args.count} {_TOP_WHAT[args.by]} over {interval:.1f}s, Ctrl-C to stop",
+                )
+                print(table([_top_row(r.key) + _top_rates(r) for r in rows], _top_header(args.by)))
+            sys.stdout.flush()
+            prev = now
+    except KeyboardInterrupt:
+        return 0
+
+
+def _top_row(key: dict[str, Any]) -> list[Any]:
+    if "sport" not in key:
+        return [key.get("src", key.get("dst"))]
+    src = f"{key['src']}:{key['sport']}" if ":" not in key["src"] else f"[{key['src']}]:{key['sport']}"
+    dst = f"{key['dst']}:{key['dport']}" if ":" not in key["dst"] else f"[{key['dst']}]:{key['dport']}"
+    return [key["ifname"], proto_name(key["proto"]), src, dst]
+
+
+def _top_rates(r: TopRow) -> list[Any]:
+    return [human(r.pps), human(r.bps), r.packets, r.bytes]
+
+
+def _top_header(by: str) -> list[str]:
+    first = {"src": ["source"], "dst": ["destination"], "flow": ["iface", "proto", "source", "destination"]}[by]
+    return [*first, "pps", "bit/s", "packets", "bytes"]
 
 
 def _parse_cidrs(texts: list[str], direction: str) -> list[Rule]:
@@ -582,6 +633,52 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if report.ok else EXIT_FAIL
 
 
+def cmd_attacks(args: argparse.Namespace) -> int:
+    """The daemon's attacks (its state file): active and recent ones."""
+    from xdpflow.export.detect import load_state, state_path
+
+    attacks, _ = load_state(state_path(args.pins))
+    if args.json:
+        emit_json([a.json() for a in attacks])
+        return 0
+    if not attacks:
+        print("no attacks")
+        return 0
+
+    def when(t: float | None) -> str:
+        return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+    rows = []
+    for a in attacks:
+        m = a.mitigation
+        if m is None or m.kind == "none":
+            what = "none"
+        elif m.declined:
+            what = f"{m.kind}: declined: {m.declined}"
+        else:
+            what = f"{m.kind}{' (dry run)' if m.dry_run else ''}: " + (
+                ", ".join(map(str, m.rules)) if m.rules else "; ".join(m.lines)
+            )
+        rows.append(
+            [
+                a.id,
+                "active" if a.active else "ended",
+                a.victim,
+                a.group,
+                when(a.start),
+                when(a.end),
+                human(a.peak.get("pps", 0)),
+                human(a.peak.get("bps", 0)),
+                ",".join(a.exceeded),
+                what,
+            ]
+        )
+    print(
+        table(rows, ["ID", "STATE", "VICTIM", "GROUP", "START", "END", "PEAK PPS", "PEAK BIT/S", "OVER", "MITIGATION"])
+    )
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from xdpflow.app.daemon import main as run_daemon
 
@@ -702,6 +799,21 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--filter", metavar="CIDR", help="only flows with source or destination inside CIDR")
     f.set_defaults(func=cmd_flows)
 
+    tp = sub.add_parser(
+        "top", parents=[common], help="current rates of the heaviest sources, destinations or flows, until Ctrl-C"
+    )
+    tp.add_argument("--by", choices=TOP_BY, default="src", help="rank sources, destinations or flows (default src)")
+    tp.add_argument("--iface", metavar="IFACE", default=None, help="only this interface (default every attached one)")
+    tp.add_argument("--count", type=positive_int, default=10, metavar="N", help="show the N heaviest (default 10)")
+    tp.add_argument(
+        "--interval",
+        type=positive_float,
+        default=1.0,
+        metavar="SECONDS",
+        help="rates over SECONDS between two reads of the flow tables, redrawn each time (default 1)",
+    )
+    tp.set_defaults(func=cmd_top)
+
     b = sub.add_parser("block", parents=[common], help="manage the blocklist")
     bsub = b.add_subparsers(dest="block_cmd", required=True, metavar="ACTION")
     for name, helptext in (("add", "add rules"), ("del", "delete rules")):
@@ -741,6 +853,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dr.add_argument("ifaces", nargs="*", metavar="IFACE")
     dr.set_defaults(func=cmd_doctor)
+
+    at = sub.add_parser(
+        "attacks",
+        parents=[common],
+        help="attacks the daemon detected ([[protect]] groups): active and recent, with their mitigation",
+    )
+    at.set_defaults(func=cmd_attacks)
 
     from xdpflow.app.config import add_run_arguments
 

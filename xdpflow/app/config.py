@@ -10,6 +10,7 @@ import errno
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
+from ipaddress import ip_network
 from typing import Any
 
 from xdpflow.bindings import netlink
@@ -27,6 +28,9 @@ from xdpflow.defaults import (
     TOP_RULES,
 )
 from xdpflow.errors import InputError, XdpflowError
+from xdpflow.export.detect import MITIGATIONS, RATES, Net, Policy
+from xdpflow.export.notify import NotifyConfig
+from xdpflow.rules.rulespec import RuleError, parse_duration
 
 DEFAULT_LISTEN = METRICS_LISTEN
 DEFAULT_TOP_RULES = TOP_RULES
@@ -71,11 +75,18 @@ class Config:
     feeds: list[FeedConfig] = field(default_factory=list)
     # multi-field rules
     rules_files: list[str] = field(default_factory=list)
+    # automatic mitigation: [[protect]] groups, sources never banned, [notify]
+    protect: list[Policy] = field(default_factory=list)
+    allowlist: list[str] = field(default_factory=list)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
+
+    def allow_nets(self) -> list[Net]:
+        return [ip_network(a, strict=False) for a in self.allowlist]
 
 
 # TOML table -> the Config fields it may hold (table "" is the top level)
 _SECTIONS = {
-    "": {"interfaces", "pin_root", "netns", "mode", "flows", "sink", "monitor", "detach_on_exit"},
+    "": {"interfaces", "pin_root", "netns", "mode", "flows", "sink", "monitor", "detach_on_exit", "allowlist"},
     "export": {
         "collectors",
         "idle_timeout",
@@ -88,6 +99,20 @@ _SECTIONS = {
     "metrics": {"listen", "top_rules"},
     "blocklist": {"files", "direction", "feeds"},
     "rules": {"files"},
+    "notify": {"command", "webhooks", "timeout", "retries"},
+}
+_PROTECT_KEYS = {
+    "name",
+    "prefixes",
+    *RATES,
+    "trigger_seconds",
+    "release_ratio",
+    "release_seconds",
+    "mitigation",
+    "ttl",
+    "dry_run",
+    "hosts",
+    "rate_limit_pps",
 }
 _RENAMES = {
     ("blocklist", "files"): "blocklist_files",
@@ -108,8 +133,18 @@ def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Co
             raise XdpflowError(e.errno or errno.EIO, f"cannot read config {path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        where = path
         for key, value in doc.items():
-            if isinstance(value, dict):
+            if key == "protect":
+                if not isinstance(value, list) or not all(isinstance(g, dict) for g in value):
+                    raise ConfigError(f'{where}: protect must be [[protect]] tables, e.g. name = "web"')
+                values["protect"] = [_policy(g, f"{where}: [[protect]] #{i + 1}") for i, g in enumerate(value)]
+            elif key == "notify" and isinstance(value, dict):
+                unknown = set(value) - _SECTIONS["notify"]
+                if unknown:
+                    raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} in [notify]")
+                values["notify"] = _notify(value, f"{where}: [notify]")
+            elif isinstance(value, dict):
                 allowed = _SECTIONS.get(key)
                 if allowed is None:
                     raise ConfigError(f"{path}: unknown section [{key}]")
@@ -156,6 +191,109 @@ def _validate(cfg: Config, where: str) -> None:
     parse_hostport(cfg.listen, f"{where}: listen")
     if not isinstance(cfg.rules_files, list) or not all(isinstance(p, str) and p for p in cfg.rules_files):
         raise ConfigError(f'{where}: rules files must be a list of paths, e.g. files = ["/etc/xdpflow/rules.txt"]')
+    if not isinstance(cfg.allowlist, list) or not all(isinstance(a, str) for a in cfg.allowlist):
+        raise ConfigError(f'{where}: allowlist must be a list of CIDRs, e.g. allowlist = ["198.51.100.0/24"]')
+    for a in cfg.allowlist:
+        try:
+            ip_network(a, strict=False)
+        except ValueError:
+            raise ConfigError(f"{where}: allowlist entry {a!r} is not an address or CIDR") from None
+    names = [p.name for p in cfg.protect]
+    for n in names:
+        if names.count(n) > 1:
+            raise ConfigError(f"{where}: two [[protect]] groups are named {n!r}: give each its own name")
+    seen: dict[Net, str] = {}
+    for p in cfg.protect:
+        for net in p.prefixes:
+            if net in seen:
+                raise ConfigError(f"{where}: prefix {net} is in [[protect]] {seen[net]!r} and {p.name!r}: keep one")
+            seen[net] = p.name
+
+
+def _number(g: dict[str, Any], key: str, where: str, default: float, lo: float = 0.0, hi: float | None = None) -> float:
+    v = g.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= lo or (hi is not None and v > hi):
+        bound = f"above {lo:g}" + (f" and at most {hi:g}" if hi is not None else "")
+        raise ConfigError(f"{where}: {key} must be a number {bound}, not {v!r}")
+    return float(v)
+
+
+def _whole(g: dict[str, Any], key: str, where: str, default: int) -> int:
+    v = g.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigError(f"{where}: {key} must be a whole number of at least 1, not {v!r}")
+    return v
+
+
+def _policy(g: dict[str, Any], where: str) -> Policy:
+    """One [[protect]] table. Raises ConfigError naming the key."""
+    d = Policy(name="", prefixes=(), thresholds={})
+    unknown = set(g) - _PROTECT_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}; keys: {', '.join(sorted(_PROTECT_KEYS))}")
+    name = g.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+        raise ConfigError(f'{where}: name must be 1-64 letters, digits, "_", "." or "-", e.g. name = "web"')
+    where = f"{where.rsplit(' #', 1)[0]} {name!r}"
+    prefixes = g.get("prefixes")
+    if not isinstance(prefixes, list) or not prefixes or not all(isinstance(x, str) for x in prefixes):
+        raise ConfigError(f'{where}: prefixes must be a list of CIDRs, e.g. prefixes = ["198.18.0.0/24"]')
+    nets = []
+    for x in prefixes:
+        try:
+            nets.append(ip_network(x))
+        except ValueError:
+            raise ConfigError(f"{where}: prefix {x!r} is not a CIDR (host bits must be zero)") from None
+    thresholds = {k: _number(g, k, where, 0.0) for k in RATES if k in g}
+    if not thresholds:
+        raise ConfigError(f"{where}: no threshold: set at least one of {', '.join(RATES)}")
+    mitigation = g.get("mitigation", d.mitigation)
+    if mitigation not in MITIGATIONS:
+        raise ConfigError(f"{where}: mitigation must be one of {', '.join(MITIGATIONS)}, not {mitigation!r}")
+    ttl = g.get("ttl", d.ttl)
+    if isinstance(ttl, str):
+        try:
+            ttl = parse_duration(ttl)
+        except RuleError as e:
+            raise ConfigError(f"{where}: ttl: {e}") from None
+    dry_run = g.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise ConfigError(f"{where}: dry_run must be true or false")
+    return Policy(
+        name=name,
+        prefixes=tuple(nets),
+        thresholds=thresholds,
+        trigger_seconds=_number(g, "trigger_seconds", where, d.trigger_seconds),
+        release_ratio=_number(g, "release_ratio", where, d.release_ratio, hi=1.0),
+        release_seconds=_number(g, "release_seconds", where, d.release_seconds),
+        mitigation=mitigation,
+        ttl=_number({"ttl": ttl}, "ttl", where, d.ttl),
+        dry_run=dry_run,
+        hosts=_whole(g, "hosts", where, d.hosts),
+        rate_limit_pps=_whole(g, "rate_limit_pps", where, d.rate_limit_pps),
+    )
+
+
+def _notify(t: dict[str, Any], where: str) -> NotifyConfig:
+    d = NotifyConfig()
+    cmd = t.get("command", [])
+    if isinstance(cmd, str):
+        cmd = [cmd]
+    if not isinstance(cmd, list) or not all(isinstance(c, str) and c for c in cmd):
+        raise ConfigError(f'{where}: command must be a program and its arguments, e.g. command = ["/usr/local/bin/x"]')
+    hooks = t.get("webhooks", [])
+    web = ("http://", "https://")
+    if not isinstance(hooks, list) or not all(isinstance(u, str) and u.startswith(web) for u in hooks):
+        raise ConfigError(f"{where}: webhooks must be a list of http:// or https:// URLs")
+    retries = t.get("retries", d.retries)
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ConfigError(f"{where}: retries must be a whole number of at least 0, not {retries!r}")
+    return NotifyConfig(command=cmd, webhooks=hooks, timeout=_number(t, "timeout", where, d.timeout), retries=retries)
+
+
+def protect_hosts(cfg: Config) -> int:
+    """Hosts the [[protect]] groups want room for in the per-host table."""
+    return sum(p.hosts for p in cfg.protect)
 
 
 _BRACKETED = re.compile(r"^\[([0-9A-Fa-f:.]+)\]:(\d{1,5})$")

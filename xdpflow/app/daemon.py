@@ -6,6 +6,11 @@ of its sources. SIGTERM/SIGINT stop it cleanly (every flow is exported and
 taken out of the tables first, so a successor starts clean); SIGHUP reloads
 the configuration. The data plane keeps running after it exits unless
 ``detach_on_exit`` is set.
+
+With ``[[protect]]`` groups it also reads the per-destination counters every
+second, detects attacks, mitigates them through the rule set, notifies, and
+keeps the attacks in a state file (``xdpflow attacks``; a restarted daemon
+resumes them).
 """
 
 from __future__ import annotations
@@ -16,23 +21,31 @@ import os
 import signal
 import threading
 import time
+from ipaddress import ip_address
 from typing import Any
 
-from xdpflow.app.config import OVERRIDES, Config, load_config, parse_hostport
+from xdpflow.app.config import OVERRIDES, Config, load_config, parse_hostport, protect_hosts
 from xdpflow.bindings import netlink
 from xdpflow.dataplane import lifecycle, maps
+from xdpflow.dataplane.abi import C
 from xdpflow.dataplane.blocklist import apply_keys
 from xdpflow.dataplane.clock import JiffiesClock
 from xdpflow.dataplane.lifecycle import AttachOptions
 from xdpflow.dataplane.pins import PinRoot
+from xdpflow.dataplane.protect import Group, ProtectTables
 from xdpflow.dataplane.rules import RuleTables
+from xdpflow.export.detect import Attack, Detector, Policy, load_state, save_state, state_path
 from xdpflow.export.expiry import FlowExpirer
 from xdpflow.export.ipfix import IpfixExporter
 from xdpflow.export.metrics import ExporterStats, MetricsServer, serve
+from xdpflow.export.mitigate import Mitigator
+from xdpflow.export.notify import Notifier, event
 from xdpflow.rules.rulespec import RuleSpec
 from xdpflow.rules.sources import FeedSource, FileSource, RulesFileSource, Source, SourceSet
 
 log = logging.getLogger("xdpflow")
+
+PROTECT_INTERVAL = 1.0  # seconds between reads of the per-destination counters
 
 
 class Daemon:
@@ -53,6 +66,10 @@ class Daemon:
         self.rule_sources: dict[str, RulesFileSource] = {}  # path -> source, kept across reloads
         self.rules_pending = False
         self.rules_retry_at = 0.0
+        self.detector: Detector | None = None
+        self.mitigator: Mitigator | None = None
+        self.notifier: Notifier | None = None
+        self.overflow_logged = -1e9
 
     @property
     def pins(self) -> PinRoot:
@@ -75,7 +92,13 @@ class Daemon:
     def start(self) -> None:
         cfg = self.cfg
         for ifname in cfg.interfaces:
-            opts = AttachOptions(mode=cfg.mode, flows=cfg.flows, sink=cfg.sink, monitor=cfg.monitor or None)
+            opts = AttachOptions(
+                mode=cfg.mode,
+                flows=cfg.flows,
+                sink=cfg.sink,
+                monitor=cfg.monitor or None,
+                protect_hosts=_table_size(cfg),
+            )
             r = lifecycle.attach(ifname, opts, self.pins)
             log.info("attached iface=%s prog_id=%d mode=%s upgraded=%s", ifname, r.prog_id, r.mode, r.replaced)
         if not cfg.monitor:
@@ -84,6 +107,7 @@ class Daemon:
         self._start_metrics()
         self._start_sources()
         self._start_rule_sources()
+        self._start_protect()
 
     def _start_exporter(self) -> None:
         cfg = self.cfg
@@ -192,18 +216,156 @@ class Daemon:
             log.info("rule expired id=%s rule=%r", r.id, r.line())
 
     def loop(self) -> None:
-        next_scan = time.monotonic()
+        next_scan = next_protect = time.monotonic()
         while not self.stop.is_set():
             if self.reload.is_set():
                 self.reload.clear()
                 self.do_reload()
+            if time.monotonic() >= next_protect:
+                next_protect += PROTECT_INTERVAL
+                next_protect = max(next_protect, time.monotonic())  # never catch up in a burst
+                self.protect_tick()
             self.poll_sources()
             self.poll_rules()
             if time.monotonic() >= next_scan:
                 self.scan()
                 self.expire_rules()
                 next_scan = time.monotonic() + self.cfg.scan_interval
-            self.stop.wait(min(0.5, max(0.05, next_scan - time.monotonic())))
+            self.stop.wait(min(0.5, max(0.01, min(next_scan, next_protect) - time.monotonic())))
+
+    # automatic mitigation ------------------------------------------------------
+
+    def _start_protect(self) -> None:
+        """(Re)install the protected groups in the data plane; the first
+        time, resume the attacks a previous daemon left in the state file."""
+        cfg = self.cfg
+        try:
+            with ProtectTables.of_pins(self.pins) as pt:
+                pt.install([Group(p.name, p.prefixes) for p in cfg.protect], protect_hosts(cfg) or None)
+        except OSError as e:
+            if self.detector is None:  # at start: the operator fixes the config
+                raise
+            log.error("installing the protected groups failed, the previous ones stay: %s", e)
+        if cfg.protect:
+            log.info("protecting groups=%s", ",".join(p.name for p in cfg.protect))
+        if self.detector is None:
+            self.detector = Detector(cfg.protect)
+            try:
+                attacks, next_id = load_state(state_path(self.pins))
+            except OSError as e:
+                log.error("%s", e)
+                attacks, next_id = [], 1
+            self.detector.next_id = next_id
+            self.detector.resume(attacks)
+            for a in self.detector.active():
+                log.info("attack resumed id=%d victim=%s group=%s", a.id, a.victim, a.group)
+        else:
+            self.detector.set_policies(cfg.protect)
+        self.mitigator = Mitigator(self.pins, cfg.interfaces, cfg.allow_nets())
+        if self.notifier is None or self.notifier.cfg != cfg.notify:
+            if self.notifier is not None:
+                self.notifier.close()
+            self.notifier = Notifier(cfg.notify)
+        self.stats.protecting = bool(cfg.protect)
+
+    def _policy(self, group: str) -> Policy | None:
+        return next((p for p in self.cfg.protect if p.name == group), None)
+
+    def _notify(self, kind: str, a: Attack) -> None:
+        if self.notifier is not None:
+            self.notifier.send(event(kind, a.json()))
+
+    def _mitigate(self, a: Attack, pol: Policy) -> None:
+        assert self.mitigator is not None
+        a.mitigation = m = self.mitigator.apply(a, pol)
+        log.warning(
+            "attack mitigation id=%d victim=%s kind=%s dry_run=%s rules=%s declined=%r would=%r",
+            a.id,
+            a.victim,
+            m.kind,
+            m.dry_run,
+            ",".join(map(str, m.rules)) or "-",
+            m.declined,
+            m.lines if m.dry_run else None,
+        )
+        self._notify("mitigation", a)
+
+    def protect_tick(self) -> None:
+        """One read of the per-destination counters: detect, mitigate,
+        notify, extend the TTLs of the rules of attacks still going on."""
+        det, mit = self.detector, self.mitigator
+        if det is None or mit is None or (not self.cfg.protect and not det.active()):
+            return
+        now = time.time()
+        try:
+            with ProtectTables.of_pins(self.pins) as pt:
+                changes = det.update(pt.hosts(), now)
+                overflow = pt.overflow()
+                idle = det.idle_hosts(now)
+                if idle:
+                    pt.forget([ip_address(raw) for _, raw in idle])
+        except OSError as e:
+            log.error("reading the per-destination counters failed: %s", e)
+            return
+        self._overflow(overflow)
+        for ch in changes:
+            a = ch.attack
+            rates = " ".join(f"{k}={v:.0f}" for k, v in a.rates.items() if v)
+            if ch.kind == "start":
+                log.warning(
+                    "attack started id=%d victim=%s group=%s exceeded=%s %s",
+                    a.id,
+                    a.victim,
+                    a.group,
+                    ",".join(a.exceeded),
+                    rates,
+                )
+                self._notify("start", a)
+                pol = self._policy(a.group)
+                if pol is not None and pol.mitigation != "none":
+                    self._mitigate(a, pol)
+            else:
+                log.warning("attack ended id=%d victim=%s group=%s", a.id, a.victim, a.group)
+                self._notify("end", a)
+        active = [(a, p) for a in det.active() if (p := self._policy(a.group)) is not None]
+        for a in mit.extend(active, now):  # their rules are gone (a daemon down past their TTL): again
+            pol = self._policy(a.group)
+            if pol is not None:
+                self._mitigate(a, pol)
+        if changes or active:
+            try:
+                save_state(state_path(self.pins), det.attacks(), det.next_id)
+            except OSError as e:
+                log.error("saving the attacks state failed: %s", e)
+        self._update_stats([a for a, _ in active], now)
+
+    def _overflow(self, overflow: dict[int, dict[str, int]]) -> None:
+        """Frames to hosts the full table had no room for are counted per
+        group only: no host's rates, so say so (once a minute at most)."""
+        names = {i + 1: p.name for i, p in enumerate(self.cfg.protect)}
+        packets = {names.get(g, str(g)): c.get("packets", 0) for g, c in overflow.items()}
+        grown = [g for g, n in packets.items() if n > self.stats.protect_overflow.get(g, 0)]
+        self.stats.protect_overflow = packets
+        if grown and time.monotonic() - self.overflow_logged > 60:
+            self.overflow_logged = time.monotonic()
+            log.warning(
+                "protected host table full: frames to new hosts are counted per group only groups=%s "
+                "(raise hosts in [[protect]]; a full table needs a detach and attach to grow)",
+                ",".join(grown),
+            )
+
+    def _update_stats(self, active: list[Attack], now: float) -> None:
+        det, mit = self.detector, self.mitigator
+        assert det is not None and mit is not None
+        by_group: dict[str, int] = {}
+        for a in active:
+            by_group[a.group] = by_group.get(a.group, 0) + 1
+        self.stats.attacks_active = {p.name: by_group.get(p.name, 0) for p in self.cfg.protect}
+        self.stats.attacks_total = {p.name: det.total.get(p.name, 0) for p in self.cfg.protect}
+        self.stats.attack_rates = [(a.victim, a.group, k, v) for a in active for k, v in a.rates.items()]
+        self.stats.mitigation_rules = mit.installed()
+        if self.notifier is not None:
+            self.stats.notifications_failed = self.notifier.failed
 
     def poll_sources(self) -> None:
         if self.sources is None:
@@ -258,7 +420,7 @@ class Daemon:
         old, self.cfg = self.cfg, new
         for ifname in new.interfaces:
             if ifname not in old.interfaces or (new.mode, new.flows, new.sink) != (old.mode, old.flows, old.sink):
-                opts = AttachOptions(mode=new.mode, flows=new.flows, sink=new.sink)
+                opts = AttachOptions(mode=new.mode, flows=new.flows, sink=new.sink, protect_hosts=_table_size(new))
                 r = lifecycle.attach(ifname, opts, self.pins)
                 log.info("attached iface=%s prog_id=%d", ifname, r.prog_id)
         maps.set_monitor(self.pins, new.monitor)
@@ -268,6 +430,7 @@ class Daemon:
             self._start_metrics()
         self._start_sources()
         self._start_rule_sources()
+        self._start_protect()
         log.info("reloaded config=%s", self.config_path)
 
     def shutdown(self) -> None:
@@ -284,6 +447,8 @@ class Daemon:
             self.metrics.shutdown()
         if self.sources is not None:
             self.sources.close()
+        if self.notifier is not None:
+            self.notifier.close(wait=self.cfg.notify.timeout)
         if self.cfg.detach_on_exit:
             for ifname in self.cfg.interfaces:
                 try:
@@ -292,6 +457,13 @@ class Daemon:
                 except OSError as e:
                     log.error("detach failed iface=%s: %s", ifname, e)
         log.info("stopped")
+
+
+def _table_size(cfg: Config) -> int | None:
+    """The per-host table's size to ask for at attach: the default unless
+    the groups' ``hosts`` add up to more (it is fixed once pinned)."""
+    n = protect_hosts(cfg)
+    return n if n > C.XF_PHOSTS_DEFAULT else None
 
 
 class _Formatter(logging.Formatter):

@@ -94,6 +94,12 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "rl_iface": ("struct xf_riface_key", "__u32"),
     "rule_counters": ("__u32", "struct xf_rule_cnt"),
     "rl_rate": ("struct xf_rate_key", "struct xf_rate_val"),
+    "prot_l1": ("__u32", "__u32"),
+    "prot_head": ("__u32", "struct xf_prot_head"),
+    "prot_pf": ("__u32", "__u64"),
+    "prot_addr": ("struct xf_paddr_key", "__u32"),
+    "prot_hosts": ("struct xf_host_key", "struct xf_host_cnt"),
+    "prot_overflow": ("__u32", "struct xf_host_cnt"),
 }
 
 # counter index -> the name used in stats output and metrics

@@ -47,6 +47,7 @@ class AttachOptions:
     object_path: str | None = None
     then: str | None = None  # --then: "none", "id:N" or a pinned program's path; None: keep
     then_only: bool = False  # on an attached interface, only swap the next program (no reload)
+    protect_hosts: int | None = None  # protected hosts counted (prot_hosts); None: keep/default
 
 
 @dataclass
@@ -172,6 +173,26 @@ def _prepare(obj: Object, opts: AttachOptions, pins: PinRoot | None, ifname: str
         if not opts.shared_flows:
             spec.set_type(BPF_MAP_TYPE_LRU_PERCPU_HASH)
         spec.set_max_entries(size)
+    _size_protect_hosts(obj, opts, pins)
+
+
+def _size_protect_hosts(obj: Object, opts: AttachOptions, pins: PinRoot | None) -> None:
+    """prot_hosts is shared: the first attach sizes it, later ones reuse the
+    pin (libbpf refuses a pin of another size)."""
+    if "prot_hosts" not in obj.maps:
+        return  # an object from before protected groups (benchmarks compare with one)
+    pinned = _pinned_max_entries(pins.shared("prot_hosts")) if pins is not None else None
+    if pinned is not None:
+        if opts.protect_hosts is not None and opts.protect_hosts != pinned:
+            raise XdpflowError(
+                errno.EINVAL,
+                f"the protected-host table already holds {pinned} hosts; "
+                f"detach every interface first to resize it to {opts.protect_hosts}",
+            )
+        size = pinned
+    else:
+        size = opts.protect_hosts or abi.C.XF_PHOSTS_DEFAULT
+    obj.map_spec("prot_hosts").set_max_entries(size)
 
 
 FLOW_TABLES = ("flows_v4", "flows_v6")

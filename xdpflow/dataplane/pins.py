@@ -62,6 +62,12 @@ SHARED_MAPS = (
     "rl_iface",
     "rule_counters",
     "rl_rate",
+    "prot_l1",
+    "prot_head",
+    "prot_pf",
+    "prot_addr",
+    "prot_hosts",
+    "prot_overflow",
 )
 SHARED_PROGS = ("clock",)
 IFACE_MAPS = ("counters", "flows_v4", "flows_v6", "next_prog")

@@ -29,6 +29,7 @@ import ctypes
 import errno
 import os
 import platform
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -44,7 +45,14 @@ from xdpflow.dataplane.clock import JiffiesClock
 from xdpflow.dataplane.pins import PinRoot
 from xdpflow.errors import InputError, XdpflowError
 from xdpflow.rules.compile import DIRS, FAMILY_BITS, Compiled, Geometry, compile_rules
-from xdpflow.rules.rulespec import BLOCKLIST_PRIORITY, RuleError, RuleSpec, parse_line
+from xdpflow.rules.rulespec import (
+    ALLOWLIST_PRIORITY,
+    BLOCKLIST_PRIORITY,
+    MITIGATION_PRIORITY,
+    RuleError,
+    RuleSpec,
+    parse_line,
+)
 
 # the data plane's sizes, from the header: the compiler checks a set against them
 GEOMETRY = Geometry(
@@ -345,15 +353,16 @@ class RuleTables:
     def sync(
         self, rules: Sequence[RuleSpec], dry_run: bool = False, now: float | None = None
     ) -> tuple[list[RuleSpec], list[RuleSpec]]:
-        """Make the rule set equal ``rules``, `block add --ttl` entries aside
-        (they stay). Returns (added, removed); ``dry_run`` changes nothing and
+        """Make the rule set equal ``rules``, `block add --ttl` entries and
+        automatic mitigation rules aside (they stay, and expire by their
+        TTLs). Returns (added, removed); ``dry_run`` changes nothing and
         the added rules have no ids. Raises as install()."""
         now = time.time() if now is None else now
         with self.locked():
             cur = self.active()
-            blocks = [r for r in cur if block_entry(r) is not None]
+            blocks = [r for r in cur if block_entry(r) is not None or mitigation_entry(r) is not None]
             live = [r for r in rules if r.expires_at is None or r.expires_at > now]
-            new, removed = merge([r for r in cur if block_entry(r) is None], live)
+            new, removed = merge([r for r in cur if r not in blocks], live)
             added = [r for r in new if r.id is None]
             if dry_run:
                 return added, removed
@@ -533,6 +542,25 @@ def block_rule(net: IPv4Network | IPv6Network, direction: str, expires_at: int) 
     """The rule `block add CIDR --ttl` installs."""
     kw = {direction: net}
     return RuleSpec(action="drop", priority=BLOCKLIST_PRIORITY, expires_at=expires_at, comment=BLOCK_COMMENT, **kw)  # type: ignore[arg-type]
+
+
+_ATTACK_COMMENT = re.compile(r"^attack (\d+)$")
+
+
+def mitigation_comment(attack_id: int) -> str:
+    """The comment of every rule automatic mitigation installs for an attack."""
+    return f"attack {attack_id}"
+
+
+def mitigation_entry(rule: RuleSpec) -> int | None:
+    """The attack id of a rule automatic mitigation installed (a rule at
+    MITIGATION_PRIORITY or ALLOWLIST_PRIORITY with an expiry and the comment
+    "attack ID"); None for any other rule. `rule sync` leaves these to the
+    daemon; they expire by their TTLs."""
+    if rule.priority not in (MITIGATION_PRIORITY, ALLOWLIST_PRIORITY) or rule.expires_at is None:
+        return None
+    m = _ATTACK_COMMENT.match(rule.comment or "")
+    return int(m.group(1)) if m else None
 
 
 def _order(r: RuleSpec) -> tuple[int, int]:

@@ -89,6 +89,7 @@ _EXPORTER_COUNTERS = {
     "export_errors": "IPFIX messages the daemon failed to send",
     "blocklist_syncs": "Blocklist syncs from files and feeds that succeeded",
     "blocklist_sync_errors": "Blocklist syncs from files and feeds that failed",
+    "notifications_failed": "Attack notifications (command runs, webhook posts) that failed or were dropped",
 }
 
 
@@ -107,6 +108,15 @@ class ExporterStats:
     export_errors: int = 0
     blocklist_syncs: int = 0
     blocklist_sync_errors: int = 0
+    notifications_failed: int = 0
+    # automatic mitigation (the daemon replaces these objects, never edits them)
+    protecting: bool = False  # [[protect]] groups are configured: show the attack metrics
+    attacks_active: dict[str, int] = field(default_factory=dict)  # group -> attacks going on
+    attacks_total: dict[str, int] = field(default_factory=dict)  # group -> attacks started
+    mitigation_rules: int = 0  # mitigation rules in force
+    protect_overflow: dict[str, int] = field(default_factory=dict)  # group -> frames counted without a host
+    # (victim, group, rate name, value) of the active attacks only: bounded by them
+    attack_rates: list[tuple[str, str, str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -319,7 +329,38 @@ class XdpflowCollector(Collector):
                 c = CounterMetricFamily(f"{PREFIX}_{field}", text)
                 c.add_metric([], int(getattr(self.stats, field)))
                 out.append(c)
+        if self.stats is not None and self.stats.protecting:
+            out += _attack_families(self.stats)
         return out
+
+
+def _attack_families(stats: ExporterStats) -> list[Metric]:
+    active = GaugeMetricFamily(f"{PREFIX}_attacks_active", "Attacks going on, per protected group", labels=["group"])
+    total = CounterMetricFamily(
+        f"{PREFIX}_attacks", "Attacks detected by this daemon process, per protected group", labels=["group"]
+    )
+    groups = sorted({*stats.attacks_active, *stats.attacks_total})
+    for g in groups:
+        active.add_metric([g], stats.attacks_active.get(g, 0))
+        total.add_metric([g], stats.attacks_total.get(g, 0))
+    rules = GaugeMetricFamily(f"{PREFIX}_mitigation_rules", "Automatic mitigation rules in force")
+    rules.add_metric([], stats.mitigation_rules)
+    rates = GaugeMetricFamily(
+        f"{PREFIX}_attack_rate",
+        "Current rate toward the victim of an active attack (only while it lasts: one series per active "
+        "attack and rate: pps, bps, new_flows, syn_pps, udp_pps, icmp_pps, frag_pps)",
+        labels=["victim", "group", "rate"],
+    )
+    for victim, group, name, value in stats.attack_rates:
+        rates.add_metric([victim, group, name], round(value))  # whole units: rates over a second
+    overflow = CounterMetricFamily(
+        f"{PREFIX}_protect_overflow_packets",
+        "Frames to protected hosts the full per-host table had no room for (counted per group only)",
+        labels=["group"],
+    )
+    for g in groups:
+        overflow.add_metric([g], stats.protect_overflow.get(g, 0))
+    return [active, total, rules, rates, overflow]
 
 
 def _top_rules(entries: dict[int, int], hits: np.ndarray, n: int) -> list[tuple[str, str, int]]:

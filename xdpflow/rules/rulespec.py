@@ -27,6 +27,12 @@ ACTIONS = ("pass", "drop", "monitor", "rate-limit")
 # rules below it are judged before it (a pass rule there exempts a listed
 # host), the rest after it
 BLOCKLIST_PRIORITY = 1000
+# automatic mitigation (the daemon's [[protect]] groups) installs its rules at
+# MITIGATION_PRIORITY, and the allowlist's exemptions from them just below:
+# every operator rule below 59999 (each default one) is judged first, so a
+# pass rule is never overridden
+MITIGATION_PRIORITY = 60000
+ALLOWLIST_PRIORITY = MITIGATION_PRIORITY - 1
 DEFAULT_PRIORITY = 1000
 PRIORITY_MAX = 65535
 COMMENT_MAX = 200
