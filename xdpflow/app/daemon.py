@@ -363,7 +363,9 @@ class Daemon:
         self.stats.attacks_active = {p.name: by_group.get(p.name, 0) for p in self.cfg.protect}
         self.stats.attacks_total = {p.name: det.total.get(p.name, 0) for p in self.cfg.protect}
         self.stats.attack_rates = [(a.victim, a.group, k, v) for a in active for k, v in a.rates.items()]
-        self.stats.mitigation_rules = mit.installed()
+        # reading the rule set back costs: only while some mitigation's rules may still be in force
+        recent = [a.mitigation.expires_at for a in det.attacks() if a.mitigation and a.mitigation.expires_at]
+        self.stats.mitigation_rules = mit.installed() if recent and max(recent) > now - 5 else 0
         if self.notifier is not None:
             self.stats.notifications_failed = self.notifier.failed
 
