@@ -13,9 +13,8 @@
 #ifndef XDPFLOW_PROTECT_H
 #define XDPFLOW_PROTECT_H
 
-/* p->prot after xf_protect: the frame was counted in its host's entry, or
- * (the table was full) in its group's overflow record: the group id */
-#define PROT_HOST 0x10000
+/* in p->prot: track() inserted the frame's flow */
+#define PROT_NEW_FLOW 0x10000
 
 /* The group of the longest protected prefix holding addr (0: none), given
  * its /16's entry v. */
@@ -77,7 +76,7 @@ static __always_inline int prot_filter(__u32 slot, __u32 fam, const __u8 *a)
 
 /* what one frame adds to its host's counters (packets and bytes aside) */
 struct prot_frame {
-	__u32 syn, udp, icmp, frags;
+	__u32 syn, udp, icmp, frags, new_flows;
 };
 
 static __always_inline void prot_add(struct xf_host_cnt *c, struct pkt *p,
@@ -89,6 +88,7 @@ static __always_inline void prot_add(struct xf_host_cnt *c, struct pkt *p,
 	c->udp += f->udp;
 	c->icmp += f->icmp;
 	c->frags += f->frags;
+	c->new_flows += f->new_flows;
 }
 
 /* The first frame to a host: find its group, insert it, or count it in the
@@ -105,7 +105,7 @@ static __always_inline void prot_insert(struct pkt *p, struct xf_host_key *key,
 		return;
 	nv.packets = 1;
 	nv.bytes = p->len;
-	nv.new_flows = 0;
+	nv.new_flows = f->new_flows;
 	nv.syn = f->syn;
 	nv.udp = f->udp;
 	nv.icmp = f->icmp;
@@ -113,75 +113,85 @@ static __always_inline void prot_insert(struct pkt *p, struct xf_host_key *key,
 	nv.group = g;
 	nv.pad = 0;
 	err = bpf_map_update_elem(&prot_hosts, key, &nv, BPF_NOEXIST);
-	if (!err) {
-		p->prot = PROT_HOST;
+	if (!err)
 		return;
-	}
 	/* another CPU inserted it meanwhile; else the table is full */
 	if (err == -EEXIST) {
 		hc = bpf_map_lookup_elem(&prot_hosts, key);
 		if (hc) {
 			prot_add(hc, p, f);
-			p->prot = PROT_HOST;
 			return;
 		}
 	}
 	hc = bpf_map_lookup_elem(&prot_overflow, &g);
 	if (hc)
 		prot_add(hc, p, f);
-	p->prot = g;
 }
 
-/* Count one IP frame if its destination is protected. A global function,
- * so the verifier checks it once; plain arguments: meta = IP protocol |
- * fragment << 8 | l4_ok << 9 | L4 header offset << 16. Per-CPU values:
- * no atomics (see xdpflow.bpf.c).
+/* Count one frame if it is IP to a protected host. Called last (see the
+ * call site), so it parses the headers again itself; a global function, so
+ * the verifier checks it once. Per-CPU values: no atomics (see
+ * xdpflow.bpf.c).
  */
-__attribute__((noinline)) int xf_protect(struct xdp_md *ctx, struct pkt *p,
-					 __u32 flags, __u32 meta)
+__attribute__((noinline)) int xf_protect(struct xdp_md *ctx, struct pkt *p)
 {
-	__u32 slot = (flags & XF_CFG_PROTECT_SLOT) ? 1 : 0, fam, key1, proto;
+	void *data_end = (void *)(long)ctx->data_end;
+	void *data = (void *)(long)ctx->data;
+	struct hdr_cursor nh = { .pos = data, .end = data_end };
+	__u32 slot, fam, key1;
 	struct prot_frame f = {};
 	struct xf_host_key key;
 	struct xf_host_cnt *hc;
-	void *data, *data_end;
-	const __u8 *a;
-	__u8 *tf;
+	int ethproto, proto, l4_ok = 0;
+	struct ipv6hdr *ip6h;
+	struct iphdr *iph;
 	__u32 *e;
 
 	if (!p)
 		return 0;
-	fam = p->family == 4 ? 0 : 1;
-	a = fam ? p->k6.daddr : (const __u8 *)&p->k4.daddr;
-	key1 = (slot * 2 + fam) * XF_PL1_SIZE + ((__u32)a[0] << 8 | a[1]);
+	slot = (p->prot & XF_CFG_PROTECT_SLOT) ? 1 : 0;
+	ethproto = parse_ethhdr(&nh, data_end);
+	if (ethproto == bpf_htons(ETH_P_IP)) {
+		proto = parse_iphdr(&nh, data_end, &iph, &l4_ok);
+		if (proto < 0)
+			return 0;
+		fam = 0;
+		__builtin_memcpy(key.addr, &iph->daddr, 4);
+		__builtin_memset(key.addr + 4, 0, 12);
+		f.frags = !!(iph->frag_off & bpf_htons(0x3fff));
+	} else if (ethproto == bpf_htons(ETH_P_IPV6)) {
+		proto = parse_ip6hdr(&nh, data_end, &ip6h, &l4_ok);
+		if (proto < 0)
+			return 0;
+		fam = 1;
+		__builtin_memcpy(key.addr, &ip6h->daddr, 16);
+		f.frags = l4_ok != 1;
+	} else {
+		return 0;
+	}
+	key1 = (slot * 2 + fam) * XF_PL1_SIZE +
+	       ((__u32)key.addr[0] << 8 | key.addr[1]);
 	e = bpf_map_lookup_elem(&prot_l1, &key1);
 	/* outside every protected /16: the common frame ends here */
 	if (!e || !*e)
 		return 0;
 	/* in a /16 that only longer prefixes touch, and not near one */
-	if (!(*e & XF_PGROUP_MASK) && !prot_filter(slot, fam, a))
+	if (!(*e & XF_PGROUP_MASK) && !prot_filter(slot, fam, key.addr))
 		return 0;
 
-	key.family = p->family;
+	key.family = fam ? 6 : 4;
 	key.pad[0] = key.pad[1] = key.pad[2] = 0;
-	if (fam) {
-		__builtin_memcpy(key.addr, p->k6.daddr, 16);
-	} else {
-		__builtin_memcpy(key.addr, &p->k4.daddr, 4);
-		__builtin_memset(key.addr + 4, 0, 12);
-	}
-	proto = meta & 0xff;
-	f.frags = (meta >> 8) & 1;
+	f.new_flows = !!(p->prot & PROT_NEW_FLOW);
 	if (proto == IPPROTO_UDP) {
 		f.udp = 1;
 	} else if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
 		f.icmp = 1;
-	} else if (proto == IPPROTO_TCP && (meta & 0x200)) {
+	} else if (proto == IPPROTO_TCP && l4_ok) {
 		/* the flags byte; a truncated header is not a SYN */
-		data = (void *)(long)ctx->data;
-		data_end = (void *)(long)ctx->data_end;
-		tf = data + ((meta >> 16) & 0x3fff) + 13;
-		if ((void *)(tf + 1) <= data_end && (*tf & 0x12) == 0x02)
+		__u8 *tf = nh.pos + 13;
+
+		if ((void *)(tf + 1) <= data_end && (void *)(tf + 1) <= nh.end &&
+		    (*tf & 0x12) == 0x02)
 			f.syn = 1;
 	}
 
@@ -190,36 +200,9 @@ __attribute__((noinline)) int xf_protect(struct xdp_md *ctx, struct pkt *p,
 	hc = bpf_map_lookup_elem(&prot_hosts, &key);
 	if (hc) {
 		prot_add(hc, p, &f);
-		p->prot = PROT_HOST;
 		return 0;
 	}
 	prot_insert(p, &key, slot, fam, *e, &f);
-	return 0;
-}
-
-/* A new flow to a counted host: where track() inserted it. */
-__attribute__((noinline)) int xf_protect_flow(struct pkt *p)
-{
-	struct xf_host_key key = {};
-	struct xf_host_cnt *hc;
-	__u32 g;
-
-	if (!p || !p->prot)
-		return 0;
-	if (p->prot & PROT_HOST) {
-		key.family = p->family;
-		if (p->family == 4)
-			__builtin_memcpy(key.addr, &p->k4.daddr, 4);
-		else
-			__builtin_memcpy(key.addr, p->k6.daddr, 16);
-		hc = bpf_map_lookup_elem(&prot_hosts, &key);
-	} else {
-		g = p->prot & XF_PGROUP_MASK;
-		hc = bpf_map_lookup_elem(&prot_overflow, &g);
-	}
-	/* a host deleted in between loses this one */
-	if (hc)
-		hc->new_flows++;
 	return 0;
 }
 

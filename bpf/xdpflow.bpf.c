@@ -253,7 +253,7 @@ struct pkt {
 	__u32 len;      /* frame length */
 	__u32 iplen;    /* IP length, counted by flows */
 	__u32 tcp_flags;
-	__u32 prot;     /* how xf_protect counted it (bpf/protect.h), 0: not */
+	__u32 prot;     /* XF_CFG_PROTECT* of the frame's config | PROT_NEW_FLOW */
 	__u8 family;
 	union {
 		struct xf_flow4 k4;
@@ -565,8 +565,7 @@ static __always_inline void track(void *flows, void *key,
 	nv.rec_start = now;
 	err = bpf_map_update_elem(flows, key, &nv, BPF_NOEXIST);
 	if (!err) {
-		if (__builtin_expect(p->prot, 0))
-			xf_protect_flow(p);
+		p->prot |= PROT_NEW_FLOW;
 		if (event_allowed(c, p, now, cfg))
 			emit(c, ctx, p, XF_EV_NEW_FLOW, 0, now, cfg, 0);
 		return;
@@ -640,7 +639,7 @@ int xdpflow(struct xdp_md *ctx)
 
 	p.len = data_end - data;
 	p.tcp_flags = 0;
-	p.prot = 0;
+	p.prot = flags & (XF_CFG_PROTECT | XF_CFG_PROTECT_SLOT);
 
 	ethproto = parse_ethhdr(&nh, data_end);
 	if (ethproto == bpf_htons(ETH_P_IP)) {
@@ -659,14 +658,6 @@ int xdpflow(struct xdp_md *ctx)
 		p.k4.pad[0] = p.k4.pad[1] = p.k4.pad[2] = 0;
 		cls = XF_CNT_IPV4;
 		l4cnt = l4_class(ipproto);
-
-		/* counted whatever the rules and the blocklist make of it */
-		if (__builtin_expect(flags & XF_CFG_PROTECT, 0))
-			xf_protect(ctx, &p, flags,
-				   (ipproto & 0xff) |
-					   (iph->frag_off & bpf_htons(0x3fff) ? 0x100 : 0) |
-					   (l4_ok ? 0x200 : 0) |
-					   (__u32)(nh.pos - data) << 16);
 
 		/* the blocklist's answer first: the rules say whether it
 		 * applies (a rule before it may exempt the frame). Both
@@ -711,12 +702,6 @@ int xdpflow(struct xdp_md *ctx)
 		cls = XF_CNT_IPV6;
 		l4cnt = l4_class(ipproto);
 
-		if (__builtin_expect(flags & XF_CFG_PROTECT, 0))
-			xf_protect(ctx, &p, flags,
-				   (ipproto & 0xff) | (l4_ok != 1 ? 0x100 : 0) |
-					   (l4_ok ? 0x200 : 0) |
-					   (__u32)(nh.pos - data) << 16);
-
 		/* the blocklist's answer first: the rules say whether it
 		 * applies (a rule before it may exempt the frame) */
 		if (flags & (XF_CFG_BL6_SRC | XF_CFG_BL6_DST))
@@ -756,6 +741,12 @@ out:
 	count(c, cls, p.len);
 	count(c, act, p.len);
 	count(c, l4cnt, p.len);
+	/* Per protected host, whatever the frame's fate. Last, so that the
+	 * common path keeps nothing alive across the call: placed after
+	 * parsing, the call site cost every frame 5-9 ns in spills with no
+	 * group installed. */
+	if (__builtin_expect(p.prot & XF_CFG_PROTECT, 0))
+		xf_protect(ctx, &p);
 	/* counted already: a tail call does not come back, and the next
 	 * program's verdict is the frame's fate; an empty slot falls through
 	 */
