@@ -5,10 +5,10 @@
  * struct pkt. The tables are described in xdpflow.h and written by
  * xdpflow/dataplane/protect.py.
  *
- * Called right after parsing, before the rules and the blocklist, so a frame
- * is counted whatever its fate. A host already in prot_hosts is counted
- * without looking at the prefixes again (it was inside one when it was
- * inserted; the controller deletes hosts a new set no longer covers).
+ * Called at the end of the program, so a frame is counted whatever its
+ * fate. A host already in prot_hosts is counted without looking at the
+ * prefixes again (it was inside one when it was inserted; the controller
+ * deletes hosts a new set no longer covers).
  */
 #ifndef XDPFLOW_PROTECT_H
 #define XDPFLOW_PROTECT_H
@@ -91,41 +91,17 @@ static __always_inline void prot_add(struct xf_host_cnt *c, struct pkt *p,
 	c->new_flows += f->new_flows;
 }
 
-/* The first frame to a host: find its group, insert it, or count it in the
- * group's overflow record when the table is full. Off the hit path. */
-static __always_inline void prot_insert(struct pkt *p, struct xf_host_key *key,
-					__u32 slot, __u32 fam, __u32 v,
-					const struct prot_frame *f)
+static __always_inline void prot_slot_add(struct xf_host_slot *c,
+					  struct pkt *p,
+					  const struct prot_frame *f)
 {
-	struct xf_host_cnt nv, *hc;
-	__u32 g = prot_group(slot, fam, key->addr, v);
-	long err;
-
-	if (!g)
-		return;
-	nv.packets = 1;
-	nv.bytes = p->len;
-	nv.new_flows = f->new_flows;
-	nv.syn = f->syn;
-	nv.udp = f->udp;
-	nv.icmp = f->icmp;
-	nv.frags = f->frags;
-	nv.group = g;
-	nv.pad = 0;
-	err = bpf_map_update_elem(&prot_hosts, key, &nv, BPF_NOEXIST);
-	if (!err)
-		return;
-	/* another CPU inserted it meanwhile; else the table is full */
-	if (err == -EEXIST) {
-		hc = bpf_map_lookup_elem(&prot_hosts, key);
-		if (hc) {
-			prot_add(hc, p, f);
-			return;
-		}
-	}
-	hc = bpf_map_lookup_elem(&prot_overflow, &g);
-	if (hc)
-		prot_add(hc, p, f);
+	c->packets++;
+	c->bytes += p->len;
+	c->syn += f->syn;
+	c->udp += f->udp;
+	c->icmp += f->icmp;
+	c->frags += f->frags;
+	c->new_flows += f->new_flows;
 }
 
 /* Count one frame if it is IP to a protected host. Called last (see the
@@ -138,14 +114,15 @@ __attribute__((noinline)) int xf_protect(struct xdp_md *ctx, struct pkt *p)
 	void *data_end = (void *)(long)ctx->data_end;
 	void *data = (void *)(long)ctx->data;
 	struct hdr_cursor nh = { .pos = data, .end = data_end };
-	__u32 slot, fam, key1;
+	__u32 slot, fam, key1, w[4], h, idx, g;
+	struct xf_host_slot *s, *free = NULL;
 	struct prot_frame f = {};
-	struct xf_host_key key;
-	struct xf_host_cnt *hc;
+	struct xf_host_cnt *oc;
 	int ethproto, proto, l4_ok = 0;
 	struct ipv6hdr *ip6h;
 	struct iphdr *iph;
-	__u32 *e;
+	__u32 *e, *sa;
+	__u8 *a;
 
 	if (!p)
 		return 0;
@@ -156,31 +133,29 @@ __attribute__((noinline)) int xf_protect(struct xdp_md *ctx, struct pkt *p)
 		if (proto < 0)
 			return 0;
 		fam = 0;
-		__builtin_memcpy(key.addr, &iph->daddr, 4);
-		__builtin_memset(key.addr + 4, 0, 12);
+		w[0] = iph->daddr;
+		w[1] = w[2] = w[3] = 0;
 		f.frags = !!(iph->frag_off & bpf_htons(0x3fff));
 	} else if (ethproto == bpf_htons(ETH_P_IPV6)) {
 		proto = parse_ip6hdr(&nh, data_end, &ip6h, &l4_ok);
 		if (proto < 0)
 			return 0;
 		fam = 1;
-		__builtin_memcpy(key.addr, &ip6h->daddr, 16);
+		__builtin_memcpy(w, &ip6h->daddr, 16);
 		f.frags = l4_ok != 1;
 	} else {
 		return 0;
 	}
-	key1 = (slot * 2 + fam) * XF_PL1_SIZE +
-	       ((__u32)key.addr[0] << 8 | key.addr[1]);
+	a = (__u8 *)w;
+	key1 = (slot * 2 + fam) * XF_PL1_SIZE + ((__u32)a[0] << 8 | a[1]);
 	e = bpf_map_lookup_elem(&prot_l1, &key1);
 	/* outside every protected /16: the common frame ends here */
 	if (!e || !*e)
 		return 0;
 	/* in a /16 that only longer prefixes touch, and not near one */
-	if (!(*e & XF_PGROUP_MASK) && !prot_filter(slot, fam, key.addr))
+	if (!(*e & XF_PGROUP_MASK) && !prot_filter(slot, fam, a))
 		return 0;
 
-	key.family = fam ? 6 : 4;
-	key.pad[0] = key.pad[1] = key.pad[2] = 0;
 	f.new_flows = !!(p->prot & PROT_NEW_FLOW);
 	if (proto == IPPROTO_UDP) {
 		f.udp = 1;
@@ -195,14 +170,45 @@ __attribute__((noinline)) int xf_protect(struct xdp_md *ctx, struct pkt *p)
 			f.syn = 1;
 	}
 
-	/* a host already counted was inside a protected prefix when it was
-	 * inserted: no prefix lookup */
-	hc = bpf_map_lookup_elem(&prot_hosts, &key);
-	if (hc) {
-		prot_add(hc, p, &f);
+	/* the host's slot on this CPU, or the first free one */
+	h = (w[0] ^ w[1] ^ w[2] ^ w[3] ^ fam) * 2654435761U;
+	h ^= h >> 15;
+#pragma unroll
+	for (int i = 0; i < XF_PPROBES; i++) {
+		idx = (h + i) & knobs.prot_mask;
+		s = bpf_map_lookup_elem(&prot_hosts, &idx);
+		if (!s)
+			break;
+		sa = (__u32 *)s->addr; /* at offset 4: aligned */
+		if (s->family == (fam ? 6 : 4) && sa[0] == w[0] &&
+		    sa[1] == w[1] && sa[2] == w[2] && sa[3] == w[3]) {
+			prot_slot_add(s, p, &f);
+			return 0;
+		}
+		if (!s->family && !free)
+			free = s;
+	}
+
+	/* a new host: its group, then a free slot or the overflow record */
+	g = prot_group(slot, fam, a, *e);
+	if (!g)
+		return 0;
+	if (free) {
+		__builtin_memcpy(free->addr, w, 16);
+		free->group = g;
+		free->packets = 1;
+		free->bytes = p->len;
+		free->new_flows = f.new_flows;
+		free->syn = f.syn;
+		free->udp = f.udp;
+		free->icmp = f.icmp;
+		free->frags = f.frags;
+		free->family = fam ? 6 : 4;
 		return 0;
 	}
-	prot_insert(p, &key, slot, fam, *e, &f);
+	oc = bpf_map_lookup_elem(&prot_overflow, &g);
+	if (oc)
+		prot_add(oc, p, &f);
 	return 0;
 }
 

@@ -25,6 +25,7 @@
 /* the whole .rodata: one struct so the controller can write it by type */
 const volatile struct xf_knobs knobs = {
 	.events_per_sec = XF_EVENTS_PER_SEC,
+	.prot_mask = XF_PHOSTS_DEFAULT - 1,
 };
 
 /* per interface: pinned under <pin root>/<ifname>/ */
@@ -232,13 +233,14 @@ struct {
 	__type(value, __u32);
 } prot_addr SEC(".maps");
 
-/* preallocated: a full table fails the insert (counted as overflow) where an
- * LRU would evict a victim's counts silently */
+/* per CPU, slots found by hashing: see struct xf_host_slot. A full table
+ * is counted (prot_overflow), where an LRU would evict a victim silently.
+ * Sized at attach, with knobs.prot_mask. */
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, XF_PHOSTS_DEFAULT);
-	__type(key, struct xf_host_key);
-	__type(value, struct xf_host_cnt);
+	__type(key, __u32);
+	__type(value, struct xf_host_slot);
 } prot_hosts SEC(".maps");
 
 struct {
