@@ -7,6 +7,7 @@ counted whatever the blocklist and the rules do with them.
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
@@ -268,3 +269,25 @@ def test_reinstall_keeps_or_regroups(prog: ProgHarness) -> None:
     assert {a: r["group"] for a, r in counted(prog).items()} == {"198.18.0.1": 1}
     prog.run(e / IP(src="198.19.0.1", dst="198.18.1.1") / UDP(sport=1, dport=2))
     assert {a: r["group"] for a, r in counted(prog).items()} == {"198.18.0.1": 1, "198.18.1.1": 1}
+
+
+def test_one_row_per_host_over_cpus(prog: ProgHarness) -> None:
+    """Each CPU counts a host in its own slot; a reader sees one row, summed."""
+    if len(os.sched_getaffinity(0)) < 2:
+        return
+    prog.protect.install([group("g", "198.18.0.0/24", "2001:2::/64")])
+    f4 = bytes(ether() / IP(src="198.19.0.1", dst="198.18.0.9") / UDP(sport=1, dport=2))
+    f6 = bytes(ether() / IPv6(src="2001:2:1::1", dst="2001:2::9") / TCP(sport=1, dport=2, flags="S"))
+    with on_cpu(0):
+        prog.run(f4, repeat=3)
+        prog.run(f6)
+    with on_cpu(1):
+        prog.run(f4, repeat=2)
+        prog.run(f6, repeat=4)
+    got = counted(prog)
+    assert (got["198.18.0.9"]["packets"], got["198.18.0.9"]["udp"]) == (5, 5)
+    assert (got["2001:2::9"]["packets"], got["2001:2::9"]["syn"]) == (5, 5)
+    assert got["198.18.0.9"]["new_flows"] == 1  # the flow table is shared by the CPUs
+    assert len(prog.protect.hosts()) == 2
+    assert prog.protect.forget([ip_address("198.18.0.9")]) == 1
+    assert set(counted(prog)) == {"2001:2::9"}
