@@ -5,17 +5,16 @@
  * struct pkt. The tables are described in xdpflow.h and written by
  * xdpflow/dataplane/protect.py.
  *
- * Called right after parsing, before the rules and the blocklist, so a frame
- * is counted whatever its fate. A host already in prot_hosts is counted
- * without looking at the prefixes again (it was inside one when it was
- * inserted; the controller deletes hosts a new set no longer covers).
+ * Called at the end of the program, so a frame is counted whatever its
+ * fate. A host already in prot_hosts is counted without looking at the
+ * prefixes again (it was inside one when it was inserted; the controller
+ * deletes hosts a new set no longer covers).
  */
 #ifndef XDPFLOW_PROTECT_H
 #define XDPFLOW_PROTECT_H
 
-/* p->prot after xf_protect: the frame was counted in its host's entry, or
- * (the table was full) in its group's overflow record: the group id */
-#define PROT_HOST 0x10000
+/* in p->prot: track() inserted the frame's flow */
+#define PROT_NEW_FLOW 0x10000
 
 /* The group of the longest protected prefix holding addr (0: none), given
  * its /16's entry v. */
@@ -77,7 +76,7 @@ static __always_inline int prot_filter(__u32 slot, __u32 fam, const __u8 *a)
 
 /* what one frame adds to its host's counters (packets and bytes aside) */
 struct prot_frame {
-	__u32 syn, udp, icmp, frags;
+	__u32 syn, udp, icmp, frags, new_flows;
 };
 
 static __always_inline void prot_add(struct xf_host_cnt *c, struct pkt *p,
@@ -89,70 +88,65 @@ static __always_inline void prot_add(struct xf_host_cnt *c, struct pkt *p,
 	c->udp += f->udp;
 	c->icmp += f->icmp;
 	c->frags += f->frags;
+	c->new_flows += f->new_flows;
 }
 
-/* The first frame to a host: find its group, insert it, or count it in the
- * group's overflow record when the table is full. Off the hit path. */
-static __always_inline void prot_insert(struct pkt *p, struct xf_host_key *key,
-					__u32 slot, __u32 fam, __u32 v,
-					const struct prot_frame *f)
+static __always_inline void prot_slot_add(struct xf_host_slot *c,
+					  struct pkt *p,
+					  const struct prot_frame *f)
 {
-	struct xf_host_cnt nv, *hc;
-	__u32 g = prot_group(slot, fam, key->addr, v);
-	long err;
-
-	if (!g)
-		return;
-	nv.packets = 1;
-	nv.bytes = p->len;
-	nv.new_flows = 0;
-	nv.syn = f->syn;
-	nv.udp = f->udp;
-	nv.icmp = f->icmp;
-	nv.frags = f->frags;
-	nv.group = g;
-	nv.pad = 0;
-	err = bpf_map_update_elem(&prot_hosts, key, &nv, BPF_NOEXIST);
-	if (!err) {
-		p->prot = PROT_HOST;
-		return;
-	}
-	/* another CPU inserted it meanwhile; else the table is full */
-	if (err == -EEXIST) {
-		hc = bpf_map_lookup_elem(&prot_hosts, key);
-		if (hc) {
-			prot_add(hc, p, f);
-			p->prot = PROT_HOST;
-			return;
-		}
-	}
-	hc = bpf_map_lookup_elem(&prot_overflow, &g);
-	if (hc)
-		prot_add(hc, p, f);
-	p->prot = g;
+	c->packets++;
+	c->bytes += p->len;
+	c->syn += f->syn;
+	c->udp += f->udp;
+	c->icmp += f->icmp;
+	c->frags += f->frags;
+	c->new_flows += f->new_flows;
 }
 
-/* Count one IP frame if its destination is protected. A global function,
- * so the verifier checks it once; plain arguments: meta = IP protocol |
- * fragment << 8 | l4_ok << 9 | L4 header offset << 16. Per-CPU values:
- * no atomics (see xdpflow.bpf.c).
+/* Count one frame if it is IP to a protected host. Called last (see the
+ * call site), so it parses the headers again itself; a global function, so
+ * the verifier checks it once. Per-CPU values: no atomics (see
+ * xdpflow.bpf.c).
  */
-__attribute__((noinline)) int xf_protect(struct xdp_md *ctx, struct pkt *p,
-					 __u32 flags, __u32 meta)
+__attribute__((noinline)) int xf_protect(struct xdp_md *ctx, struct pkt *p)
 {
-	__u32 slot = (flags & XF_CFG_PROTECT_SLOT) ? 1 : 0, fam, key1, proto;
+	void *data_end = (void *)(long)ctx->data_end;
+	void *data = (void *)(long)ctx->data;
+	struct hdr_cursor nh = { .pos = data, .end = data_end };
+	__u32 slot, fam, key1, w[4], h, idx, g;
+	struct xf_host_slot *s, *free = NULL;
 	struct prot_frame f = {};
-	struct xf_host_key key;
-	struct xf_host_cnt *hc;
-	void *data, *data_end;
-	const __u8 *a;
-	__u8 *tf;
-	__u32 *e;
+	struct xf_host_cnt *oc;
+	int ethproto, proto, l4_ok = 0;
+	struct ipv6hdr *ip6h;
+	struct iphdr *iph;
+	__u32 *e, *sa;
+	__u8 *a;
 
 	if (!p)
 		return 0;
-	fam = p->family == 4 ? 0 : 1;
-	a = fam ? p->k6.daddr : (const __u8 *)&p->k4.daddr;
+	slot = (p->prot & XF_CFG_PROTECT_SLOT) ? 1 : 0;
+	ethproto = parse_ethhdr(&nh, data_end);
+	if (ethproto == bpf_htons(ETH_P_IP)) {
+		proto = parse_iphdr(&nh, data_end, &iph, &l4_ok);
+		if (proto < 0)
+			return 0;
+		fam = 0;
+		w[0] = iph->daddr;
+		w[1] = w[2] = w[3] = 0;
+		f.frags = !!(iph->frag_off & bpf_htons(0x3fff));
+	} else if (ethproto == bpf_htons(ETH_P_IPV6)) {
+		proto = parse_ip6hdr(&nh, data_end, &ip6h, &l4_ok);
+		if (proto < 0)
+			return 0;
+		fam = 1;
+		__builtin_memcpy(w, &ip6h->daddr, 16);
+		f.frags = l4_ok != 1;
+	} else {
+		return 0;
+	}
+	a = (__u8 *)w;
 	key1 = (slot * 2 + fam) * XF_PL1_SIZE + ((__u32)a[0] << 8 | a[1]);
 	e = bpf_map_lookup_elem(&prot_l1, &key1);
 	/* outside every protected /16: the common frame ends here */
@@ -162,64 +156,59 @@ __attribute__((noinline)) int xf_protect(struct xdp_md *ctx, struct pkt *p,
 	if (!(*e & XF_PGROUP_MASK) && !prot_filter(slot, fam, a))
 		return 0;
 
-	key.family = p->family;
-	key.pad[0] = key.pad[1] = key.pad[2] = 0;
-	if (fam) {
-		__builtin_memcpy(key.addr, p->k6.daddr, 16);
-	} else {
-		__builtin_memcpy(key.addr, &p->k4.daddr, 4);
-		__builtin_memset(key.addr + 4, 0, 12);
-	}
-	proto = meta & 0xff;
-	f.frags = (meta >> 8) & 1;
+	f.new_flows = !!(p->prot & PROT_NEW_FLOW);
 	if (proto == IPPROTO_UDP) {
 		f.udp = 1;
 	} else if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
 		f.icmp = 1;
-	} else if (proto == IPPROTO_TCP && (meta & 0x200)) {
+	} else if (proto == IPPROTO_TCP && l4_ok) {
 		/* the flags byte; a truncated header is not a SYN */
-		data = (void *)(long)ctx->data;
-		data_end = (void *)(long)ctx->data_end;
-		tf = data + ((meta >> 16) & 0x3fff) + 13;
-		if ((void *)(tf + 1) <= data_end && (*tf & 0x12) == 0x02)
+		__u8 *tf = nh.pos + 13;
+
+		if ((void *)(tf + 1) <= data_end && (void *)(tf + 1) <= nh.end &&
+		    (*tf & 0x12) == 0x02)
 			f.syn = 1;
 	}
 
-	/* a host already counted was inside a protected prefix when it was
-	 * inserted: no prefix lookup */
-	hc = bpf_map_lookup_elem(&prot_hosts, &key);
-	if (hc) {
-		prot_add(hc, p, &f);
-		p->prot = PROT_HOST;
+	/* the host's slot on this CPU, or the first free one */
+	h = (w[0] ^ w[1] ^ w[2] ^ w[3] ^ fam) * 2654435761U;
+	h ^= h >> 15;
+#pragma unroll
+	for (int i = 0; i < XF_PPROBES; i++) {
+		idx = (h + i) & knobs.prot_mask;
+		s = bpf_map_lookup_elem(&prot_hosts, &idx);
+		if (!s)
+			break;
+		sa = (__u32 *)s->addr; /* at offset 4: aligned */
+		if (s->family == (fam ? 6 : 4) && sa[0] == w[0] &&
+		    sa[1] == w[1] && sa[2] == w[2] && sa[3] == w[3]) {
+			prot_slot_add(s, p, &f);
+			return 0;
+		}
+		if (!s->family && !free)
+			free = s;
+	}
+
+	/* a new host: its group, then a free slot or the overflow record */
+	g = prot_group(slot, fam, a, *e);
+	if (!g)
+		return 0;
+	if (free) {
+		__builtin_memcpy(free->addr, w, 16);
+		free->group = g;
+		free->packets = 1;
+		free->bytes = p->len;
+		free->new_flows = f.new_flows;
+		free->syn = f.syn;
+		free->udp = f.udp;
+		free->icmp = f.icmp;
+		free->frags = f.frags;
+		free->family = fam ? 6 : 4;
 		return 0;
 	}
-	prot_insert(p, &key, slot, fam, *e, &f);
-	return 0;
-}
-
-/* A new flow to a counted host: where track() inserted it. */
-__attribute__((noinline)) int xf_protect_flow(struct pkt *p)
-{
-	struct xf_host_key key = {};
-	struct xf_host_cnt *hc;
-	__u32 g;
-
-	if (!p || !p->prot)
-		return 0;
-	if (p->prot & PROT_HOST) {
-		key.family = p->family;
-		if (p->family == 4)
-			__builtin_memcpy(key.addr, &p->k4.daddr, 4);
-		else
-			__builtin_memcpy(key.addr, p->k6.daddr, 16);
-		hc = bpf_map_lookup_elem(&prot_hosts, &key);
-	} else {
-		g = p->prot & XF_PGROUP_MASK;
-		hc = bpf_map_lookup_elem(&prot_overflow, &g);
-	}
-	/* a host deleted in between loses this one */
-	if (hc)
-		hc->new_flows++;
+	oc = bpf_map_lookup_elem(&prot_overflow, &g);
+	if (oc)
+		prot_add(oc, p, &f);
 	return 0;
 }
 

@@ -7,6 +7,7 @@ counted whatever the blocklist and the rules do with them.
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
@@ -20,7 +21,7 @@ from xdpflow.dataplane.protect import COUNT_FIELDS, Group, compile_groups
 from xdpflow.rules.blockfile import Rule, parse_cidr
 from xdpflow.rules.rulespec import parse_line
 
-from ..frames import ether
+from ..frames import ether, on_cpu
 from ..progtest import XDP_DROP, XDP_PASS, ProgHarness
 
 Prefix = IPv4Network | IPv6Network
@@ -159,7 +160,11 @@ def test_no_group_no_counting(prog: ProgHarness) -> None:
 
 
 def test_overflow_when_full(make_prog: Any) -> None:
-    h = make_prog(protect_hosts=4)
+    with on_cpu(0):  # the host table is per CPU
+        _overflow_when_full(make_prog(protect_hosts=3))  # rounded up to 4 slots
+
+
+def _overflow_when_full(h: ProgHarness) -> None:
     h.protect.install([group("a", "198.18.0.0/24"), group("b", "2001:2::/64")])
     assert h.protect.capacity() == 4
     e = ether()
@@ -264,3 +269,25 @@ def test_reinstall_keeps_or_regroups(prog: ProgHarness) -> None:
     assert {a: r["group"] for a, r in counted(prog).items()} == {"198.18.0.1": 1}
     prog.run(e / IP(src="198.19.0.1", dst="198.18.1.1") / UDP(sport=1, dport=2))
     assert {a: r["group"] for a, r in counted(prog).items()} == {"198.18.0.1": 1, "198.18.1.1": 1}
+
+
+def test_one_row_per_host_over_cpus(prog: ProgHarness) -> None:
+    """Each CPU counts a host in its own slot; a reader sees one row, summed."""
+    if len(os.sched_getaffinity(0)) < 2:
+        return
+    prog.protect.install([group("g", "198.18.0.0/24", "2001:2::/64")])
+    f4 = bytes(ether() / IP(src="198.19.0.1", dst="198.18.0.9") / UDP(sport=1, dport=2))
+    f6 = bytes(ether() / IPv6(src="2001:2:1::1", dst="2001:2::9") / TCP(sport=1, dport=2, flags="S"))
+    with on_cpu(0):
+        prog.run(f4, repeat=3)
+        prog.run(f6)
+    with on_cpu(1):
+        prog.run(f4, repeat=2)
+        prog.run(f6, repeat=4)
+    got = counted(prog)
+    assert (got["198.18.0.9"]["packets"], got["198.18.0.9"]["udp"]) == (5, 5)
+    assert (got["2001:2::9"]["packets"], got["2001:2::9"]["syn"]) == (5, 5)
+    assert got["198.18.0.9"]["new_flows"] == 1  # the flow table is shared by the CPUs
+    assert len(prog.protect.hosts()) == 2
+    assert prog.protect.forget([ip_address("198.18.0.9")]) == 1
+    assert set(counted(prog)) == {"2001:2::9"}

@@ -365,3 +365,13 @@ def test_a_full_table_takes_well_under_a_second_a_read() -> None:
     none = Detector([])
     none.update(Counts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **base), 0.0)
     assert none.update(Counts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **more), 1.0) == []
+
+
+def test_ban_sources_bans_every_source_of_an_even_flood_but_not_a_slower_legitimate_one() -> None:
+    flows = [FlowSample(str(ipaddress.ip_address("198.18.64.0") + i), 1, 9999, 17, 1000.0) for i in range(1000)]
+    rules, why = plan(attack(pps=1e6, udp_pps=1e6), pol("ban_sources"), [*flows, LEGIT], expires_at=9)
+    assert why is None and len(rules) == 1000 and LEGIT.src not in {str(r.src.network_address) for r in rules}  # type: ignore[union-attr]
+    rules, why = plan(attack(pps=1e6, udp_pps=1e6), pol("ban_sources"), [*flows, *flows[:1]], expires_at=9)
+    assert why is None and len(rules) == 1000
+    more = [FlowSample(str(ipaddress.ip_address("198.18.80.0") + i), 1, 9999, 17, 1000.0) for i in range(1001)]
+    assert "1001 carry" in (plan(attack(pps=1e6), pol("ban_sources"), more)[1] or "")

@@ -121,3 +121,21 @@ def test_nothing_configured_sends_nothing() -> None:
     n.send(event("start", ATTACK))
     n.close(wait=1)
     assert (n.sent, n.failed) == (0, 0)
+
+
+def test_exabgp_example_announces_on_start_and_withdraws_on_end() -> None:
+    import subprocess
+
+    script = Path(__file__).parents[2] / "contrib" / "xdpflow-exabgp"
+
+    def run(kind: str, victim: str, dry_run: bool = False) -> str:
+        attack = {**ATTACK, "victim": victim, "mitigation": {"kind": "fingerprint", "dry_run": dry_run}}
+        body = json.dumps(event(kind, attack, now=1.0))
+        return subprocess.run(
+            [sys.executable, str(script), "-"], input=body, capture_output=True, text=True, check=True
+        ).stdout
+
+    assert run("start", "198.18.0.2") == "announce route 198.18.0.2/32 next-hop self community [65535:666]\n"
+    assert run("mitigation", "198.18.0.2") == ""
+    assert run("end", "2001:2::5") == "withdraw route 2001:2::5/128 next-hop self\n"
+    assert run("start", "198.18.0.2", dry_run=True) == ""

@@ -70,6 +70,8 @@ class Daemon:
         self.mitigator: Mitigator | None = None
         self.notifier: Notifier | None = None
         self.overflow_logged = -1e9
+        self.protect_lock = threading.Lock()  # the detection thread against a reload
+        self.protect_thread: threading.Thread | None = None
 
     @property
     def pins(self) -> PinRoot:
@@ -107,7 +109,10 @@ class Daemon:
         self._start_metrics()
         self._start_sources()
         self._start_rule_sources()
-        self._start_protect()
+        with self.protect_lock:
+            self._start_protect()
+        self.protect_thread = threading.Thread(target=self._protect_loop, name="xdpflow-detect", daemon=True)
+        self.protect_thread.start()
 
     def _start_exporter(self) -> None:
         cfg = self.cfg
@@ -216,24 +221,33 @@ class Daemon:
             log.info("rule expired id=%s rule=%r", r.id, r.line())
 
     def loop(self) -> None:
-        next_scan = next_protect = time.monotonic()
+        next_scan = time.monotonic()
         while not self.stop.is_set():
             if self.reload.is_set():
                 self.reload.clear()
                 self.do_reload()
-            if time.monotonic() >= next_protect:
-                next_protect += PROTECT_INTERVAL
-                next_protect = max(next_protect, time.monotonic())  # never catch up in a burst
-                self.protect_tick()
             self.poll_sources()
             self.poll_rules()
             if time.monotonic() >= next_scan:
                 self.scan()
                 self.expire_rules()
                 next_scan = time.monotonic() + self.cfg.scan_interval
-            self.stop.wait(min(0.5, max(0.01, min(next_scan, next_protect) - time.monotonic())))
+            self.stop.wait(min(0.5, max(0.05, next_scan - time.monotonic())))
 
     # automatic mitigation ------------------------------------------------------
+
+    def _protect_loop(self) -> None:
+        """Detection's own thread: a scan of a full flow table (seconds,
+        under a spoofed flood) never delays a read of the counters or a TTL
+        extension. It inherits the daemon's network namespace."""
+        next_t = time.monotonic()
+        while not self.stop.wait(max(0.0, next_t - time.monotonic())):
+            next_t = max(next_t + PROTECT_INTERVAL, time.monotonic())  # never catch up in a burst
+            try:
+                with self.protect_lock:
+                    self.protect_tick()
+            except Exception as e:  # keep detecting: one bad read is logged, the next may do
+                log.error("detection failed: %r", e)
 
     def _start_protect(self) -> None:
         """(Re)install the protected groups in the data plane; the first
@@ -363,7 +377,9 @@ class Daemon:
         self.stats.attacks_active = {p.name: by_group.get(p.name, 0) for p in self.cfg.protect}
         self.stats.attacks_total = {p.name: det.total.get(p.name, 0) for p in self.cfg.protect}
         self.stats.attack_rates = [(a.victim, a.group, k, v) for a in active for k, v in a.rates.items()]
-        self.stats.mitigation_rules = mit.installed()
+        # reading the rule set back costs: only while some mitigation's rules may still be in force
+        recent = [a.mitigation.expires_at for a in det.attacks() if a.mitigation and a.mitigation.expires_at]
+        self.stats.mitigation_rules = mit.installed() if recent and max(recent) > now - 5 else 0
         if self.notifier is not None:
             self.stats.notifications_failed = self.notifier.failed
 
@@ -430,10 +446,12 @@ class Daemon:
             self._start_metrics()
         self._start_sources()
         self._start_rule_sources()
-        self._start_protect()
+        with self.protect_lock:
+            self._start_protect()
         log.info("reloaded config=%s", self.config_path)
 
     def shutdown(self) -> None:
+        self.stop.set()  # the detection thread too (start() may have failed after starting it)
         # export everything and empty the tables: nothing pending, nothing twice
         try:
             self.scan(force=True)
@@ -447,6 +465,8 @@ class Daemon:
             self.metrics.shutdown()
         if self.sources is not None:
             self.sources.close()
+        if self.protect_thread is not None:
+            self.protect_thread.join(10)
         if self.notifier is not None:
             self.notifier.close(wait=self.cfg.notify.timeout)
         if self.cfg.detach_on_exit:

@@ -98,7 +98,7 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "prot_head": ("__u32", "struct xf_prot_head"),
     "prot_pf": ("__u32", "__u64"),
     "prot_addr": ("struct xf_paddr_key", "__u32"),
-    "prot_hosts": ("struct xf_host_key", "struct xf_host_cnt"),
+    "prot_hosts": ("__u32", "struct xf_host_slot"),
     "prot_overflow": ("__u32", "struct xf_host_cnt"),
 }
 

@@ -173,17 +173,23 @@ def _prepare(obj: Object, opts: AttachOptions, pins: PinRoot | None, ifname: str
         if not opts.shared_flows:
             spec.set_type(BPF_MAP_TYPE_LRU_PERCPU_HASH)
         spec.set_max_entries(size)
-    _size_protect_hosts(obj, opts, pins)
+    _size_protect_hosts(obj, opts, pins, knobs)
 
 
-def _size_protect_hosts(obj: Object, opts: AttachOptions, pins: PinRoot | None) -> None:
+def protect_slots(hosts: int) -> int:
+    """Host slots per CPU for ``hosts``: the next power of two (the program
+    masks its hash with slots - 1)."""
+    return 1 << max(2, (max(hosts, 1) - 1).bit_length())
+
+
+def _size_protect_hosts(obj: Object, opts: AttachOptions, pins: PinRoot | None, knobs: Any) -> None:
     """prot_hosts is shared: the first attach sizes it, later ones reuse the
     pin (libbpf refuses a pin of another size)."""
     if "prot_hosts" not in obj.maps:
         return  # an object from before protected groups (benchmarks compare with one)
     pinned = _pinned_max_entries(pins.shared("prot_hosts")) if pins is not None else None
     if pinned is not None:
-        if opts.protect_hosts is not None and opts.protect_hosts != pinned:
+        if opts.protect_hosts is not None and protect_slots(opts.protect_hosts) != pinned:
             raise XdpflowError(
                 errno.EINVAL,
                 f"the protected-host table already holds {pinned} hosts; "
@@ -191,8 +197,9 @@ def _size_protect_hosts(obj: Object, opts: AttachOptions, pins: PinRoot | None) 
             )
         size = pinned
     else:
-        size = opts.protect_hosts or abi.C.XF_PHOSTS_DEFAULT
+        size = protect_slots(opts.protect_hosts or abi.C.XF_PHOSTS_DEFAULT)
     obj.map_spec("prot_hosts").set_max_entries(size)
+    knobs.prot_mask = size - 1
 
 
 FLOW_TABLES = ("flows_v4", "flows_v6")

@@ -1,8 +1,10 @@
 """Protected destinations: which hosts the program counts, and their counts.
 
 The program (bpf/protect.h) counts every frame to a host inside a protected
-prefix per host, in ``prot_hosts`` (a preallocated per-CPU hash sized at
-attach; a full table counts in ``prot_overflow`` per group instead). Which
+prefix per host, in ``prot_hosts`` (per CPU, an array of slots found by
+hashing the address, sized at attach: see struct xf_host_slot; a host whose
+slots are all taken counts in ``prot_overflow`` per group instead). A host
+may sit in different slots on different CPUs: readers sum by address. Which
 prefixes are protected is a small LPM table that no frame walks as a trie:
 an array per /16 and up to XF_PLEVELS hash levels below it (see xdpflow.h);
 ``compile_groups`` computes it, purely, and ``ProtectTables.install`` writes
@@ -213,7 +215,8 @@ def _addr_bytes(fam: int, a: int) -> bytes:
 
 
 def host_key(addr: IPv4Address | IPv6Address) -> bytes:
-    """The prot_hosts key of an address (struct xf_host_key)."""
+    """An address as family, three pad bytes and 16 address bytes: the
+    first 20 bytes of its struct xf_host_slot."""
     return bytes([addr.version, 0, 0, 0]) + _addr_bytes(addr.version, int(addr))
 
 
@@ -310,28 +313,45 @@ class ProtectTables:
         return 1 if self._flags() & SLOT_FLAG else 0
 
     def capacity(self) -> int:
-        """How many hosts the table holds (sized at attach)."""
+        """How many hosts each CPU's table holds (sized at attach, a power
+        of two; a host whose XF_PPROBES slots are all taken counts in its
+        group's overflow record even before that)."""
         return int(self._map("prot_hosts").info.max_entries)
 
-    def hosts(self) -> HostCounts:
-        """Every counted host (a snapshot; the program keeps counting).
-        Raises XdpflowError."""
+    def _slots(self) -> tuple[Map, np.ndarray]:
+        """Every slot of every CPU: (the map, a slots x CPUs record array)."""
         m = self._map("prot_hosts")
-        raw = m.lookup_batch_raw()
-        kdt = np_dtype("struct xf_host_key")
-        vdt = np_dtype("struct xf_host_cnt", m.value_stride)
+        n = int(m.info.max_entries)
+        raw = m.lookup_batch_raw(chunk=n, limit=n)
         if raw is None:
             raise XdpflowError(errno.EOPNOTSUPP, _NO_BATCH)
-        if raw is None or raw[2] == 0:
+        _keys, vals, got = raw
+        dt = np_dtype("struct xf_host_slot", m.value_stride)
+        return m, np.frombuffer(vals, dtype=dt, count=got * m.ncpu).reshape(got, m.ncpu)
+
+    def hosts(self) -> HostCounts:
+        """Every counted host, its slots summed over CPUs (a snapshot; the
+        program keeps counting). Raises XdpflowError."""
+        _m, arr = self._slots()
+        used = arr[arr["family"] != 0]
+        if len(used) == 0:
             return HostCounts.empty()
-        keys, vals, n = raw
-        k = np.frombuffer(keys, dtype=kdt, count=n)
-        v = np.frombuffer(vals, dtype=vdt, count=n * m.ncpu).reshape(n, m.ncpu)
-        sums = {f: v[f].sum(axis=1, dtype=np.uint64) for f in COUNT_FIELDS}
+        keys = np.empty((len(used), 17), dtype=np.uint8)
+        keys[:, 0] = used["family"]
+        keys[:, 1:] = used["addr"]
+        uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+        inv = inv.reshape(-1)
+        sums = {}
+        for f in COUNT_FIELDS:
+            out = np.zeros(len(uniq), dtype=np.uint64)
+            np.add.at(out, inv, used[f].astype(np.uint64))
+            sums[f] = out
+        group = np.zeros(len(uniq), dtype=np.uint32)
+        np.maximum.at(group, inv, used["group"].astype(np.uint32))
         return HostCounts(
-            family=k["family"].astype(np.uint8),
-            addr=np.ascontiguousarray(k["addr"], dtype=np.uint8),
-            group=v["group"].max(axis=1).astype(np.uint16),
+            family=np.ascontiguousarray(uniq[:, 0]),
+            addr=np.ascontiguousarray(uniq[:, 1:]),
+            group=group.astype(np.uint16),
             **sums,
         )
 
@@ -366,19 +386,33 @@ class ProtectTables:
     # changing ---------------------------------------------------------------
 
     def forget(self, keys: Iterable[IPv4Address | IPv6Address]) -> int:
-        """Delete these hosts (idle ones: the daemon's call); hosts already
-        gone are skipped. Returns how many were deleted. Raises XdpflowError."""
-        m = self._map("prot_hosts")
-        n = 0
-        for a in keys:
-            key = ffi.new("struct xf_host_key *")
-            ffi.memmove(key, host_key(a), ffi.sizeof(key[0]))
-            try:
-                del m[key[0]]
-                n += 1
-            except KeyError:
-                pass
-        return n
+        """Free the slots of these hosts on every CPU (idle ones: the
+        daemon's call); hosts not counted are skipped. Returns how many
+        hosts were found. A frame a CPU counts for a host between the read
+        and the write here is lost with it. Raises XdpflowError."""
+        want = {host_key(a)[:1] + host_key(a)[4:] for a in keys}
+        if not want:
+            return 0
+        m, arr = self._slots()
+        rows = arr.copy()
+        keyb = np.empty((rows.shape[0], rows.shape[1], 17), dtype=np.uint8)
+        keyb[..., 0] = rows["family"]
+        keyb[..., 1:] = rows["addr"]
+        hit = np.zeros(rows.shape, dtype=bool)
+        found: set[bytes] = set()
+        for i, j in zip(*np.nonzero(rows["family"])):
+            k = keyb[i, j].tobytes()
+            if k in want:
+                hit[i, j] = True
+                found.add(k)
+        idx = np.nonzero(hit.any(axis=1))[0]
+        if len(idx):
+            sel = rows[idx]
+            sel[hit[idx]] = np.zeros(1, dtype=rows.dtype)
+            sel = np.ascontiguousarray(sel)
+            k = idx.astype("<u4")
+            m.update_batch_raw(ffi.from_buffer(k), ffi.from_buffer(sel), len(k))
+        return len(found)
 
     def install(self, groups: Sequence[Group], hosts_max: int | None = None) -> None:
         """Count frames to the hosts of ``groups`` from now on (group i gets
@@ -467,8 +501,11 @@ class ProtectTables:
         self._zero_overflow()
 
     def _clear_counts(self) -> None:
-        h = self.hosts()
-        self.forget(h.addresses())
+        m = self._map("prot_hosts")
+        n = int(m.info.max_entries)
+        keys = np.arange(n, dtype="<u4")
+        vals = np.zeros(n * m.ncpu * m.value_stride, dtype=np.uint8)
+        m.update_batch_raw(ffi.from_buffer(keys), ffi.from_buffer(vals), n)
         self._zero_overflow()
 
     def _zero_overflow(self) -> None:

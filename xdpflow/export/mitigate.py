@@ -43,6 +43,7 @@ log = logging.getLogger("xdpflow")
 
 BAN_COVERAGE = 0.9  # ban_sources: the banned sources carry at least this share of the victim's traffic
 BAN_MAX = 1000  # ... and are at most this many (the rule set holds 1,024 rules)
+BAN_PEERS = 0.5  # ... and so is every other source more than this fraction as fast as the slowest of them
 DOMINANT = 0.5  # a protocol or port with at least this share of the traffic is the attack's
 SAMPLE_MAX = 50_000  # flows handed to plan(): the fastest (a spoofed flood's table is huge)
 SYN_NOT_ACK = (TCP_FLAGS["SYN"] | TCP_FLAGS["ACK"], TCP_FLAGS["SYN"])
@@ -129,17 +130,21 @@ def _ban(
     total = sum(by_src.values())
     if total <= 0:
         return [], "no flows toward the victim seen"
-    picked, covered = [], 0.0
-    for src, rate in sorted(by_src.items(), key=lambda kv: -kv[1]):
+    ranked = sorted(by_src.items(), key=lambda kv: -kv[1])
+    covered, n = 0.0, 0
+    for _, rate in ranked:
         if covered >= BAN_COVERAGE * total:
             break
         covered += rate
-        picked.append(src)
-        if len(picked) > BAN_MAX:
-            return [], (
-                f"no few sources carry the attack: more than {BAN_MAX} carry {BAN_COVERAGE:.0%} of it "
-                '(spoofed?); try mitigation = "fingerprint"'
-            )
+        n += 1
+    # the rest of the flood too: every source more than BAN_PEERS as fast as the slowest of those
+    cutoff = ranked[n - 1][1] * BAN_PEERS
+    picked = [src for src, rate in ranked if rate > cutoff]
+    if len(picked) > BAN_MAX:
+        return [], (
+            f"no few sources carry the attack: {len(picked)} carry {BAN_COVERAGE:.0%} of it, more than {BAN_MAX} "
+            '(spoofed?); try mitigation = "fingerprint"'
+        )
     victim = ip_network(attack.victim)
     banned = [s for s in picked if not _allowed(s, allowlist, passes, attack.victim)]
     if not banned:
