@@ -376,15 +376,18 @@ def test_atomic_sync_under_traffic(lab: Lab, cli: Cli, tmp_path: Any) -> None:
     syncs = killed = 0
     current = "A"
     log = []
+    took: list[float] = []  # how long whole syncs take here and now: the kills aim inside that
     with Sender(lab, marked + unmarked[:2], 4000) as s:
         time.sleep(0.3)
-        for i in range(30):
+        for i in range(40):
+            if syncs >= 20 and killed >= 3:
+                break
             nxt = "B" if current == "A" else "A"
-            if i % 4 == 2:
+            if i % 4 == 2 or (syncs >= 20 and killed < 3):
                 # SIGKILL somewhere between start-up and the end of the change
                 # (most of a sync's time is Python starting)
                 p = cli.popen("rule", "sync", str(files[nxt]))
-                delay = rng.uniform(0.3, 1.1)
+                delay = rng.uniform(0.5, 0.98) * (sorted(took)[len(took) // 2] if took else 1.0)
                 try:
                     p.wait(delay)
                 except subprocess.TimeoutExpired:
@@ -398,7 +401,9 @@ def test_atomic_sync_under_traffic(lab: Lab, cli: Cli, tmp_path: Any) -> None:
                 log.append((nxt, round(delay, 2), p.returncode, "B" if active == want["B"] else "A"))
                 current = "B" if active == want["B"] else "A"
                 continue
+            t0 = time.monotonic()
             cli("rule", "sync", str(files[nxt]))
+            took.append(time.monotonic() - t0)
             syncs += 1
             assert _active(cli) == want[nxt]  # a sync after a killed one converges
             current = nxt
