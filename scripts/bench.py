@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import bench_kernel  # noqa: E402
+import bench_protect  # noqa: E402
 import bench_rules  # noqa: E402
 import bench_user  # noqa: E402
 
@@ -139,6 +140,7 @@ def main() -> int:
     kernel = bench_kernel.measure(args.runs, args.repeat)
     variants = bench_kernel.flow_table_variants(args.runs, args.repeat)
     rules = bench_rules.measure(args.runs, args.repeat)
+    protect = bench_protect.measure(args.runs, args.repeat)
     print("2/3 throughput ...", flush=True)
     thr = throughput(args.runs, args.frames, [1, 1000, 64000])
     print("3/3 userspace ...", flush=True)
@@ -201,6 +203,16 @@ def main() -> int:
         "",
     ]
     lines += bench_rules.table(rules)
+    lines += [
+        "",
+        "### Protected groups (issue 12)",
+        "",
+        "Per-destination counting for detection (scripts/bench_protect.py): the object from before protected "
+        "groups existed (built from git), the same program with no group installed, and 100 protected prefixes "
+        "with frames to a protected and to an unprotected host, in the same rounds.",
+        "",
+    ]
+    lines += bench_protect.table(protect)
     lines += [
         "",
         "Flow table kinds, one hot UDP/IPv4 flow (the same frame from one CPU, and from every CPU at once):",
