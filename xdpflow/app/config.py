@@ -28,8 +28,8 @@ from xdpflow.defaults import (
     TOP_RULES,
 )
 from xdpflow.errors import InputError, XdpflowError
-from xdpflow.export.detect import MITIGATIONS, RATES, Net, Policy
 from xdpflow.export.notify import NotifyConfig
+from xdpflow.export.policy import MITIGATIONS, RATES, Net, Policy
 from xdpflow.rules.rulespec import RuleError, parse_duration
 
 DEFAULT_LISTEN = METRICS_LISTEN
