@@ -24,17 +24,16 @@ import argparse
 import ipaddress
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import bench_kernel  # noqa: E402
+import bench_rules  # noqa: E402
 from scapy.layers.inet import IP, TCP, UDP  # noqa: E402
 from scapy.layers.inet6 import IPv6  # noqa: E402
 from scapy.layers.l2 import Ether  # noqa: E402
@@ -99,12 +98,9 @@ def before_protect() -> str:
     return r.stdout.split()[-1] + "~1"
 
 
-@dataclass
-class ProtectFigure:
-    name: str
-    target: float | None  # ns above `versus`
-    versus: str
-    samples: list[float]  # ns above XDP_PASS, one per round
+# one figure and one table shape for every "this row versus that row" benchmark
+ProtectFigure = bench_rules.RulesFigure
+table = bench_rules.table
 
 
 def frames() -> dict[str, bytes]:
@@ -187,24 +183,6 @@ def measure(runs: int, repeat: int, before: str | None = None) -> list[ProtectFi
         base_obj.close()
         tmp.cleanup()
     return list(figs.values())
-
-
-def table(figs: list[ProtectFigure]) -> list[str]:
-    by = {f.name: f for f in figs}
-    lines = [
-        "| path | ns above XDP_PASS (median) | min–max | more than | target | met |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for f in figs:
-        med = statistics.median(f.samples)
-        span = f"{min(f.samples):.1f}–{max(f.samples):.1f}"
-        if f.target is None:
-            lines.append(f"| {f.name} | {med:.1f} | {span} | | | |")
-            continue
-        more = med - statistics.median(by[f.versus].samples)
-        met = "yes" if more <= f.target else "NO"
-        lines.append(f"| {f.name} | {med:.1f} | {span} | {more:+.1f} ({f.versus}) | ≤ +{f.target:.0f} | {met} |")
-    return lines
 
 
 def main() -> int:
