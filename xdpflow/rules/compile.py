@@ -11,10 +11,11 @@ slot. The scheme is bpf-iptables' linear bit vector search, grouped:
   best candidate is the one of lowest rank (priority, then id).
 - bits are laid out in GROUPS, each starting on a 64-bit word: rules with a
   dst CIDR, rules with a src CIDR (and no dst), rules reading L4 (ports,
-  ICMP type, TCP flags; no address), the rest. Within a group bits follow
-  rank, so the first set bit of a word is that word's best; traffic outside
-  every rule CIDR has no word of the first two groups left after the two
-  address lookups.
+  ICMP type, TCP flags; no address), the rest. Within a group rules of one
+  shape (family, protocols, fields read, then address) share words, and
+  each word's bits follow rank, so the first set bit of a word is that
+  word's best; a field's per-class summary of non-empty words then rules
+  out most words before any is ANDed.
 - addresses map to the class of their longest matching rule CIDR (the
   CIDRs containing an address nest, so that one names them all), through a
   table like a router's FIB: an array indexed by the top 16 bits holds the
@@ -106,10 +107,26 @@ def _group(r: RuleSpec) -> int:
     return 3
 
 
+def _shape(r: RuleSpec) -> tuple[object, ...]:
+    """Sort key inside a group: rules of one shape (family, protocols, the
+    fields they read) and then of nearby addresses share words, so a field's
+    summary rules out whole words. A word that mixes shapes keeps bits that
+    every field lets through, and the frame pays to AND it."""
+    net = r.dst if r.dst is not None else r.src
+    return (
+        0 if net is None else net.version,
+        tuple(sorted(r.protos() or ())),
+        tuple(getattr(r, f) is None for f in ("src", "sport", "dport", "icmp_type", "tcp_flags", "length", "iface")),
+        0 if net is None else int(net.network_address),
+        0 if net is None else net.prefixlen,
+    )
+
+
 def layout(rules: Sequence[RuleSpec], geo: Geometry) -> tuple[list[RuleSpec], list[int], list[int], int]:
-    """Bits and ranks: rules sorted into groups, each group word-aligned and
-    in rank order. Returns (rules in bit order, bits, ranks, bl_rank).
-    Raises MapFullError when they do not fit."""
+    """Bits and ranks: rules sorted into groups, each group word-aligned;
+    inside a group by shape, each word's bits in rank order (so a word's
+    first set bit is its best). Returns (rules in bit order, bits, ranks,
+    bl_rank). Raises MapFullError when they do not fit."""
     if len(rules) > geo.rules:
         raise MapFullError(
             errno.E2BIG, f"a rule set holds at most {geo.rules} rules; this one has {len(rules)}; nothing was changed"
@@ -120,15 +137,16 @@ def layout(rules: Sequence[RuleSpec], geo: Geometry) -> tuple[list[RuleSpec], li
     out, bits, ranks = [], [], []
     nxt = 0
     for g in range(4):
-        members = [r for r in order if _group(r) == g]
+        members = sorted((r for r in order if _group(r) == g), key=lambda r: (_shape(r), rank[id(r)]))
         if not members:
             continue
         nxt = (nxt + 63) // 64 * 64
-        for r in members:
-            out.append(r)
-            bits.append(nxt)
-            ranks.append(rank[id(r)])
-            nxt += 1
+        for w in range(0, len(members), 64):
+            for r in sorted(members[w : w + 64], key=lambda r: rank[id(r)]):
+                out.append(r)
+                bits.append(nxt)
+                ranks.append(rank[id(r)])
+                nxt += 1
     if nxt > geo.words * 64:
         raise MapFullError(errno.E2BIG, f"the rules need {nxt} bits, more than {geo.words * 64}; nothing was changed")
     return out, bits, ranks, bl_rank
