@@ -47,51 +47,50 @@ struct rl_scan {
 	__u32 word;   /* the word being looked at */
 	__u64 w;      /* its candidates not ruled out yet */
 	__u64 now;    /* jiffies, read once a rule with a TTL is met */
-	__u64 a0, a1; /* the address probed (IPv4: 4 bytes, then 0) */
 };
 
-/* Class of an address (sc->a0, a1 set): the longest rule CIDR holding it
- * (see xdpflow.h). Most addresses are answered by the /16 array alone; the
- * levels in use below it are probed longest first, unrolled.
+/* Class of an address (its bytes in a0, a1 as they lie in memory), as a
+ * table entry (class in bits 0-15, its summary above bit 32): the longest
+ * rule CIDR holding it (see xdpflow.h). Most addresses are answered by the
+ * /16 array alone; the levels in use below it are probed longest first,
+ * unrolled.
  */
-static __always_inline __u32 rl_addr_class(struct rl_scan *sc,
+static __always_inline __u64 rl_addr_class(__u32 slot, __u64 a0, __u64 a1,
 					   struct xf_rule_head *h, __u32 fd)
 {
-	__u32 top = (__u32)(sc->a0 & 0xff) << 8 | (__u32)((sc->a0 >> 8) & 0xff);
-	__u32 key = (sc->slot * 4 + fd) * XF_RL1_SIZE + top;
-	__u32 *e = bpf_map_lookup_elem(&rl_l1, &key);
+	__u32 top = (__u32)(a0 & 0xff) << 8 | (__u32)((a0 >> 8) & 0xff);
+	__u32 key = (slot * 4 + fd) * XF_RL1_SIZE + top;
+	__u64 *e = bpf_map_lookup_elem(&rl_l1, &key), *hit, v;
 	struct xf_raddr_key k;
-	__u32 mask, fam = (fd >> 1) & 1, *hit;
-	__u64 a0 = sc->a0, a1 = sc->a1;
+	__u32 mask, fam = (fd >> 1) & 1, c;
 
 	if (!e)
 		return 0;
+	v = *e;
 	if (fd < 2) {
 		/* IPv4: arrays, one load per level (rl_c24 by the third
 		 * byte, rl_c32 by the fourth); a hash lookup of the 20-byte
 		 * key cost ~40 ns */
-		__u32 v = *e, c;
-
 		if (!(v & XF_RL_CHUNK))
-			return v & 0xffff;
+			return v;
 		c = (v >> 16) & (XF_RC24_CHUNKS - 1);
-		key = ((sc->slot & 1) * XF_RC24_CHUNKS + c) * 256 +
+		key = ((slot & 1) * XF_RC24_CHUNKS + c) * 256 +
 		      (__u32)((a0 >> 16) & 0xff);
 		e = bpf_map_lookup_elem(&rl_c24, &key);
 		if (!e)
-			return v & 0xffff;
+			return 0;
 		v = *e;
 		if (!(v & XF_RL_CHUNK))
-			return v & 0xffff;
+			return v;
 		c = (v >> 16) & (XF_RC32_CHUNKS - 1);
-		key = ((sc->slot & 1) * XF_RC32_CHUNKS + c) * 256 +
+		key = ((slot & 1) * XF_RC32_CHUNKS + c) * 256 +
 		      (__u32)((a0 >> 24) & 0xff);
 		e = bpf_map_lookup_elem(&rl_c32, &key);
-		return e ? *e & 0xffff : v & 0xffff;
+		return e ? *e : 0;
 	}
-	mask = *e >> 16;
+	mask = (v >> 16) & 0xffff;
 	if (!mask)
-		return *e & 0xffff;
+		return v;
 #pragma unroll
 	for (int i = XF_RLEVELS - 1; i >= 0; i--) {
 		if (!(mask & (1U << i)))
@@ -99,14 +98,14 @@ static __always_inline __u32 rl_addr_class(struct rl_scan *sc,
 		/* the masks nest, so masking the previous level's key is enough */
 		a0 &= h->lmask[fam][i][0];
 		a1 &= h->lmask[fam][i][1];
-		k.tag = (sc->slot * 4 + fd) * XF_RLEVELS + i;
+		k.tag = (slot * 4 + fd) * XF_RLEVELS + i;
 		__builtin_memcpy(k.addr, &a0, 8);
 		__builtin_memcpy(k.addr + 8, &a1, 8);
 		hit = bpf_map_lookup_elem(&rl_addr, &k);
 		if (hit)
 			return *hit;
 	}
-	return *e & 0xffff;
+	return v;
 }
 
 static __always_inline struct xf_rule_bits *rl_bits(__u32 slot, __u32 cls)
@@ -116,11 +115,12 @@ static __always_inline struct xf_rule_bits *rl_bits(__u32 slot, __u32 cls)
 	return bpf_map_lookup_elem(&rl_pool, &key);
 }
 
-static __always_inline __u32 rl_table(void *map, __u32 slot, __u32 size,
+/* a field table's entry: class | summary << 32 (0: no entry, no rule) */
+static __always_inline __u64 rl_table(void *map, __u32 slot, __u32 size,
 				      __u32 idx)
 {
 	__u32 key = slot * size + idx;
-	__u32 *e = bpf_map_lookup_elem(map, &key);
+	__u64 *e = bpf_map_lookup_elem(map, &key);
 
 	return e ? *e : 0;
 }
@@ -139,36 +139,73 @@ static __always_inline int gcra(__u64 *tat, __u64 now, __u64 cost, __u64 burst)
 	return 1;
 }
 
+/* murmur3's 64-bit finaliser: every input bit reaches every output bit */
+static __always_inline __u64 fmix64(__u64 x)
+{
+	x ^= x >> 33;
+	x *= 0xff51afd7ed558ccdULL;
+	x ^= x >> 33;
+	x *= 0xc4ceb9fe1a85ec53ULL;
+	x ^= x >> 33;
+	return x;
+}
+
 /* Whether a frame conforms to its rate-limit rule: one GCRA clock per source
- * and rule for pps, one for bit/s. A global function (verified once), off
- * the classifier's call chain so the two stacks do not add up.
+ * and rule for pps, one for bit/s, in a 2-way set of rl_gcra. A source not
+ * found takes the way whose clock is further behind (the idler one): a
+ * source being limited has its clock ahead of now, so new sources evict
+ * each other, not it. A global function (verified once), off the
+ * classifier's call chain so the two stacks do not add up.
  */
 __attribute__((noinline)) int xf_rate_ok(struct xf_rule_act *r, struct pkt *p)
 {
-	struct xf_rate_key k = {};
-	struct xf_rate_val *v, nv;
-	__u64 now, bcost;
+	struct xf_rate_way *w, *w1;
+	struct xf_rate_set *set;
+	__u64 now, bcost, x, tag, t0, t1;
+	__u32 idx;
 
 	if (!r || !p)
 		return 1;
-	k.rule = r->id;
-	k.family = p->family;
-	if (p->family == 4)
-		__builtin_memcpy(k.addr, &p->k4.saddr, 4);
-	else
-		__builtin_memcpy(k.addr, p->k6.saddr, 16);
-	now = bpf_ktime_get_ns();
-	bcost = (p->len * r->byte_ns) >> 10;
-	v = bpf_map_lookup_elem(&rl_rate, &k);
-	if (!v) {
-		nv.tat_pkt = now + r->pkt_ns;
-		nv.tat_byte = now + bcost;
-		bpf_map_update_elem(&rl_rate, &k, &nv, BPF_NOEXIST);
-		return 1;
+	x = (__u64)r->id << 32 | p->family;
+	if (p->family == 4) {
+		x = fmix64(x ^ (__u64)p->k4.saddr << 8);
+	} else {
+		__u64 a0, a1;
+
+		__builtin_memcpy(&a0, p->k6.saddr, 8);
+		__builtin_memcpy(&a1, p->k6.saddr + 8, 8);
+		x = fmix64(fmix64(x ^ a0) ^ a1);
 	}
-	if (r->pkt_ns && !gcra(&v->tat_pkt, now, r->pkt_ns, r->burst_ns))
+	tag = x | 1;
+	idx = (__u32)(x >> 40) & (XF_RRATE_SETS - 1);
+	set = bpf_map_lookup_elem(&rl_gcra, &idx);
+	if (!set)
+		return 1;
+	/* the coarse clock (a load, ticks of one jiffy) where a precise read
+	 * cost ~40 ns here; the controller adds a tick to the tolerance, and
+	 * the clocks still advance by exact costs, so the long-run rate is
+	 * exact */
+	now = bpf_ktime_get_coarse_ns();
+	bcost = (p->len * r->byte_ns) >> 10;
+	w = &set->way[0];
+	w1 = &set->way[1];
+	if (w->tag != tag) {
+		if (w1->tag == tag) {
+			w = w1;
+		} else {
+			t0 = w->tat_pkt > w->tat_byte ? w->tat_pkt : w->tat_byte;
+			t1 = w1->tat_pkt > w1->tat_byte ? w1->tat_pkt : w1->tat_byte;
+			if (t1 < t0)
+				w = w1;
+			w->tag = tag;
+			w->tat_pkt = now + r->pkt_ns;
+			w->tat_byte = now + bcost;
+			return 1;
+		}
+	}
+	if (r->pkt_ns && !gcra(&w->tat_pkt, now, r->pkt_ns, r->burst_ns))
 		return 0;
-	if (r->byte_ns && !gcra(&v->tat_byte, now, bcost, r->burst_ns))
+	if (r->byte_ns && !gcra(&w->tat_byte, now, bcost, r->burst_ns))
 		return 0;
 	return 1;
 }
@@ -235,166 +272,187 @@ static __always_inline __u32 rl_classify(struct pkt *p, __u32 slot,
 					 __u32 ifindex)
 {
 	struct xf_rule_bits *bs, *bd, *b2, *b3, *b4, *b5, *b6;
-	__u32 rest, live, left;
-	struct rl_scan sc;
-	struct xf_rule_head *h;
-	__u32 fields, fd = 0, proto_key = proto_len & 0xffff;
-	__u32 iplen = proto_len >> 16;
+	__u32 rest, live, left, c0 = 0, c1 = 0, c2 = 0, c3 = 0, c4 = 0, c5 = 0;
+	__u32 c6 = 0, fields, fd = 0, i;
+	__u32 proto_key = proto_len & 0xffff, iplen = proto_len >> 16;
 	__u32 sport = ports & 0x1ffff, dport = (ports >> 32) & 0x1ffff;
+	struct xf_rule_head *h;
+	struct xf_rule_act *r;
+	struct rl_scan sc;
+	__u64 a0, a1, any, e;
 
 	if (!p)
 		return 0;
 	slot &= 1;
-	/* every field the scan reads, and no more: zeroing the whole state
-	 * costs on every frame */
-	sc.slot = slot;
-	sc.cls[0] = sc.cls[1] = sc.cls[2] = sc.cls[3] = 0;
-	sc.cls[4] = sc.cls[5] = sc.cls[6] = 0;
-	sc.best = 0;
-	sc.w = 0;
-	sc.now = 0;
-	sc.word = 0;
 	if (p->family != 4)
 		fd = 2;
-
 	h = bpf_map_lookup_elem(&rl_head, &slot);
 	if (!h)
 		return 0;
 	fields = h->fields;
 
-	/* Classes first, bitmaps after: an unconstrained field takes class 0
-	 * (every rule). The address fields come first: most traffic stops
-	 * there.
+	/* Each constrained field's class and, in the same entry, the summary
+	 * of the words its rules are in; an unconstrained field is class 0
+	 * (every rule) and rules nothing out. The fields read from arrays
+	 * come first, the addresses last: an IPv6 class may take hash
+	 * lookups, and most traffic is ruled out before them. Bitmaps are
+	 * loaded only for a frame some word survives.
 	 */
+	rest = (1U << XF_RULE_WORDS) - 1;
+	if (fields & XF_RF_PROTO) {
+		e = rl_table(&rl_proto, slot, 65536, proto_key & 0xffff);
+		c2 = (__u32)e;
+		rest &= e >> 32;
+	}
+	if (fields & XF_RF_SPORT) {
+		e = rl_table(&rl_sport, slot, XF_RPORT_SIZE, sport);
+		c3 = (__u32)e;
+		rest &= e >> 32;
+	}
+	if (fields & XF_RF_DPORT) {
+		e = rl_table(&rl_dport, slot, XF_RPORT_SIZE, dport);
+		c4 = (__u32)e;
+		rest &= e >> 32;
+	}
+	if (fields & XF_RF_LEN) {
+		e = rl_table(&rl_len, slot, 65536, iplen);
+		c5 = (__u32)e;
+		rest &= e >> 32;
+	}
+	if (fields & XF_RF_IFACE) {
+		struct xf_riface_key ik = { .slot = slot, .ifindex = ifindex };
+		__u64 *ie = bpf_map_lookup_elem(&rl_iface, &ik);
+
+		e = ie ? *ie : (__u64)h->iface_default_sum << 32 | h->iface_default;
+		c6 = (__u32)e;
+		rest &= e >> 32;
+	}
+	if (!rest)
+		return 0;
 	/* addresses as their bytes lie in memory (network order) */
 	if (fields & XF_RF_SRC) {
 		if (fd) {
-			__builtin_memcpy(&sc.a0, p->k6.saddr, 8);
-			__builtin_memcpy(&sc.a1, p->k6.saddr + 8, 8);
+			__builtin_memcpy(&a0, p->k6.saddr, 8);
+			__builtin_memcpy(&a1, p->k6.saddr + 8, 8);
 		} else {
-			sc.a0 = p->k4.saddr;
-			sc.a1 = 0;
+			a0 = p->k4.saddr;
+			a1 = 0;
 		}
-		sc.cls[0] = rl_addr_class(&sc, h, fd);
+		e = rl_addr_class(slot, a0, a1, h, fd);
+		c0 = e & 0xffff;
+		rest &= e >> 32;
+		if (!rest)
+			return 0;
 	}
 	if (fields & XF_RF_DST) {
 		if (fd) {
-			__builtin_memcpy(&sc.a0, p->k6.daddr, 8);
-			__builtin_memcpy(&sc.a1, p->k6.daddr + 8, 8);
+			__builtin_memcpy(&a0, p->k6.daddr, 8);
+			__builtin_memcpy(&a1, p->k6.daddr + 8, 8);
 		} else {
-			sc.a0 = p->k4.daddr;
-			sc.a1 = 0;
+			a0 = p->k4.daddr;
+			a1 = 0;
 		}
-		sc.cls[1] = rl_addr_class(&sc, h, fd + 1);
+		e = rl_addr_class(slot, a0, a1, h, fd + 1);
+		c1 = e & 0xffff;
+		rest &= e >> 32;
+		if (!rest)
+			return 0;
 	}
-	bs = rl_bits(slot, sc.cls[0]);
-	bd = rl_bits(slot, sc.cls[1]);
-	if (!bs || !bd)
+	bs = rl_bits(slot, c0);
+	bd = rl_bits(slot, c1);
+	b2 = rl_bits(slot, c2);
+	b3 = rl_bits(slot, c3);
+	b4 = rl_bits(slot, c4);
+	b5 = rl_bits(slot, c5);
+	b6 = rl_bits(slot, c6);
+	if (!bs || !bd || !b2 || !b3 || !b4 || !b5 || !b6)
 		return 0;
-	rest = bs->summary & bd->summary;
-	if (!rest)
-		return 0;
-	if (fields & XF_RF_PROTO)
-		sc.cls[2] = rl_table(&rl_proto, slot, 65536, proto_key & 0xffff);
-	if (fields & XF_RF_SPORT)
-		sc.cls[3] = rl_table(&rl_sport, slot, XF_RPORT_SIZE, sport);
-	if (fields & XF_RF_DPORT)
-		sc.cls[4] = rl_table(&rl_dport, slot, XF_RPORT_SIZE, dport);
-	if (fields & XF_RF_LEN)
-		sc.cls[5] = rl_table(&rl_len, slot, 65536, iplen);
-	if (fields & XF_RF_IFACE) {
-		struct xf_riface_key ik = { .slot = slot, .ifindex = ifindex };
-		__u32 *e = bpf_map_lookup_elem(&rl_iface, &ik);
 
-		sc.cls[6] = e ? *e : h->iface_default;
-	}
-	b2 = rl_bits(slot, sc.cls[2]);
-	b3 = rl_bits(slot, sc.cls[3]);
-	b4 = rl_bits(slot, sc.cls[4]);
-	b5 = rl_bits(slot, sc.cls[5]);
-	b6 = rl_bits(slot, sc.cls[6]);
-	if (!b2 || !b3 || !b4 || !b5 || !b6)
-		return 0;
-	rest &= b2->summary & b3->summary & b4->summary & b5->summary &
-		b6->summary;
-	if (!rest)
-		return 0;
 	/* The words where one rule accepts every field: usually none, and
 	 * then the frame is done without a scan. Branch-free (x | -x has its
 	 * top bit set iff x != 0), so the verifier sees one path, not one per
 	 * combination of words.
 	 */
 	live = 0;
+	any = 0;
 	left = rest;
 #pragma clang loop unroll(disable)
 	for (int k = 0; k < XF_RULE_WORDS && left; k++) {
-		__u32 i = ctz64(left);
 		__u64 x;
 
+		i = ctz64(left);
 		left &= left - 1;
 		if (i >= XF_RULE_WORDS)
 			break;
 		x = bs->w[i] & bd->w[i] & b2->w[i] & b3->w[i] & b4->w[i] &
 		    b5->w[i] & b6->w[i];
 		live |= (__u32)((x | -x) >> 63) << i;
+		any |= x;
 	}
-	sc.rest = live & rest;
-	if (!sc.rest)
+	live &= rest;
+	if (!live)
 		return 0;
+	/* One live word (the usual case of a frame some rule matches): its
+	 * first candidate is the answer unless that rule has a TTL, which the
+	 * scan checks. */
+	if (!(live & (live - 1))) {
+		__u32 key = slot * XF_RULE_BITS + (ctz64(live) & 31) * 64 +
+			    ctz64(any);
+
+		r = bpf_map_lookup_elem(&rl_act, &key);
+		if (r && !r->expires)
+			return r->bit + 1;
+	}
 	/* one step per live word, plus one per expired rule met on the way */
+	sc.slot = slot;
+	sc.cls[0] = c0;
+	sc.cls[1] = c1;
+	sc.cls[2] = c2;
+	sc.cls[3] = c3;
+	sc.cls[4] = c4;
+	sc.cls[5] = c5;
+	sc.cls[6] = c6;
+	sc.rest = live;
+	sc.best = 0;
+	sc.w = 0;
+	sc.now = 0;
+	sc.word = 0;
 	sc.best_rank = ~0U;
 	bpf_loop(XF_RULE_BITS + XF_RULE_WORDS, rl_scan_step, &sc, 0);
 	return sc.best;
 }
 
-/* Classify one IP frame: parse L4 (a frame without an L4 header matches
- * only rules that need none; the ports found are left in *p for the event),
- * then find the best rule: its bit + 1, or 0.
+/* Classify one IP frame whose L4 fields the program has parsed into *p
+ * (meta: IP protocol | has_l4 << 8; a frame without a readable L4 header
+ * matches only rules that need none): the best rule's bit + 1, or 0.
  *
  * Global functions, so the verifier checks each once instead of once per
- * path through the program; hence plain arguments: off = L4 header offset
- * | IP packet end offset << 16, meta = IP protocol | l4_ok << 8.
- * Classification and its effects are two calls from the program, not one
- * inside the other, so their stacks never add up beyond the verifier's
- * 512 bytes.
+ * path through the program; hence plain arguments. Classification and its
+ * effects are two calls from the program, not one inside the other, so
+ * their stacks never add up beyond the verifier's 512 bytes.
  */
 __attribute__((noinline)) __u32 xf_rl_classify(struct xdp_md *ctx,
 					       struct pkt *p, __u32 flags,
-					       __u32 meta, __u32 off)
+					       __u32 meta)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
 	__u32 slot = (flags & XF_CFG_RULES_SLOT) ? 1 : 0, sport, dport, iplen;
-	int ipproto = meta & 0xff, l4_ok = (meta >> 8) & 1;
-	struct hdr_cursor nh;
-	__be16 sp = 0, dp = 0;
-	__u32 tf = 0;
+	__u32 ipproto = meta & 0xff;
 
 	if (!p)
 		return 0;
-	/* bounded well below 64k, or the verifier cannot range-check the
-	 * header reads; XDP frames are far shorter */
-	nh.pos = data + (off & 0x3fff);
-	nh.end = data + (off >> 16);
-	if (!l4_ok || parse_l4(&nh, data_end, ipproto, l4_ok, &sp, &dp, &tf) < 0) {
+	if (!(meta & 256)) {
 		sport = dport = XF_RNO_L4;
-		sp = dp = 0;
-		tf = 0;
+	} else if (p->family == 4) {
+		sport = bpf_ntohs(p->k4.sport);
+		dport = bpf_ntohs(p->k4.dport);
 	} else {
-		sport = bpf_ntohs(sp);
-		dport = bpf_ntohs(dp);
-	}
-	if (p->family == 4) {
-		p->k4.sport = sp;
-		p->k4.dport = dp;
-	} else {
-		p->k6.sport = sp;
-		p->k6.dport = dp;
+		sport = bpf_ntohs(p->k6.sport);
+		dport = bpf_ntohs(p->k6.dport);
 	}
 	iplen = p->iplen > 65535 ? 65535 : p->iplen;
 	return rl_classify(p, slot,
-			   (__u32)ipproto << 8 |
-				   (ipproto == IPPROTO_TCP ? tf & 0xff : 0) |
+			   ipproto << 8 |
+				   (ipproto == IPPROTO_TCP ? p->tcp_flags & 0xff : 0) |
 				   iplen << 16,
 			   (__u64)sport | (__u64)dport << 32,
 			   ctx->ingress_ifindex);
@@ -423,14 +481,16 @@ __attribute__((noinline)) int xf_rule_apply(struct xdp_md *ctx, struct pkt *p,
 		return RJ_NONE;
 	key = slot * XF_RULE_BITS + bit - 1;
 	best = bpf_map_lookup_elem(&rl_act, &key);
-	h = bpf_map_lookup_elem(&rl_head, &slot);
-	if (!best || !h)
+	if (!best)
 		return RJ_NONE;
 
 	/* the blocklist sits at rank bl_rank: a rule after it applies only
 	 * to frames it does not list (RJ_NONE lets the caller block them) */
-	if (listed && best->rank >= h->bl_rank)
-		return RJ_NONE;
+	if (listed) {
+		h = bpf_map_lookup_elem(&rl_head, &slot);
+		if (!h || best->rank >= h->bl_rank)
+			return RJ_NONE;
+	}
 
 	cnt = bpf_map_lookup_elem(&rule_counters, &best->counter);
 	if (cnt) {
@@ -468,15 +528,12 @@ __attribute__((noinline)) int xf_rule_apply(struct xdp_md *ctx, struct pkt *p,
 /* the call site's part: monitor mode turns a drop into a counted pass,
  * untracked, as it does for blocklisted frames */
 static __always_inline int rules_judge(struct xdp_md *ctx, struct xf_counters *c,
-				       struct pkt *p, __u32 flags,
-				       struct hdr_cursor *nh, int ipproto,
-				       int l4_ok, __u32 listed, int *action,
+				       struct pkt *p, __u32 flags, int ipproto,
+				       int has_l4, __u32 listed, int *action,
 				       __u32 *act)
 {
-	void *data = (void *)(long)ctx->data;
-	__u32 off = (__u32)(nh->pos - data) | (__u32)(nh->end - data) << 16;
 	__u32 bit = xf_rl_classify(ctx, p, flags,
-				   (ipproto & 0xff) | (l4_ok ? 256 : 0), off);
+				   (ipproto & 0xff) | (has_l4 ? 256 : 0));
 	int rj;
 
 	if (!bit)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import random
 import signal
 import socket
@@ -24,6 +25,10 @@ from typing import Any
 import pytest
 
 from xdpflow.bindings import netlink
+from xdpflow.bindings.libbpf import BPF_MAP_TYPE_ARRAY, Map, map_info, obj_get
+from xdpflow.dataplane import abi
+from xdpflow.dataplane.abi import C
+from xdpflow.dataplane.pins import PinRoot
 from xdpflow.rules.rulespec import parse_lines
 from xdpflow.testing.lab import DUT_V4, DUT_V6, GEN_V4, GEN_V6, Lab
 
@@ -469,3 +474,36 @@ def test_rule_list_json_after_sync(cli: Cli, tmp_path: Any) -> None:
     cli("rule", "sync", str(f))
     assert set(rules_by_id(cli)) == {r["id"]}
     assert json.loads(cli("rule", "list", "--json"))[0]["id"] == r["id"]
+
+
+def test_upgrade_across_table_layouts_keeps_the_rules(lab: Lab, cli: Cli, pin_root: str) -> None:
+    """An attach over an instance whose rule tables another build laid out
+    otherwise (here: one table pinned with 32-bit entries, as before they
+    carried summaries) gives the new program fresh tables written from the
+    rule store before it runs: the same rules, ids and counters judge
+    every frame after the switch, and nothing is left pinned aside."""
+    drop = add(cli, "--proto", "udp", "--dport", "5001", "--action", "drop")
+    keep = add(cli, "--src", GEN_V6, "--proto", "udp", "--dport", "5002", "--action", "drop", "--ttl", "1h")
+    dropped = [udp(GEN_V4, DUT_V4, 4000, 5001), udp(GEN_V6, DUT_V6, 4001, 5002)]
+    passing = [udp(GEN_V4, DUT_V4, 4002, 5002), udp(GEN_V6, DUT_V6, 4003, 5003)]
+    assert send_and_receive(lab, dropped + passing) == raw(passing)
+    before = rules_by_id(cli)
+
+    pins = PinRoot(pin_root)
+    os.unlink(pins.shared("rl_sport"))
+    with Map.create(BPF_MAP_TYPE_ARRAY, "rl_sport", "__u32", "__u32", 2 * C.XF_RPORT_SIZE, abi.ffi) as m:
+        m.pin(pins.shared("rl_sport"))
+    cli("attach", lab.dut_if)
+
+    assert send_and_receive(lab, dropped + passing) == raw(passing)
+    after = rules_by_id(cli)
+    assert sorted(after) == sorted(before) == sorted([drop, keep])
+    for i in (drop, keep):
+        assert after[i]["expires_at"] == before[i]["expires_at"]
+        assert after[i]["packets"] == before[i]["packets"] + 1
+    assert not [n for n in os.listdir(pin_root) if n.endswith("_old")]
+    fd = obj_get(pins.shared("rl_sport"))
+    try:
+        assert map_info(fd).value_size == 8
+    finally:
+        os.close(fd)

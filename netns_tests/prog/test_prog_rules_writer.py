@@ -45,16 +45,27 @@ class MapReader:
         flags = self._get("config", 0).flags
         return (1 if flags & C.XF_CFG_RULES_SLOT else 0), bool(flags & C.XF_CFG_RULES)
 
+    def _entry(self, slot: int, e: int, cls: int) -> int:
+        """``cls``, once the entry's upper half is checked: the summary of
+        that class (what the program ANDs before loading any bitmap)."""
+        assert e >> 32 == self._bits(slot, cls)[0], f"entry {e:#x}: not class {cls}'s summary"
+        return cls
+
+    def _field(self, slot: int, e: Any) -> int:
+        return self._entry(slot, int(e), int(e) & 0xFFFFFFFF)
+
     def _addr_class(self, slot: int, head: Any, fd: int, addr: bytes) -> int:
         a = addr.ljust(16, b"\0")
-        e = self._get("rl_l1", (slot * 4 + fd) * C.XF_RL1_SIZE + (a[0] << 8 | a[1]))
+        e = int(self._get("rl_l1", (slot * 4 + fd) * C.XF_RL1_SIZE + (a[0] << 8 | a[1])))
         if fd < 2:  # IPv4: the chunk arrays
             if e & C.XF_RL_CHUNK:
-                e = self._get("rl_c24", (slot * C.XF_RC24_CHUNKS + ((e >> 16) & 0x7FFF)) * 256 + a[2])
+                assert e >> 32 == 0
+                e = int(self._get("rl_c24", (slot * C.XF_RC24_CHUNKS + ((e >> 16) & 0x7FFF)) * 256 + a[2]))
                 if e & C.XF_RL_CHUNK:
-                    e = self._get("rl_c32", (slot * C.XF_RC32_CHUNKS + ((e >> 16) & 0x7FFF)) * 256 + a[3])
-            return int(e) & 0xFFFF
-        cls, mask = e & 0xFFFF, e >> 16
+                    assert e >> 32 == 0
+                    e = int(self._get("rl_c32", (slot * C.XF_RC32_CHUNKS + ((e >> 16) & 0x7FFF)) * 256 + a[3]))
+            return self._entry(slot, e, e & 0xFFFF)
+        cls, mask = self._entry(slot, e, e & 0xFFFF), (e >> 16) & 0xFFFF
         for i in reversed(range(C.XF_RLEVELS)):
             if not mask & (1 << i):
                 continue
@@ -65,7 +76,7 @@ class MapReader:
             key.addr = bytes(x & y for x, y in zip(a, m))
             hit = self._get("rl_addr", key)
             if hit is not None:
-                return int(hit)
+                return self._entry(slot, int(hit), int(hit) & 0xFFFFFFFF)
         return cls
 
     def _bits(self, slot: int, cls: int) -> tuple[int, int]:
@@ -93,17 +104,22 @@ class MapReader:
             cls[1] = self._addr_class(slot, head, fd + 1, p.dst)
         sport, dport = (p.sport, p.dport) if p.has_l4 else (NO_L4, NO_L4)
         if f & C.XF_RF_PROTO:
-            cls[2] = self._get("rl_proto", slot * 65536 + (p.proto << 8 | (p.tcp_flags if p.proto == 6 else 0)))
+            cls[2] = self._field(
+                slot, self._get("rl_proto", slot * 65536 + (p.proto << 8 | (p.tcp_flags if p.proto == 6 else 0)))
+            )
         if f & C.XF_RF_SPORT:
-            cls[3] = self._get("rl_sport", slot * C.XF_RPORT_SIZE + sport)
+            cls[3] = self._field(slot, self._get("rl_sport", slot * C.XF_RPORT_SIZE + sport))
         if f & C.XF_RF_DPORT:
-            cls[4] = self._get("rl_dport", slot * C.XF_RPORT_SIZE + dport)
+            cls[4] = self._field(slot, self._get("rl_dport", slot * C.XF_RPORT_SIZE + dport))
         if f & C.XF_RF_LEN:
-            cls[5] = self._get("rl_len", slot * 65536 + min(p.iplen, LENGTH_MAX))
+            cls[5] = self._field(slot, self._get("rl_len", slot * 65536 + min(p.iplen, LENGTH_MAX)))
         if f & C.XF_RF_IFACE:
             key = ffi.new("struct xf_riface_key *", {"slot": slot, "ifindex": _ifindex(p.iface)})
             hit = self._get("rl_iface", key)
-            cls[6] = int(hit) if hit is not None else int(head.iface_default)
+            if hit is not None:
+                cls[6] = self._field(slot, hit)
+            else:
+                cls[6] = self._entry(slot, int(head.iface_default_sum) << 32, int(head.iface_default))
         summary, bm = ~0, ~0
         for c in cls:
             s, b = self._bits(slot, int(c))

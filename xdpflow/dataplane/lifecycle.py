@@ -25,10 +25,10 @@ from xdpflow.bindings.libbpf import (
     obj_get,
 )
 from xdpflow.bindings.netlink import XdpState
-from xdpflow.dataplane import abi, attachment, chain
+from xdpflow.dataplane import abi, attachment, chain, rules
 from xdpflow.dataplane.clock import CLOCK_PIN, CLOCK_PROG, measure_hz
-from xdpflow.dataplane.maps import PROG_PIN, knobs_of, pinned_prog, set_monitor
-from xdpflow.dataplane.pins import IFACE_MAPS, SHARED_MAPS, PinRoot, ensure_bpffs
+from xdpflow.dataplane.maps import PROG_PIN, knobs_of, open_clock, pinned_prog, set_monitor
+from xdpflow.dataplane.pins import IFACE_MAPS, RETIRED_MAPS, SHARED_MAPS, PinRoot, ensure_bpffs
 from xdpflow.dataplane.take import TAKE_PIN, TAKE_PROG
 from xdpflow.errors import ForeignProgramError, XdpflowError
 
@@ -121,6 +121,58 @@ def _keep_pinned_mmapable(spec: MapSpec, path: str) -> None:
         spec.set_map_flags(spec.map_flags & ~BPF_F_MMAPABLE)
 
 
+ASIDE = "_old"
+
+
+def _set_rules_aside(obj: Object, pins: PinRoot) -> tuple[rules.Carried, list[str]] | None:
+    """When obj encodes rule sets in maps laid out otherwise than the pinned
+    ones, read the set in force and move those pins aside, so obj gets
+    fresh maps (the running program keeps its own until the switch).
+    Returns (the set, the names moved aside), or None."""
+    for name in rules.SET_MAPS:
+        info = _pinned_info(pins.shared(name))
+        spec = obj.map_spec(name)
+        if info is not None and (info.type, info.key_size, info.value_size, info.max_entries) != (
+            spec.type,
+            spec.key_size,
+            spec.value_size,
+            spec.max_entries,
+        ):
+            break
+    else:
+        return None
+    with rules.RuleTables.of_pins(pins, lock=False) as old:
+        carried = old.carry()
+    moved = []
+    for name in rules.SET_MAPS:
+        if os.path.exists(pins.shared(name)):
+            os.replace(pins.shared(name), pins.shared(name + ASIDE))
+            moved.append(name)
+    return carried, moved
+
+
+def _rules_back(pins: PinRoot, moved: list[str]) -> None:
+    """Undo _set_rules_aside() after a failed attach."""
+    for name in moved:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(pins.shared(name + ASIDE), pins.shared(name))
+
+
+def _restore_rules(obj: Object, pins: PinRoot, carried: rules.Carried) -> None:
+    opened: dict[str, Any] = {}
+
+    def open_map(name: str) -> Any:
+        if name not in opened:
+            opened[name] = obj.map(name, *abi.MAP_TYPES[name], abi.ffi)
+        return opened[name]
+
+    try:
+        rules.RuleTables(open_map, clock=lambda: open_clock(pins)).restore(carried)
+    finally:
+        for m in opened.values():
+            m.close()
+
+
 def _rodata(obj: Object) -> Any:
     for name, spec in obj.maps.items():
         if name.endswith(".rodata"):
@@ -151,6 +203,9 @@ def _prepare(obj: Object, opts: AttachOptions, pins: PinRoot | None, ifname: str
             spec = obj.map_spec(name)
             spec.set_pin_path(pins.shared(name))
             _keep_pinned_mmapable(spec, pins.shared(name))
+        for name in RETIRED_MAPS:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pins.shared(name))
         for name in IFACE_MAPS:
             obj.map_spec(name).set_pin_path(pins.iface(ifname, name))
 
@@ -328,12 +383,18 @@ def _attach(
 ) -> AttachResult:
     fresh_iface = not os.path.isdir(pins.iface_dir(ifname))
     fresh_root = not pins.exists()
+    moved: list[str] = []
     pins.make_dirs(ifname)
     try:
         with Object(opts.object_path or abi.object_path()) as obj:
             _prepare(obj, opts, pins, ifname)
+            aside = _set_rules_aside(obj, pins)
+            if aside is not None:
+                moved = aside[1]
             obj.load()
             _init_config(obj)
+            if aside is not None:
+                _restore_rules(obj, pins, aside[0])
             prog = obj.program(PROG_NAME)
             clock = obj.program(CLOCK_PROG)
             taker = obj.program(TAKE_PROG)
@@ -373,6 +434,9 @@ def _attach(
             netlink.attach(ifname, prog.fd, mode)
             how = "netlink"
         os.replace(tmp, pins.iface(ifname, PROG_PIN))
+        for name in moved:  # nothing runs on them now
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pins.shared(name + ASIDE))
         tmp = pins.shared(CLOCK_PIN + "_new")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -399,6 +463,7 @@ def _attach(
         prog.close()
         return result
     except BaseException:
+        _rules_back(pins, moved)
         if fresh_iface:
             pins.remove_iface(ifname)
         if fresh_root and not pins.interfaces():

@@ -61,7 +61,7 @@ SHARED_MAPS = (
     "rl_addr",
     "rl_iface",
     "rule_counters",
-    "rl_rate",
+    "rl_gcra",
     "prot_l1",
     "prot_head",
     "prot_pf",
@@ -70,6 +70,9 @@ SHARED_MAPS = (
     "prot_overflow",
 )
 SHARED_PROGS = ("clock",)
+# shared maps of earlier objects, unpinned when found: an upgrade leaves them
+# behind (rl_rate: the rate-limit state as a hash, before rl_gcra)
+RETIRED_MAPS = ("rl_rate",)
 IFACE_MAPS = ("counters", "flows_v4", "flows_v6", "next_prog")
 IFACE_PREFIX = "if_"
 
@@ -219,7 +222,7 @@ class PinRoot:
 
     def remove_shared(self) -> None:
         """Unpin the shared maps and remove the root if nothing else is in it."""
-        for name in SHARED_MAPS + SHARED_PROGS:
+        for name in SHARED_MAPS + SHARED_PROGS + RETIRED_MAPS:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.shared(name))
         with contextlib.suppress(FileNotFoundError, OSError):

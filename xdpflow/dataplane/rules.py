@@ -33,7 +33,7 @@ import re
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
@@ -44,7 +44,7 @@ from xdpflow.dataplane.abi import C, ffi, np_dtype
 from xdpflow.dataplane.clock import JiffiesClock
 from xdpflow.dataplane.pins import PinRoot
 from xdpflow.errors import InputError, XdpflowError
-from xdpflow.rules.compile import DIRS, FAMILY_BITS, Compiled, Geometry, compile_rules
+from xdpflow.rules.compile import CHUNK, DIRS, FAMILY_BITS, Compiled, Geometry, compile_rules
 from xdpflow.rules.rulespec import (
     ALLOWLIST_PRIORITY,
     BLOCKLIST_PRIORITY,
@@ -85,8 +85,11 @@ TEXT_MAX = ffi.sizeof(ffi.typeof("struct xf_rule_def").fields[3][1].type) - 1  #
 # at once, which a per-second measurement sees as double the rate; a few
 # packets' worth absorbs the jitter of a conforming sender (timer slack,
 # NAPI batches) and lets at most BURST_PACKETS + 1 frames through beyond
-# the rate, once: 0.5% of 1,000 pps.
+# the rate, once: 0.5% of 1,000 pps. The program reads the coarse clock,
+# which lags by up to one jiffy, so the tolerance is at least two ticks
+# (HZ is at least 100 where the clock is unknown).
 BURST_MIN_NS = 5_000_000
+TICK_MAX_NS = 10_000_000
 BURST_PACKETS = 4
 BURST_FRAME = 1514  # bytes: a full Ethernet frame's worth of the bit/s bucket
 
@@ -94,6 +97,35 @@ BURST_FRAME = 1514  # bytes: a full Ethernet frame's worth of the bit/s bucket
 _MEMBARRIER_NR = {"x86_64": 324, "aarch64": 283, "riscv64": 283, "ppc64le": 365, "s390x": 356}
 _MEMBARRIER_CMD_GLOBAL = 1
 GRACE_FALLBACK_S = 0.05  # nohz_full CPUs refuse the command: sleep past a grace period instead
+
+
+# The maps whose layout one rule-set encoding spans: an object that changes
+# any of them gets fresh copies of all (the running program keeps reading
+# its own), written from the rule store before it runs. The counters stay.
+SET_MAPS = (
+    "rl_head",
+    "rl_pool",
+    "rl_sport",
+    "rl_dport",
+    "rl_proto",
+    "rl_len",
+    "rl_l1",
+    "rl_c24",
+    "rl_c32",
+    "rl_act",
+    "rule_defs",
+    "rl_addr",
+    "rl_iface",
+)
+
+
+@dataclass(frozen=True)
+class Carried:
+    """A rule set on its way from one object's maps to another's."""
+
+    slot: int
+    defs: list[tuple[RuleSpec, int]]  # (rule, counter slot)
+    next_id: int
 
 
 def rcu_grace_period() -> None:
@@ -107,12 +139,13 @@ def rcu_grace_period() -> None:
     time.sleep(GRACE_FALLBACK_S)
 
 
-def rate_params(pps: int | None, bps: int | None) -> tuple[int, int, int]:
+def rate_params(pps: int | None, bps: int | None, tick_ns: int = 0) -> tuple[int, int, int]:
     """(pkt_ns, byte_ns, burst_ns) of xf_rule_act for a rate-limit rule:
-    ns per packet, ns per frame byte << 10, and the tolerance (see BURST_*)."""
+    ns per packet, ns per frame byte << 10, and the tolerance (see BURST_*;
+    tick_ns: one tick of the program's coarse clock)."""
     pkt_ns = round(1e9 / pps) if pps else 0
     byte_ns = round((8e9 / bps) * 1024) if bps else 0
-    burst = max(BURST_MIN_NS, BURST_PACKETS * pkt_ns, (BURST_PACKETS * BURST_FRAME * byte_ns) >> 10)
+    burst = max(BURST_MIN_NS, 2 * tick_ns, BURST_PACKETS * pkt_ns, (BURST_PACKETS * BURST_FRAME * byte_ns) >> 10)
     return pkt_ns, byte_ns, burst
 
 
@@ -212,6 +245,36 @@ class RuleTables:
         if not isinstance(self._clock, JiffiesClock):
             self._clock = self._clock()
         return self._clock
+
+    def _tick_ns(self) -> int:
+        """One tick of the program's coarse clock (1/HZ, as measured into the
+        config map at load); the longest a tick can be where it is unset."""
+        hz = int(self._map("config")[0].hz)
+        return round(1e9 / hz) if hz else TICK_MAX_NS
+
+    # an upgrade across rule-table layouts ------------------------------------
+
+    def carry(self) -> Carried:
+        """The rule set in force, to be written into another object's fresh
+        rule maps with restore()."""
+        slot = self.active_slot()
+        return Carried(slot, self._defs(slot), int(self._head(slot).next_id))
+
+    def restore(self, carried: Carried) -> None:
+        """Write ``carried`` into its slot of these maps: fresh maps of a
+        program that does not run yet (so no flip and no grace period)."""
+        rules = [r for r, _ in carried.defs]
+        if not rules:
+            return
+        expires = {r.id: self.jiffies_clock().to_jiffies(r.expires_at) for r in rules if r.expires_at is not None}
+        self._write_slot(
+            carried.slot,
+            compile_rules(rules, GEOMETRY),
+            {r.id: stored_text(r) for r in rules},
+            {r.id: c for r, c in carried.defs},
+            expires,
+            carried.next_id,
+        )
 
     # reading ----------------------------------------------------------------
 
@@ -398,22 +461,24 @@ class RuleTables:
         next_id: int,
     ) -> None:
         """Write every table of slot ``t``; its header last (nothing reads
-        the slot before the flip anyway, but a header names what is valid)."""
-        self._write_pool(t, c)
+        the slot before the flip anyway, but a header names what is valid).
+        Field-table entries carry their class's summary above bit 32."""
+        sums = self._write_pool(t, c)
         for name, table in (("rl_sport", c.sport), ("rl_dport", c.dport), ("rl_proto", c.proto), ("rl_len", c.length)):
             if table is not None:
-                _write_array(self._map(name), t * len(table), table)
+                _write_array(self._map(name), t * len(table), _with_summary(table, sums))
         # IPv4 as the arrays the program reads: the chunks, then the /16 entries naming them
         if c.c32 is not None and len(c.c32):
-            _write_array(self._map("rl_c32"), t * C.XF_RC32_CHUNKS * 256, c.c32.reshape(-1))
+            _write_array(self._map("rl_c32"), t * C.XF_RC32_CHUNKS * 256, _with_summary(c.c32.reshape(-1), sums))
         if c.c24 is not None and len(c.c24):
-            _write_array(self._map("rl_c24"), t * C.XF_RC24_CHUNKS * 256, c.c24.reshape(-1))
+            _write_array(self._map("rl_c24"), t * C.XF_RC24_CHUNKS * 256, _with_summary(c.c24.reshape(-1), sums))
         for (family, direction), l1 in c.l1.items():
             if direction in c.fields:
                 table = c.l1v4[direction] if family == 4 else l1
-                _write_array(self._map("rl_l1"), (t * 4 + _fd(family, direction)) * C.XF_RL1_SIZE, table)
-        self._write_addr(t, c)
-        self._write_iface(t, c)
+                base = (t * 4 + _fd(family, direction)) * C.XF_RL1_SIZE
+                _write_array(self._map("rl_l1"), base, _with_summary(table, sums))
+        self._write_addr(t, c, sums)
+        self._write_iface(t, c, sums)
         self._write_act(t, c, counter_of, expires)
         self._write_defs(t, c, texts, counter_of)
         head = ffi.new("struct xf_rule_head *")
@@ -422,12 +487,14 @@ class RuleTables:
         head.bl_rank = c.bl_rank
         head.next_id = next_id
         head.iface_default = c.iface_default
+        head.iface_default_sum = int(sums[c.iface_default])
         for fi, family in enumerate((4, 6)):
             for li, plen in enumerate(c.levels.get(family, [])):
                 head.lmask[fi][li][0], head.lmask[fi][li][1] = _mask_words(plen, FAMILY_BITS[family])
         self._map("rl_head")[t] = head
 
-    def _write_pool(self, t: int, c: Compiled) -> None:
+    def _write_pool(self, t: int, c: Compiled) -> np.ndarray:
+        """The bitmaps; returns each class's summary."""
         words = C.XF_RULE_WORDS
         arr = np.zeros(len(c.pool), dtype=np_dtype("struct xf_rule_bits"))
         w = np.array([c.words(i, words) for i in range(len(c.pool))], dtype=np.uint64).reshape(len(c.pool), words)
@@ -435,8 +502,9 @@ class RuleTables:
         arr["summary"] = ((w != 0).astype(np.uint32) << np.arange(words, dtype=np.uint32)).sum(axis=1)
         keys = np.arange(len(c.pool), dtype="<u4") + t * C.XF_RCLASS_MAX
         self._map("rl_pool").update_batch_raw(ffi.from_buffer(keys), ffi.from_buffer(arr), len(arr))
+        return arr["summary"].astype(np.uint64)
 
-    def _write_addr(self, t: int, c: Compiled) -> None:
+    def _write_addr(self, t: int, c: Compiled, sums: np.ndarray) -> None:
         m = self._map("rl_addr")
         kdt = np_dtype(m.key_type)
         per_slot = 4 * C.XF_RLEVELS
@@ -462,10 +530,10 @@ class RuleTables:
             addrs += prefix.to_bytes(FAMILY_BITS[family] // 8, "big").ljust(16, b"\0")
         keys["tag"] = tags
         keys["addr"] = np.frombuffer(bytes(addrs), dtype=np.uint8).reshape(len(v6), 16)
-        vals = np.fromiter(v6.values(), dtype="<u4", count=len(v6))
+        vals = _with_summary(np.fromiter(v6.values(), dtype=np.uint32, count=len(v6)), sums)
         m.update_batch_raw(ffi.from_buffer(keys), ffi.from_buffer(vals), len(keys))
 
-    def _write_iface(self, t: int, c: Compiled) -> None:
+    def _write_iface(self, t: int, c: Compiled, sums: np.ndarray) -> None:
         m = self._map("rl_iface")
         for k in list(m):
             if k.slot == t:
@@ -474,7 +542,7 @@ class RuleTables:
             idx = _ifindex(name)
             if idx is not None:
                 key = ffi.new("struct xf_riface_key *", {"slot": t, "ifindex": idx})
-                m[key] = cls
+                m[key] = cls | int(sums[cls]) << 32
 
     def _write_act(
         self, t: int, c: Compiled, counter_of: dict[int | None, int], expires: dict[int | None, int]
@@ -482,8 +550,9 @@ class RuleTables:
         if not c.rules:
             return
         arr = np.zeros(len(c.rules), dtype=np_dtype("struct xf_rule_act"))
+        tick = self._tick_ns() if any(r.action == "rate-limit" for r in c.rules) else 0
         for i, (r, bit, rank) in enumerate(zip(c.rules, c.bits, c.ranks)):
-            pkt_ns, byte_ns, burst = rate_params(r.pps, r.bps) if r.action == "rate-limit" else (0, 0, 0)
+            pkt_ns, byte_ns, burst = rate_params(r.pps, r.bps, tick) if r.action == "rate-limit" else (0, 0, 0)
             arr[i] = (
                 r.id,
                 rank,
@@ -579,7 +648,16 @@ def _sum_cnt(per_cpu: Any) -> tuple[int, int, int]:
     )
 
 
+def _with_summary(table: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """u32 table entries as the program reads them: above bit 32 the
+    summary of the class an entry names (bits 0-15), 0 for a chunk entry."""
+    t = table.astype(np.uint64)
+    s = sums[t & np.uint64(0xFFFF)]
+    s[(t & np.uint64(CHUNK)) != 0] = 0
+    return t | (s << np.uint64(32))
+
+
 def _write_array(m: Map, base: int, table: np.ndarray) -> None:
-    vals = np.ascontiguousarray(table, dtype="<u4")
+    vals = np.ascontiguousarray(table, dtype="<u8")
     keys = np.arange(base, base + len(vals), dtype="<u4")
     m.update_batch_raw(ffi.from_buffer(keys), ffi.from_buffer(vals), len(vals))
