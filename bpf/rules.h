@@ -181,12 +181,11 @@ __attribute__((noinline)) int xf_rate_ok(struct xf_rule_act *r, struct pkt *p)
 	set = bpf_map_lookup_elem(&rl_gcra, &idx);
 	if (!set)
 		return 1;
-	/* the coarse clock (a load, ticks of one jiffy) where a precise read
-	 * cost ~40 ns here; the controller adds a tick to the tolerance, and
-	 * the clocks still advance by exact costs, so the long-run rate is
-	 * exact */
-	now = bpf_ktime_get_coarse_ns();
-	bcost = (p->len * r->byte_ns) >> 10;
+	/* the frame's jiffies in finer units: the tolerance is two ticks
+	 * at least, and the clocks advance by exact costs, so the long-run
+	 * rate is exact */
+	now = p->now << XF_RATE_SHIFT;
+	bcost = (p->len * r->byte_cost) >> 10;
 	w = &set->way[0];
 	w1 = &set->way[1];
 	if (w->tag != tag) {
@@ -198,14 +197,14 @@ __attribute__((noinline)) int xf_rate_ok(struct xf_rule_act *r, struct pkt *p)
 			if (t1 < t0)
 				w = w1;
 			w->tag = tag;
-			w->tat_pkt = now + r->pkt_ns;
+			w->tat_pkt = now + r->pkt_cost;
 			w->tat_byte = now + bcost;
 			return 1;
 		}
 	}
-	if (r->pkt_ns && !gcra(&w->tat_pkt, now, r->pkt_ns, r->burst_ns))
+	if (r->pkt_cost && !gcra(&w->tat_pkt, now, r->pkt_cost, r->burst))
 		return 0;
-	if (r->byte_ns && !gcra(&w->tat_byte, now, bcost, r->burst_ns))
+	if (r->byte_cost && !gcra(&w->tat_byte, now, bcost, r->burst))
 		return 0;
 	return 1;
 }
@@ -518,7 +517,7 @@ __attribute__((noinline)) int xf_rule_apply(struct xdp_md *ctx, struct pkt *p,
 	cfg = bpf_map_lookup_elem(&config, &zero);
 	if (!c || !cfg)
 		return rj;
-	now = bpf_jiffies64();
+	now = p->now;
 	if (event_allowed(c, p, now, cfg))
 		emit(c, ctx, p, XF_EV_RULE, best->id, now, cfg,
 		     best->action | (rj == RJ_DROP ? XF_EV_RULE_DROPPED : 0));

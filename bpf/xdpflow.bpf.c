@@ -253,6 +253,7 @@ struct pkt {
 	__u32 iplen;    /* IP length, counted by flows */
 	__u32 tcp_flags;
 	__u32 prot;     /* XF_CFG_PROTECT* of the frame's config | PROT_NEW_FLOW */
+	__u64 now;      /* jiffies, once read (0: not yet) */
 	__u8 family;
 	/* 8-byte aligned, so an IPv6 address is read as two 64-bit loads:
 	 * at the flow key's natural alignment (2) clang reads it a byte at a
@@ -545,7 +546,7 @@ static __always_inline void track(void *flows, void *key,
 				  struct xf_counters *c, struct xdp_md *ctx,
 				  struct pkt *p, struct xf_config *cfg)
 {
-	__u64 now = bpf_jiffies64();
+	__u64 now = p->now ? p->now : bpf_jiffies64();
 	struct xf_flow_val *v = bpf_map_lookup_elem(flows, key);
 	struct xf_flow_val nv;
 	long err;
@@ -638,6 +639,7 @@ int xdpflow(struct xdp_md *ctx)
 
 	p.len = data_end - data;
 	p.tcp_flags = 0;
+	p.now = 0;
 	p.prot = flags & (XF_CFG_PROTECT | XF_CFG_PROTECT_SLOT);
 
 	ethproto = parse_ethhdr(&nh, data_end);
@@ -671,6 +673,7 @@ int xdpflow(struct xdp_md *ctx)
 
 			l4 = parse_l4(&nh, data_end, ipproto, l4_ok,
 				      &p.k4.sport, &p.k4.dport, &p.tcp_flags);
+			p.now = bpf_jiffies64();
 			rj = rules_judge(ctx, c, &p, flags, ipproto,
 					 l4_ok && l4 >= 0, listed, &action, &act);
 
@@ -717,6 +720,7 @@ int xdpflow(struct xdp_md *ctx)
 
 			l4 = parse_l4(&nh, data_end, ipproto, l4_ok,
 				      &p.k6.sport, &p.k6.dport, &p.tcp_flags);
+			p.now = bpf_jiffies64();
 			rj = rules_judge(ctx, c, &p, flags, ipproto,
 					 l4_ok && l4 >= 0, listed, &action, &act);
 

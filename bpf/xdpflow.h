@@ -298,6 +298,7 @@ struct xf_gen_knobs {
 #define XF_RC32_CHUNKS 2048  /* /24s with rule prefixes longer than /24 */
 #define XF_RCOUNTERS 2048    /* counter slots: rules of both sets */
 #define XF_RRATE_SETS 32768  /* rate-limit state: 2-way sets, 65,536 sources */
+#define XF_RATE_SHIFT 24     /* rate-limit clock: jiffies << 24 (0.24 ns a unit at HZ 250) */
 
 /* fields some rule of the set constrains: the others are skipped */
 enum xf_rule_field {
@@ -346,9 +347,11 @@ struct xf_rule_act {
 	__u16 bit;     /* this record's own bit (the verifier tracks it
 			* better read from here than computed) */
 	__u64 expires;  /* jiffies; 0: never */
-	__u64 pkt_ns;   /* rate-limit: ns per packet (0: no pps limit) */
-	__u64 byte_ns;  /* rate-limit: ns per frame byte << 10 (0: no bit/s limit) */
-	__u64 burst_ns; /* rate-limit: how far ahead a source may get */
+	/* rate limits in clock units of 2^-XF_RATE_SHIFT jiffy: the program
+	 * has the frame's jiffies already, where a clock read cost ~14 ns */
+	__u64 pkt_cost;  /* per packet (0: no pps limit) */
+	__u64 byte_cost; /* per frame byte, << 10 (0: no bit/s limit) */
+	__u64 burst;     /* how far ahead of now a source may get */
 };
 
 /* per-CPU value of rule_counters */
@@ -374,7 +377,7 @@ struct xf_riface_key {
  * map lookup of the 24-byte key cost ~40 ns per limited frame. */
 struct xf_rate_way {
 	__u64 tag;     /* hash of (rule id, family, source) | 1; 0: empty */
-	__u64 tat_pkt; /* theoretical arrival time, ns (bpf_ktime_get_coarse_ns) */
+	__u64 tat_pkt; /* theoretical arrival time, jiffies << XF_RATE_SHIFT */
 	__u64 tat_byte;
 };
 

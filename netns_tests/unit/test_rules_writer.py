@@ -51,6 +51,18 @@ def test_rate_params() -> None:
     assert burst == dr.BURST_PACKETS * pkt
 
 
+def test_rate_costs_in_clock_units() -> None:
+    """The program counts 2^-24 jiffy: at HZ 250 a unit is 1/4,194,304,000 s."""
+    unit = 1 << dr.C.XF_RATE_SHIFT
+    pkt, byte, burst = dr.rate_costs(1000, None, 250)
+    assert (pkt, byte) == (round(250 * unit / 1000), 0)
+    assert burst == 2 * unit  # two 4 ms ticks, above the 5 ms minimum
+    pkt, byte, burst = dr.rate_costs(None, 8_000_000, 1000)  # 1 MB/s: 1 us a byte
+    assert pkt == 0 and byte == round(1000 * 1000 * unit / 1e9 * 1024)
+    assert dr.rate_costs(10**12, None, 100)[0] == 1  # never 0: that would mean "no limit"
+    assert dr.rate_costs(1000, None, 1000)[2] == 5 * unit  # 5 ms: above two 1 ms ticks
+
+
 def test_block_entries() -> None:
     net = ipaddress.ip_network("203.0.113.7/32")
     r = dr.block_rule(net, "dst", 2_000_000_000)

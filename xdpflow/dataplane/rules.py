@@ -85,11 +85,10 @@ TEXT_MAX = ffi.sizeof(ffi.typeof("struct xf_rule_def").fields[3][1].type) - 1  #
 # at once, which a per-second measurement sees as double the rate; a few
 # packets' worth absorbs the jitter of a conforming sender (timer slack,
 # NAPI batches) and lets at most BURST_PACKETS + 1 frames through beyond
-# the rate, once: 0.5% of 1,000 pps. The program reads the coarse clock,
-# which lags by up to one jiffy, so the tolerance is at least two ticks
-# (HZ is at least 100 where the clock is unknown).
+# the rate, once: 0.5% of 1,000 pps. The program's clock is the frame's
+# jiffies (in units of 2^-XF_RATE_SHIFT jiffy), which lag real time by up to
+# a tick, so the tolerance is two ticks at least.
 BURST_MIN_NS = 5_000_000
-TICK_MAX_NS = 10_000_000
 BURST_PACKETS = 4
 BURST_FRAME = 1514  # bytes: a full Ethernet frame's worth of the bit/s bucket
 
@@ -140,13 +139,23 @@ def rcu_grace_period() -> None:
 
 
 def rate_params(pps: int | None, bps: int | None, tick_ns: int = 0) -> tuple[int, int, int]:
-    """(pkt_ns, byte_ns, burst_ns) of xf_rule_act for a rate-limit rule:
-    ns per packet, ns per frame byte << 10, and the tolerance (see BURST_*;
-    tick_ns: one tick of the program's coarse clock)."""
+    """(ns per packet, ns per frame byte << 10, tolerance in ns) of a
+    rate-limit rule (see BURST_*; tick_ns: one tick of the program's clock)."""
     pkt_ns = round(1e9 / pps) if pps else 0
     byte_ns = round((8e9 / bps) * 1024) if bps else 0
     burst = max(BURST_MIN_NS, 2 * tick_ns, BURST_PACKETS * pkt_ns, (BURST_PACKETS * BURST_FRAME * byte_ns) >> 10)
     return pkt_ns, byte_ns, burst
+
+
+def rate_costs(pps: int | None, bps: int | None, hz: int) -> tuple[int, int, int]:
+    """rate_params() in the program's clock units (2^-XF_RATE_SHIFT jiffy
+    at ``hz``): xf_rule_act's pkt_cost, byte_cost, burst. A cost that
+    rounds to 0 would mean "no limit", so it is at least 1."""
+    per_ns = hz * (1 << C.XF_RATE_SHIFT) / 1e9
+    pkt_ns, byte_ns, burst = rate_params(pps, bps, round(1e9 / hz))
+    pkt = max(1, round(pkt_ns * per_ns)) if pps else 0
+    byte = max(1, round(byte_ns * per_ns)) if bps else 0
+    return pkt, byte, round(burst * per_ns)
 
 
 def merge(current: Sequence[RuleSpec], wanted: Sequence[RuleSpec]) -> tuple[list[RuleSpec], list[RuleSpec]]:
@@ -246,11 +255,12 @@ class RuleTables:
             self._clock = self._clock()
         return self._clock
 
-    def _tick_ns(self) -> int:
-        """One tick of the program's coarse clock (1/HZ, as measured into the
-        config map at load); the longest a tick can be where it is unset."""
+    def _hz(self) -> int:
+        """The kernel's HZ, as measured into the config map at load."""
         hz = int(self._map("config")[0].hz)
-        return round(1e9 / hz) if hz else TICK_MAX_NS
+        if not hz:
+            raise XdpflowError(errno.EIO, "the data plane's clock was never measured (config hz is 0): attach again")
+        return hz
 
     # an upgrade across rule-table layouts ------------------------------------
 
@@ -550,9 +560,9 @@ class RuleTables:
         if not c.rules:
             return
         arr = np.zeros(len(c.rules), dtype=np_dtype("struct xf_rule_act"))
-        tick = self._tick_ns() if any(r.action == "rate-limit" for r in c.rules) else 0
+        hz = self._hz() if any(r.action == "rate-limit" for r in c.rules) else 0
         for i, (r, bit, rank) in enumerate(zip(c.rules, c.bits, c.ranks)):
-            pkt_ns, byte_ns, burst = rate_params(r.pps, r.bps, tick) if r.action == "rate-limit" else (0, 0, 0)
+            pkt, byte, burst = rate_costs(r.pps, r.bps, hz) if r.action == "rate-limit" else (0, 0, 0)
             arr[i] = (
                 r.id,
                 rank,
@@ -561,8 +571,8 @@ class RuleTables:
                 0,
                 bit,
                 expires.get(r.id, 0),
-                pkt_ns,
-                byte_ns,
+                pkt,
+                byte,
                 burst,
             )
         keys = np.array(c.bits, dtype="<u4") + t * C.XF_RULE_BITS
