@@ -39,14 +39,19 @@ from xdpflow.dataplane.rules import RuleTables  # noqa: E402
 from xdpflow.rules.rulespec import RuleSpec, parse_words  # noqa: E402
 
 RATE_SRC = "198.18.9.9"  # the rate-limit frame's source (inside the traffic's /16)
+LIMITED_SRC = "198.18.9.10"  # a source far over its limit: every frame dropped
 
 
 def mixed_rules(n: int, seed: int = 11) -> list[RuleSpec]:
     """n rules, none matching bench_kernel's udp4 (198.18.0.1:1024 ->
     198.18.0.2:2048) or tcp6 (2001:2::1:1024 -> 2001:2::2:80, ACK) frames,
-    plus one rate-limit rule for RATE_SRC."""
+    plus a rate-limit rule for RATE_SRC (never reached) and one for
+    LIMITED_SRC (1 pps: every measured frame is over it)."""
     rnd = random.Random(seed)
-    out: list[RuleSpec] = [parse_words(["rate-limit", f"src={RATE_SRC}/32", "pps=1000000000", "priority=5"])]
+    out: list[RuleSpec] = [
+        parse_words(["rate-limit", f"src={RATE_SRC}/32", "pps=1000000000", "priority=5"]),
+        parse_words(["rate-limit", f"src={LIMITED_SRC}/32", "pps=1", "priority=6"]),
+    ]
     actions = ("drop", "monitor", "pass", "drop")
     while len(out) < n:
         kind = len(out) % 8
@@ -87,6 +92,10 @@ def mixed_rules(n: int, seed: int = 11) -> list[RuleSpec]:
     return out
 
 
+# what a rate-limit hit is compared with: a frame the same rules pass
+PASSED = "1,024 rules, none matching: established UDP/IPv4"
+
+
 @dataclass
 class RulesFigure:
     name: str
@@ -99,6 +108,7 @@ def measure(runs: int, repeat: int) -> list[RulesFigure]:
     fr = bench_kernel.frames()
     eth = Ether(src=bench_kernel.MAC_A, dst=bench_kernel.MAC_B)
     fr["rate"] = bytes(eth / IP(src=RATE_SRC, dst="198.18.0.2") / UDP(sport=1024, dport=2048) / Raw(b"\0" * 18))
+    fr["limited"] = bytes(eth / IP(src=LIMITED_SRC, dst="198.18.0.2") / UDP(sport=1024, dport=2048) / Raw(b"\0" * 18))
     base_obj = Object(abi.object_path("baseline"))
     base_obj.load()
     xdp_pass = base_obj.program("xdp_pass")
@@ -107,7 +117,7 @@ def measure(runs: int, repeat: int) -> list[RulesFigure]:
     for n, o in objs.items():
         if n:
             RuleTables(o.map).install(mixed_rules(n))
-        for k in ("udp4", "tcp6", "rate"):
+        for k in ("udp4", "tcp6", "rate", "limited"):
             o.prog.test_run(fr[k], repeat=1)
     rows = [
         ("no rules: established UDP/IPv4", 0, "udp4", None, ""),
@@ -116,12 +126,13 @@ def measure(runs: int, repeat: int) -> list[RulesFigure]:
         ("64 rules, none matching: established TCP/IPv6", 64, "tcp6", None, ""),
         ("1,024 rules, none matching: established UDP/IPv4", 1024, "udp4", 30.0, "no rules: established UDP/IPv4"),
         ("1,024 rules, none matching: established TCP/IPv6", 1024, "tcp6", 30.0, "no rules: established TCP/IPv6"),
-        ("1,024 rules: a rate-limit hit (conforming)", 1024, "rate", 60.0, "no rules: established UDP/IPv4"),
+        ("1,024 rules: a rate-limit hit (conforming)", 1024, "rate", 60.0, PASSED),
+        ("1,024 rules: a rate-limit hit (over the limit, dropped)", 1024, "limited", 60.0, PASSED),
     ]
     figs = {name: RulesFigure(name, target, versus, []) for name, _, _, target, versus in rows}
     try:
         for _ in range(runs):
-            base = {k: bench_kernel.per_frame_ns(xdp_pass, fr[k], repeat) for k in ("udp4", "tcp6", "rate")}
+            base = {k: bench_kernel.per_frame_ns(xdp_pass, fr[k], repeat) for k in ("udp4", "tcp6", "rate", "limited")}
             for name, n, key, _, _ in rows:
                 figs[name].samples.append(bench_kernel.per_frame_ns(objs[n].prog, fr[key], repeat) - base[key])
     finally:

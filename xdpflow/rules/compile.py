@@ -33,6 +33,7 @@ slot. The scheme is bpf-iptables' linear bit vector search, grouped:
 from __future__ import annotations
 
 import errno
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -134,12 +135,16 @@ def layout(rules: Sequence[RuleSpec], geo: Geometry) -> tuple[list[RuleSpec], li
     order = sorted(rules, key=lambda r: (r.priority, r.id or 0))
     rank = {id(r): i for i, r in enumerate(order)}
     bl_rank = sum(1 for r in order if r.priority < BLOCKLIST_PRIORITY)
+    groups = [sorted((r for r in order if _group(r) == g), key=lambda r: (_shape(r), rank[id(r)])) for g in range(4)]
+    # Each shape on words of its own where the bits allow (small sets):
+    # a word shared by two shapes is kept by any field that one of them
+    # leaves open. Else each group starts a word, shapes packed inside.
+    runs = [list(run) for g in groups for _, run in itertools.groupby(g, key=lambda r: _shape(r)[:3])]
+    if sum(-(-len(run) // 64) for run in runs) > geo.words:
+        runs = [g for g in groups if g]
     out, bits, ranks = [], [], []
     nxt = 0
-    for g in range(4):
-        members = sorted((r for r in order if _group(r) == g), key=lambda r: (_shape(r), rank[id(r)]))
-        if not members:
-            continue
+    for members in runs:
         nxt = (nxt + 63) // 64 * 64
         for w in range(0, len(members), 64):
             for r in sorted(members[w : w + 64], key=lambda r: rank[id(r)]):
