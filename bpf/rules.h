@@ -56,8 +56,9 @@ struct rl_scan {
  * unrolled.
  */
 static __always_inline __u64 rl_addr_class(__u32 slot, __u64 a0, __u64 a1,
-					   struct xf_rule_head *h, __u32 fd)
+					   __u32 fd)
 {
+	struct xf_rule_head *h;
 	__u32 top = (__u32)(a0 & 0xff) << 8 | (__u32)((a0 >> 8) & 0xff);
 	__u32 key = (slot * 4 + fd) * XF_RL1_SIZE + top;
 	__u64 *e = bpf_map_lookup_elem(&rl_l1, &key), *hit, v;
@@ -90,6 +91,9 @@ static __always_inline __u64 rl_addr_class(__u32 slot, __u64 a0, __u64 a1,
 	}
 	mask = (v >> 16) & 0xffff;
 	if (!mask)
+		return v;
+	h = bpf_map_lookup_elem(&rl_head, &slot);
+	if (!h)
 		return v;
 #pragma unroll
 	for (int i = XF_RLEVELS - 1; i >= 0; i--) {
@@ -154,10 +158,10 @@ static __always_inline __u64 fmix64(__u64 x)
  * and rule for pps, one for bit/s, in a 2-way set of rl_gcra. A source not
  * found takes the way whose clock is further behind (the idler one): a
  * source being limited has its clock ahead of now, so new sources evict
- * each other, not it. A global function (verified once), off the
- * classifier's call chain so the two stacks do not add up.
+ * each other, not it. Inlined into xf_rule_apply (off the classifier's call
+ * chain, so the two stacks do not add up).
  */
-__attribute__((noinline)) int xf_rate_ok(struct xf_rule_act *r, struct pkt *p)
+static __always_inline int rate_ok(struct xf_rule_act *r, struct pkt *p)
 {
 	struct xf_rate_way *w, *w1;
 	struct xf_rate_set *set;
@@ -267,12 +271,12 @@ static long rl_scan_step(__u32 n, void *ctx)
  * without L4).
  */
 static __always_inline __u32 rl_classify(struct pkt *p, __u32 slot,
-					 __u32 proto_len, __u64 ports,
-					 __u32 ifindex)
+					 __u32 fields, __u32 proto_len,
+					 __u64 ports, __u32 ifindex)
 {
 	struct xf_rule_bits *bs, *bd, *b2, *b3, *b4, *b5, *b6;
 	__u32 rest, live, left, c0 = 0, c1 = 0, c2 = 0, c3 = 0, c4 = 0, c5 = 0;
-	__u32 c6 = 0, fields, fd = 0, i;
+	__u32 c6 = 0, fd = 0, i;
 	__u32 proto_key = proto_len & 0xffff, iplen = proto_len >> 16;
 	__u32 sport = ports & 0x1ffff, dport = (ports >> 32) & 0x1ffff;
 	struct xf_rule_head *h;
@@ -285,10 +289,6 @@ static __always_inline __u32 rl_classify(struct pkt *p, __u32 slot,
 	slot &= 1;
 	if (p->family != 4)
 		fd = 2;
-	h = bpf_map_lookup_elem(&rl_head, &slot);
-	if (!h)
-		return 0;
-	fields = h->fields;
 
 	/* Each constrained field's class and, in the same entry, the summary
 	 * of the words its rules are in; an unconstrained field is class 0
@@ -322,7 +322,14 @@ static __always_inline __u32 rl_classify(struct pkt *p, __u32 slot,
 		struct xf_riface_key ik = { .slot = slot, .ifindex = ifindex };
 		__u64 *ie = bpf_map_lookup_elem(&rl_iface, &ik);
 
-		e = ie ? *ie : (__u64)h->iface_default_sum << 32 | h->iface_default;
+		if (ie) {
+			e = *ie;
+		} else {
+			h = bpf_map_lookup_elem(&rl_head, &slot);
+			if (!h)
+				return 0;
+			e = (__u64)h->iface_default_sum << 32 | h->iface_default;
+		}
 		c6 = (__u32)e;
 		rest &= e >> 32;
 	}
@@ -337,7 +344,7 @@ static __always_inline __u32 rl_classify(struct pkt *p, __u32 slot,
 			a0 = p->k4.saddr;
 			a1 = 0;
 		}
-		e = rl_addr_class(slot, a0, a1, h, fd);
+		e = rl_addr_class(slot, a0, a1, fd);
 		c0 = e & 0xffff;
 		rest &= e >> 32;
 		if (!rest)
@@ -351,7 +358,7 @@ static __always_inline __u32 rl_classify(struct pkt *p, __u32 slot,
 			a0 = p->k4.daddr;
 			a1 = 0;
 		}
-		e = rl_addr_class(slot, a0, a1, h, fd + 1);
+		e = rl_addr_class(slot, a0, a1, fd + 1);
 		c1 = e & 0xffff;
 		rest &= e >> 32;
 		if (!rest)
@@ -422,8 +429,9 @@ static __always_inline __u32 rl_classify(struct pkt *p, __u32 slot,
 }
 
 /* Classify one IP frame whose L4 fields the program has parsed into *p
- * (meta: IP protocol | has_l4 << 8; a frame without a readable L4 header
- * matches only rules that need none): the best rule's bit + 1, or 0.
+ * (meta: IP protocol | has_l4 << 8 | the slot's xf_rule_field mask << 16;
+ * a frame without a readable L4 header matches only rules that need none):
+ * the best rule's bit + 1, or 0.
  *
  * Global functions, so the verifier checks each once instead of once per
  * path through the program; hence plain arguments. Classification and its
@@ -449,7 +457,7 @@ __attribute__((noinline)) __u32 xf_rl_classify(struct xdp_md *ctx,
 		dport = bpf_ntohs(p->k6.dport);
 	}
 	iplen = p->iplen > 65535 ? 65535 : p->iplen;
-	return rl_classify(p, slot,
+	return rl_classify(p, slot, (meta >> 16) & 0x7f,
 			   ipproto << 8 |
 				   (ipproto == IPPROTO_TCP ? p->tcp_flags & 0xff : 0) |
 				   iplen << 16,
@@ -503,7 +511,7 @@ __attribute__((noinline)) int xf_rule_apply(struct xdp_md *ctx, struct pkt *p,
 		rj = RJ_ALLOW;
 		break;
 	case XF_RA_RATE:
-		if (xf_rate_ok(best, p))
+		if (rate_ok(best, p))
 			return RJ_ALLOW;
 		if (cnt)
 			cnt->limited++;
@@ -527,12 +535,14 @@ __attribute__((noinline)) int xf_rule_apply(struct xdp_md *ctx, struct pkt *p,
 /* the call site's part: monitor mode turns a drop into a counted pass,
  * untracked, as it does for blocklisted frames */
 static __always_inline int rules_judge(struct xdp_md *ctx, struct xf_counters *c,
-				       struct pkt *p, __u32 flags, int ipproto,
-				       int has_l4, __u32 listed, int *action,
-				       __u32 *act)
+				       struct pkt *p, __u32 flags, __u32 fields,
+				       int ipproto, int has_l4, __u32 listed,
+				       int *action, __u32 *act)
 {
+	__u32 slot = (flags & XF_CFG_RULES_SLOT) ? 8 : 0;
 	__u32 bit = xf_rl_classify(ctx, p, flags,
-				   (ipproto & 0xff) | (has_l4 ? 256 : 0));
+				   (ipproto & 0xff) | (has_l4 ? 256 : 0) |
+					   ((fields >> slot) & 0x7f) << 16);
 	int rj;
 
 	if (!bit)

@@ -674,7 +674,8 @@ int xdpflow(struct xdp_md *ctx)
 			l4 = parse_l4(&nh, data_end, ipproto, l4_ok,
 				      &p.k4.sport, &p.k4.dport, &p.tcp_flags);
 			p.now = bpf_jiffies64();
-			rj = rules_judge(ctx, c, &p, flags, ipproto,
+			rj = rules_judge(ctx, c, &p, flags,
+					 cfg ? cfg->rule_fields : 0, ipproto,
 					 l4_ok && l4 >= 0, listed, &action, &act);
 
 			if (rj == RJ_DONE)
@@ -721,7 +722,8 @@ int xdpflow(struct xdp_md *ctx)
 			l4 = parse_l4(&nh, data_end, ipproto, l4_ok,
 				      &p.k6.sport, &p.k6.dport, &p.tcp_flags);
 			p.now = bpf_jiffies64();
-			rj = rules_judge(ctx, c, &p, flags, ipproto,
+			rj = rules_judge(ctx, c, &p, flags,
+					 cfg ? cfg->rule_fields : 0, ipproto,
 					 l4_ok && l4 >= 0, listed, &action, &act);
 
 			if (rj == RJ_DONE)

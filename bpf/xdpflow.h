@@ -191,7 +191,9 @@ struct xf_config {
 	__u32 hz;         /* jiffies per second, measured by the controller */
 	__u32 generation; /* bumped by every blocklist change: names the rule
 			   * index assignment an event's rule refers to */
-	__u32 pad;
+	__u32 rule_fields; /* xf_rule_field mask of rule-set slot s in bits
+			    * 8s..8s+6, written before the slot's flip: the
+			    * program has it without a header lookup */
 };
 
 /* load-time knobs: the program's whole .rodata, set before load */

@@ -96,6 +96,8 @@ class MapReader:
             return None
         head = self._get("rl_head", slot)
         f = head.fields
+        # what the program reads: the slot's byte of the config's mask
+        assert (self._get("config", 0).rule_fields >> (8 * slot)) & 0xFF == f
         fd = 0 if p.family == 4 else 2
         cls = [0] * 7
         if f & C.XF_RF_SRC:

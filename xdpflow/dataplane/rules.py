@@ -502,6 +502,12 @@ class RuleTables:
             for li, plen in enumerate(c.levels.get(family, [])):
                 head.lmask[fi][li][0], head.lmask[fi][li][1] = _mask_words(plen, FAMILY_BITS[family])
         self._map("rl_head")[t] = head
+        # the program reads the mask from the config it already has; this
+        # slot's byte only, so the slot in force reads on unchanged
+        m = self._map("config")
+        cfg = m[0]
+        cfg.rule_fields = (cfg.rule_fields & ~(0xFF << 8 * t)) | head.fields << 8 * t
+        m[0] = cfg
 
     def _write_pool(self, t: int, c: Compiled) -> np.ndarray:
         """The bitmaps; returns each class's summary."""
