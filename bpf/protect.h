@@ -79,30 +79,18 @@ struct prot_frame {
 	__u32 syn, udp, icmp, frags, new_flows;
 };
 
-static __always_inline void prot_add(struct xf_host_cnt *c, struct pkt *p,
-				     const struct prot_frame *f)
-{
-	c->packets++;
-	c->bytes += p->len;
-	c->syn += f->syn;
-	c->udp += f->udp;
-	c->icmp += f->icmp;
-	c->frags += f->frags;
-	c->new_flows += f->new_flows;
-}
-
-static __always_inline void prot_slot_add(struct xf_host_slot *c,
-					  struct pkt *p,
-					  const struct prot_frame *f)
-{
-	c->packets++;
-	c->bytes += p->len;
-	c->syn += f->syn;
-	c->udp += f->udp;
-	c->icmp += f->icmp;
-	c->frags += f->frags;
-	c->new_flows += f->new_flows;
-}
+/* Add one frame to a host's counters: a host slot (struct xf_host_slot)
+ * and a group's overflow record (struct xf_host_cnt) name them alike. */
+#define PROT_ADD(c, p, f)                                                      \
+	do {                                                                   \
+		(c)->packets++;                                                \
+		(c)->bytes += (p)->len;                                        \
+		(c)->syn += (f)->syn;                                          \
+		(c)->udp += (f)->udp;                                          \
+		(c)->icmp += (f)->icmp;                                        \
+		(c)->frags += (f)->frags;                                      \
+		(c)->new_flows += (f)->new_flows;                              \
+	} while (0)
 
 /* Count one frame if it is IP to a protected host. Called last (see the
  * call site), so it parses the headers again itself; a global function, so
@@ -182,7 +170,7 @@ __attribute__((noinline)) int xf_protect(struct xdp_md *ctx, struct pkt *p)
 		sa = (__u32 *)s->addr; /* at offset 4: aligned */
 		if (s->family == (fam ? 6 : 4) && sa[0] == w[0] &&
 		    sa[1] == w[1] && sa[2] == w[2] && sa[3] == w[3]) {
-			prot_slot_add(s, p, &f);
+			PROT_ADD(s, p, &f);
 			return 0;
 		}
 		if (!s->family && !free)
@@ -208,7 +196,7 @@ __attribute__((noinline)) int xf_protect(struct xdp_md *ctx, struct pkt *p)
 	}
 	oc = bpf_map_lookup_elem(&prot_overflow, &g);
 	if (oc)
-		prot_add(oc, p, &f);
+		PROT_ADD(oc, p, &f);
 	return 0;
 }
 

@@ -446,3 +446,22 @@ def hostile_config(value: str) -> str:
         f"[blocklist]\nfiles = [{json.dumps(value)}]\n"
         f"feeds = [{{url = {json.dumps('http://127.0.0.1:1/' + value)}}}]\n"
     )
+
+
+def interrupt(proc: subprocess.Popen[str]) -> None:
+    """Ctrl-C to a console script that runs until interrupted: it must exit
+    0 with nothing on stderr. A reader thread may own stdout: signal, then
+    wait."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.returncode == 0, err
+    assert err == ""

@@ -23,6 +23,7 @@ from ..clitest import (
     expect_counters,
     flow_key,
     icmp,
+    interrupt,
     raw,
     send_and_receive,
     stop,
@@ -189,17 +190,5 @@ def test_stats_watch_json_until_sigint(lab: Lab, cli: Cli) -> None:
         assert then["packets"] == {"packets": 12, "bytes": 892, "pps": 0.0, "bps": 0.0}
         assert time.monotonic() - t0 < 5
     finally:
-        # the reader thread owns stdout: signal, then wait
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        assert proc.stderr is not None
-        err = proc.stderr.read()
-        proc.stderr.close()
-    assert proc.returncode == 0, err
-    assert err == ""
+        interrupt(proc)
     assert seen >= 2

@@ -22,7 +22,7 @@ import pytest
 from xdpflow.testing.lab import DUT_V4, GEN_V4, Lab
 from xdpflow.testing.pktgen import FlowMix, blast, vary_frame
 
-from ..clitest import Cli, stop, udp
+from ..clitest import Cli, interrupt, stop, udp
 
 LAB_PREFIX = "xftop"
 
@@ -70,22 +70,6 @@ def running(cli: Cli, *args: str) -> tuple[subprocess.Popen[str], Refreshes]:
     return proc, Refreshes(proc)
 
 
-def quit_(proc: subprocess.Popen[str]) -> None:
-    """Ctrl-C: exit 0, nothing on stderr. The reader thread owns stdout: signal, then wait."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise
-    assert proc.stderr is not None
-    err = proc.stderr.read()
-    assert proc.returncode == 0, err
-    assert err == ""
-
-
 def test_top_by_source_adds_up_to_every_frame_and_rates_match(lab: Lab, cli: Cli) -> None:
     sent = {"198.18.0.10": 30, "198.18.0.11": 20, "198.18.0.12": 10}
     frames = [udp(src, DUT_V4, 40000 + i, 9000, payload=18) for src, n in sent.items() for i in range(n)]
@@ -97,7 +81,7 @@ def test_top_by_source_adds_up_to_every_frame_and_rates_match(lab: Lab, cli: Cli
         assert lab.send(frames, 0.002) == len(frames)
         got = tops.until_quiet()
     finally:
-        quit_(proc)
+        interrupt(proc)
     packets: Counter[str] = Counter()
     nbytes: Counter[str] = Counter()
     for r in got:
@@ -126,7 +110,7 @@ def test_top_by_flow_and_destination_with_count(lab: Lab, cli: Cli) -> None:
         assert lab.send(frames, 0.001) == len(frames)
         got = tops.until_quiet()
     finally:
-        quit_(proc)
+        interrupt(proc)
     seen: Counter[tuple[Any, ...]] = Counter()
     for r in got:
         assert len(r["rows"]) <= 1
@@ -145,7 +129,7 @@ def test_top_flood_rates_and_text_view(lab: Lab, cli: Cli) -> None:
         r = blast(lab.gen_if, [frame], 2_000_000, netns=lab.gen_ns, vary=(offset, 1000))
         got = tops.until_quiet()
     finally:
-        quit_(proc)
+        interrupt(proc)
     total = sum(row["packets"] for x in got for row in x["rows"])
     assert total == r.sent
     peak = max(row["pps"] for x in got for row in x["rows"])

@@ -13,6 +13,7 @@ import pytest
 
 from xdpflow.app import config
 from xdpflow.dataplane.pins import PinRoot
+from xdpflow.dataplane.protect import HostCounts
 from xdpflow.dataplane.rules import mitigation_entry
 from xdpflow.export.detect import RATES, Attack, Detector, Policy, load_state, save_state, state_path
 from xdpflow.export.mitigate import FlowSample, plan
@@ -25,28 +26,12 @@ OTHER = "198.18.0.3"
 
 
 @dataclass
-class Counts:
-    """What ProtectTables.hosts() returns, for the hosts given."""
-
-    family: np.ndarray
-    addr: np.ndarray
-    group: np.ndarray
-    packets: np.ndarray
-    bytes: np.ndarray
-    new_flows: np.ndarray
-    syn: np.ndarray
-    udp: np.ndarray
-    icmp: np.ndarray
-    frags: np.ndarray
-
-
-@dataclass
 class Traffic:
     """Cumulative counters per host, advanced one second at a time."""
 
     totals: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def second(self, **per_host: dict[str, int]) -> Counts:
+    def second(self, **per_host: dict[str, int]) -> HostCounts:
         for host, rates in per_host.items():
             t = self.totals.setdefault(host.replace("_", "."), {c: 0 for c, _ in RATES.values()})
             for k, v in rates.items():
@@ -58,7 +43,7 @@ class Traffic:
             addr[i, : len(packed)] = np.frombuffer(packed, dtype=np.uint8)
         col = {c: np.array([self.totals[h][c] for h in hosts], dtype=np.uint64) for c, _ in RATES.values()}
         fam = np.array([ipaddress.ip_address(h).version for h in hosts], dtype=np.uint8)
-        return Counts(family=fam, addr=addr, group=np.ones(len(hosts), dtype=np.uint32), **col)
+        return HostCounts(family=fam, addr=addr, group=np.ones(len(hosts), dtype=np.uint32), **col)
 
 
 def flood(pps: int = 100_000) -> dict[str, int]:
@@ -353,18 +338,18 @@ def test_a_full_table_takes_well_under_a_second_a_read() -> None:
     base = {c: np.full(n, 10, dtype=np.uint64) for c, _ in RATES.values()}
     fam = np.full(n, 4, dtype=np.uint8)
     det = Detector([POLICY])
-    det.update(Counts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **base), 0.0)
+    det.update(HostCounts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **base), 0.0)
     more = {c: v * 2 for c, v in base.items()}
     more["packets"][5] += 10**6
     t0 = time.perf_counter()
-    det.update(Counts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **more), 1.0)
-    got = det.update(Counts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **more), 2.0)
+    det.update(HostCounts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **more), 1.0)
+    got = det.update(HostCounts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **more), 2.0)
     assert time.perf_counter() - t0 < 2 * 0.5  # two reads
     assert got == [] and list(det.rates) == []  # one second over: no attack yet; the next read is calm
-    assert Detector([]).update(Counts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **base), 0.0) == []
+    assert Detector([]).update(HostCounts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **base), 0.0) == []
     none = Detector([])
-    none.update(Counts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **base), 0.0)
-    assert none.update(Counts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **more), 1.0) == []
+    none.update(HostCounts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **base), 0.0)
+    assert none.update(HostCounts(family=fam, addr=addr, group=np.ones(n, dtype=np.uint32), **more), 1.0) == []
 
 
 def test_ban_sources_bans_every_source_of_an_even_flood_but_not_a_slower_legitimate_one() -> None:

@@ -28,7 +28,7 @@ from xdpflow.bindings.netlink import XdpState
 from xdpflow.dataplane import abi, attachment, chain, rules
 from xdpflow.dataplane.clock import CLOCK_PIN, CLOCK_PROG, measure_hz
 from xdpflow.dataplane.maps import PROG_PIN, knobs_of, open_clock, pinned_prog, set_monitor
-from xdpflow.dataplane.pins import IFACE_MAPS, RETIRED_MAPS, SHARED_MAPS, PinRoot, ensure_bpffs
+from xdpflow.dataplane.pins import IFACE_MAPS, RETIRED_MAPS, RULE_SET_MAPS, SHARED_MAPS, PinRoot, ensure_bpffs
 from xdpflow.dataplane.take import TAKE_PIN, TAKE_PROG
 from xdpflow.errors import ForeignProgramError, XdpflowError
 
@@ -129,7 +129,7 @@ def _set_rules_aside(obj: Object, pins: PinRoot) -> tuple[rules.Carried, list[st
     ones, read the set in force and move those pins aside, so obj gets
     fresh maps (the running program keeps its own until the switch).
     Returns (the set, the names moved aside), or None."""
-    for name in rules.SET_MAPS:
+    for name in RULE_SET_MAPS:
         info = _pinned_info(pins.shared(name))
         spec = obj.map_spec(name)
         if info is not None and (info.type, info.key_size, info.value_size, info.max_entries) != (
@@ -144,7 +144,7 @@ def _set_rules_aside(obj: Object, pins: PinRoot) -> tuple[rules.Carried, list[st
     with rules.RuleTables.of_pins(pins, lock=False) as old:
         carried = old.carry()
     moved = []
-    for name in rules.SET_MAPS:
+    for name in RULE_SET_MAPS:
         if os.path.exists(pins.shared(name)):
             os.replace(pins.shared(name), pins.shared(name + ASIDE))
             moved.append(name)

@@ -24,6 +24,24 @@ from xdpflow.errors import InputError, NotAttachedError, XdpflowError, os_error
 DEFAULT_ROOT = "/sys/fs/bpf/xdpflow"
 BPF_FS_MAGIC = 0xCAFE4A11
 
+# The maps whose layout one rule-set encoding spans: an object that changes
+# any of them gets fresh copies of all (the running program keeps reading
+# its own), written from the rule store before it runs (dataplane/rules.py).
+RULE_SET_MAPS = (
+    "rl_head",
+    "rl_pool",
+    "rl_sport",
+    "rl_dport",
+    "rl_proto",
+    "rl_len",
+    "rl_l1",
+    "rl_c24",
+    "rl_c32",
+    "rl_act",
+    "rule_defs",
+    "rl_addr",
+    "rl_iface",
+)
 SHARED_MAPS = (
     "config",
     "bl4_src",
@@ -47,19 +65,7 @@ SHARED_MAPS = (
     "rule_hits",
     "events",
     "event_budget",
-    "rl_head",
-    "rl_pool",
-    "rl_sport",
-    "rl_dport",
-    "rl_proto",
-    "rl_len",
-    "rl_l1",
-    "rl_c24",
-    "rl_c32",
-    "rl_act",
-    "rule_defs",
-    "rl_addr",
-    "rl_iface",
+    *RULE_SET_MAPS,
     "rule_counters",
     "rl_gcra",
     "prot_l1",

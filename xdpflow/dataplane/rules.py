@@ -98,26 +98,6 @@ _MEMBARRIER_CMD_GLOBAL = 1
 GRACE_FALLBACK_S = 0.05  # nohz_full CPUs refuse the command: sleep past a grace period instead
 
 
-# The maps whose layout one rule-set encoding spans: an object that changes
-# any of them gets fresh copies of all (the running program keeps reading
-# its own), written from the rule store before it runs. The counters stay.
-SET_MAPS = (
-    "rl_head",
-    "rl_pool",
-    "rl_sport",
-    "rl_dport",
-    "rl_proto",
-    "rl_len",
-    "rl_l1",
-    "rl_c24",
-    "rl_c32",
-    "rl_act",
-    "rule_defs",
-    "rl_addr",
-    "rl_iface",
-)
-
-
 @dataclass(frozen=True)
 class Carried:
     """A rule set on its way from one object's maps to another's."""
