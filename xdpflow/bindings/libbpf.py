@@ -18,11 +18,12 @@ import mmap as _mmap
 import os
 from collections.abc import Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Self
-
-import cffi
+from typing import TYPE_CHECKING, Any, Self
 
 from xdpflow.errors import VerifierError, XdpflowError, os_error
+
+if TYPE_CHECKING:
+    import cffi  # the built declarations need only its backend: the package (~3 ms) loads to parse C
 
 # Every libbpf function and struct used here, as libbpf 1.x declares them.
 # `make build` compiles these declarations (and the product's, see
@@ -233,6 +234,8 @@ def _load_ffi() -> Any:
 
         return built
     except ImportError:
+        import cffi
+
         parsed = cffi.FFI()
         parsed.cdef(CDEF)
         return parsed
@@ -251,6 +254,8 @@ def declare_types(declarations: str) -> Any:
     other module imported first. (An unbuilt tree's path: a built one loads
     the same declarations compiled, see dataplane/abi.py.)
     """
+    import cffi
+
     types = cffi.FFI()
     types.cdef(CDEF)
     types.cdef(declarations)
