@@ -32,18 +32,13 @@ import numpy as np
 from xdpflow.bindings.libbpf import Map, possible_cpus
 from xdpflow.dataplane import abi
 from xdpflow.dataplane.abi import ffi, np_dtype
+from xdpflow.dataplane.counts import rule_capacity
 from xdpflow.dataplane.maps import PinnedMaps
 from xdpflow.dataplane.pins import PinRoot
 from xdpflow.errors import MapFullError
 from xdpflow.rules.blockfile import KEY6, Rule, rule_from_key, rule_key
 
-# (family, direction) -> (trie, config flag)
-TRIES: dict[tuple[int, str], tuple[str, int]] = {
-    (4, "src"): ("bl4_src", abi.C.XF_CFG_BL4_SRC),
-    (4, "dst"): ("bl4_dst", abi.C.XF_CFG_BL4_DST),
-    (6, "src"): ("bl6_src", abi.C.XF_CFG_BL6_SRC),
-    (6, "dst"): ("bl6_dst", abi.C.XF_CFG_BL6_DST),
-}
+TRIES = abi.BLOCKLIST_TRIES  # (family, direction) -> (trie, config flag)
 V6_TABLES = {"src": ("bl6_l0_src", "bl6_deep_src"), "dst": ("bl6_l0_dst", "bl6_deep_dst")}
 V6_FILTERS = {"src": "bl6_pf_src", "dst": "bl6_pf_dst"}
 V4_LEVELS = {
@@ -410,7 +405,7 @@ class Blocklist:
 
     def capacity(self) -> tuple[int, int]:
         """(rules per family and direction, rules in all)."""
-        return self._map("bl4_src").info.max_entries, self._map("rule_hits").info.max_entries
+        return rule_capacity(self._map)
 
     # writing ------------------------------------------------------------
 

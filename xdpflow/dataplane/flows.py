@@ -10,16 +10,15 @@ array operations.
 from __future__ import annotations
 
 import ipaddress
-import struct
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from xdpflow.bindings.libbpf import Map, Object
-from xdpflow.dataplane import abi
+from xdpflow.bindings.libbpf import Map
 from xdpflow.dataplane.abi import ffi, np_dtype
 from xdpflow.dataplane.clock import JiffiesClock
+from xdpflow.dataplane.counts import count_flows, kernel_counts
 from xdpflow.dataplane.maps import open_clock, open_map
 from xdpflow.dataplane.pins import PinRoot
 
@@ -202,40 +201,6 @@ def top_flows(
         picked = picked[:top]
     clock = open_clock(pins)
     return [to_flows(fa, ifname, clock, np.array([r]))[0] for _, _, fa, r in picked]
-
-
-def count_flows(pins: PinRoot, ifname: str) -> tuple[int, int]:
-    """(entries, capacity) over both flow tables of ``ifname``: the count the
-    kernel keeps (bpf/count.bpf.c), or, on a kernel without it, by reading
-    the tables."""
-    with open_map(pins, "flows_v4", ifname) as m4, open_map(pins, "flows_v6", ifname) as m6:
-        cap = m4.info.max_entries + m6.info.max_entries
-        counted = kernel_counts(m4, m6)
-        if counted is not None:
-            return sum(counted), cap
-        n = 0
-        for m in (m4, m6):
-            raw = m.lookup_batch_raw()
-            n += raw[2] if raw is not None else len(m)
-        return n, cap
-
-
-def kernel_counts(a: Map, b: Map) -> tuple[int, int] | None:
-    """The entries of two hash maps as the kernel counts them (kfunc
-    bpf_map_sum_elem_count, Linux 6.6+), or None where the kernel cannot."""
-    obj = Object(abi.object_path("count"))
-    try:
-        obj.map_spec("table_a").reuse_fd(a.fd)
-        obj.map_spec("table_b").reuse_fd(b.fd)
-        obj.load()
-        with obj.program("xdpflow_count") as prog:
-            out = prog.test_run(bytes(64), repeat=1).data
-    except OSError:
-        return None  # no such kfunc here (or no BTF): the caller reads the tables
-    finally:
-        obj.close()
-    n4, n6 = struct.unpack_from("<qq", out)
-    return n4, n6
 
 
 __all__ = [
