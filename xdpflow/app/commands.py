@@ -976,6 +976,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.netns = getattr(args, "netns", None)
     # a closed pipe (xdpflow ... | head) is not an error worth a traceback
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    if args.func is not cmd_run:
+        # a one-shot command multiplies no matrices: numpy's OpenBLAS would
+        # only start its thread pool, ~50 ms of `flows` and `block sync`
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         if args.func is cmd_run:  # the daemon enters its (configured) namespace itself
             return int(args.func(args))

@@ -82,9 +82,23 @@ class FlowArrays:
 
 def read_table(m: Map, family: int) -> FlowArrays:
     """Every entry of an open flow map, decoded in bulk. Raises XdpflowError."""
+    return fold(family, *read_raw(m))
+
+
+def read_raw(m: Map) -> tuple[np.ndarray, np.ndarray]:
+    """Every entry of an open flow map, undecoded: keys (structured, the
+    key type's layout) and values (one row per flow, one column per CPU
+    slot). Raises XdpflowError."""
     key_dt = np_dtype(m.key_type)
     ncpu = m.ncpu
     val_dt = np_dtype(m.value_type, itemsize=m.value_stride)
+    chunk = 65536
+    # the kernel writes straight into the arrays (np.empty: no page is touched twice)
+    keys = np.empty(m.info.max_entries + chunk, dtype=key_dt)
+    vals = np.empty((m.info.max_entries + chunk) * ncpu, dtype=val_dt)
+    n = m.lookup_batch_into(keys, vals, chunk)
+    if n is not None:
+        return keys[:n], vals[: n * ncpu].reshape(n, ncpu)
     raw = m.lookup_batch_raw()
     if raw is None:  # no batch ops for this map type: slow path
         items = m.items()
@@ -95,9 +109,10 @@ def read_table(m: Map, family: int) -> FlowArrays:
         )
         raw = (kb, vb, len(items))
     kbytes, vbytes, n = raw
-    keys = np.frombuffer(kbytes, dtype=key_dt, count=n)
-    vals = np.frombuffer(vbytes, dtype=val_dt, count=n * ncpu).reshape(n, ncpu)
-    return fold(family, keys, vals)
+    return (
+        np.frombuffer(kbytes, dtype=key_dt, count=n),
+        np.frombuffer(vbytes, dtype=val_dt, count=n * ncpu).reshape(n, ncpu),
+    )
 
 
 def fold(family: int, keys: np.ndarray, vals: np.ndarray) -> FlowArrays:
@@ -150,14 +165,14 @@ def to_flows(fa: FlowArrays, ifname: str, clock: JiffiesClock, idx: np.ndarray |
     return out
 
 
-def _filter_mask(fa: FlowArrays, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> np.ndarray:
+def _filter_mask(keys: np.ndarray, family: int, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> np.ndarray:
     """Rows whose source or destination lies in ``net``."""
-    if net.version != fa.family:
-        return np.zeros(len(fa), dtype=bool)
-    if fa.family == 4:
+    if net.version != family:
+        return np.zeros(len(keys), dtype=bool)
+    if family == 4:
         mask = (0xFFFFFFFF << (32 - net.prefixlen)) & 0xFFFFFFFF
         base = int(net.network_address)
-        return ((fa.keys["saddr"] & mask) == base) | ((fa.keys["daddr"] & mask) == base)
+        return ((keys["saddr"] & mask) == base) | ((keys["daddr"] & mask) == base)
     nbytes, nbits = divmod(net.prefixlen, 8)
     want = net.network_address.packed
 
@@ -168,7 +183,14 @@ def _filter_mask(fa: FlowArrays, net: ipaddress.IPv4Network | ipaddress.IPv6Netw
             ok &= (col[:, nbytes] & m) == want[nbytes]
         return ok
 
-    return inside(fa.keys["saddr"]) | inside(fa.keys["daddr"])
+    return inside(keys["saddr"]) | inside(keys["daddr"])
+
+
+def _column(vals: np.ndarray, sort: str) -> np.ndarray:
+    """One sort key of every flow, folded over CPU slots as fold() does."""
+    if sort == "last-seen":
+        return vals["last_seen"].max(axis=1)
+    return vals[sort].sum(axis=1, dtype=np.uint64)
 
 
 def top_flows(
@@ -183,19 +205,20 @@ def top_flows(
     """
     if sort not in SORT_KEYS:
         raise ValueError(f"sort by one of {', '.join(SORT_KEYS)}, not {sort!r}")
-    column = {"packets": "packets", "bytes": "bytes", "last-seen": "last_seen"}[sort]
     picked: list[tuple[int, int, FlowArrays, int]] = []  # (value, tiebreak, table, row)
     for name, family in (("flows_v4", 4), ("flows_v6", 6)):
         with open_map(pins, name, ifname) as m:
-            fa = read_table(m, family)
-        sel = np.arange(len(fa))
+            keys, vals = read_raw(m)
+        sel = np.arange(len(keys))
         if cidr is not None:
-            sel = sel[_filter_mask(fa, cidr)]
-        values = getattr(fa, column)[sel]
+            sel = sel[_filter_mask(keys, family, cidr)]
+        # only the sort key is folded for every flow; the rest for those picked
+        values = _column(vals, sort)[sel]
         if top is not None and len(sel) > top:
             part = np.argpartition(-values.astype(np.float64), top - 1)[:top]
             sel, values = sel[part], values[part]
-        picked.extend((int(v), int(fa.packets[r]), fa, int(r)) for v, r in zip(values, sel))
+        fa = fold(family, keys[sel], vals[sel])
+        picked.extend((int(v), int(fa.packets[i]), fa, i) for i, v in enumerate(values))
     picked.sort(key=lambda t: (t[0], t[1]), reverse=True)
     if top is not None:
         picked = picked[:top]
@@ -210,6 +233,7 @@ __all__ = [
     "count_flows",
     "fold",
     "kernel_counts",
+    "read_raw",
     "read_table",
     "tcp_flags_str",
     "top_flows",
