@@ -427,11 +427,17 @@ class Blocklist:
     def sync_keys(self, wanted: Iterable[int], dry_run: bool = False, direction: str | None = None) -> Change:
         """sync() for rule keys (blocklist_file.read_file_keys gives them)."""
         current = self.entry_keys()
-        want = set(wanted)
+        keys = wanted if isinstance(wanted, list) else list(wanted)
+        want = set(keys)
+        if len(want) != len(keys) or keys != sorted(keys):  # read_file_keys gives them sorted, once each
+            keys = sorted(want)
+        # in order as they are (sorting 10^5 keys again costs tens of ms); the
+        # other direction's keys added below are all current, never added
+        to_add = [k for k in keys if k not in current]
         if direction is not None:
             other = 1 - _DIRS.index(direction)
             want |= {k for k in current if k & 1 == other}
-        to_add, to_delete = sorted(want - current.keys()), sorted(current.keys() - want)
+        to_delete = sorted(current.keys() - want)
         if dry_run:
             self._deletes_first(current, to_add, to_delete)
             return Change(to_add, to_delete)
