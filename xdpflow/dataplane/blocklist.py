@@ -24,6 +24,7 @@ import bisect
 import contextlib
 import errno
 import socket
+import threading
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ from xdpflow.dataplane.abi import ffi, np_dtype
 from xdpflow.dataplane.counts import rule_capacity
 from xdpflow.dataplane.maps import PinnedMaps
 from xdpflow.dataplane.pins import PinRoot
-from xdpflow.errors import MapFullError
+from xdpflow.errors import MapFullError, XdpflowError
 from xdpflow.rules.blockfile import KEY6, Rule, rule_from_key, rule_key
 
 TRIES = abi.BLOCKLIST_TRIES  # (family, direction) -> (trie, config flag)
@@ -163,10 +164,13 @@ def v4_tables(addrs: np.ndarray, plens: np.ndarray, idx: np.ndarray) -> V4Tables
     mid, long_ = (plens > 16) & (plens <= 24), plens > 24
     d24 = set((addrs[mid] >> 16).tolist())
     hosts16 = set((addrs[long_] >> 16).tolist())
-    for c in set((addrs[long_] >> 8).tolist()):
-        if (c >> 8) in d24:
-            # the lookup reaches L3 through this /24's entry
-            l2[c] = (l2.get(c) or int(l1[c >> 8])) | HOSTS
+    if d24:
+        # a /24 holding hosts whose /16 has L2 entries: the lookup reaches L3 through the /24's entry
+        cs = np.unique(addrs[long_] >> 8)
+        cs = cs[np.isin(cs >> 8, np.fromiter(d24, dtype=np.uint64, count=len(d24)))]
+        get = l2.get
+        for c, whole16 in zip(cs.tolist(), l1[(cs >> 8).astype(np.int64)].tolist()):
+            l2[c] = (get(c) or whole16) | HOSTS
     if d24:
         l1[np.fromiter(d24, dtype=np.int64)] |= np.uint32(D24)
     if hosts16:
@@ -263,6 +267,8 @@ def v6_tables(rules: list[tuple[int, int, int]]) -> V6Tables:
     answer: dict[tuple[int, int], int] = {}
     inside: dict[tuple[int, int], int] = {}  # (level, region) -> smallest level of a rule inside it
     deep = []
+    # shortest first, so levels only grow: the first level noted inside a region is its smallest
+    note = inside.setdefault
     for addr, plen, idx in sorted(rules, key=lambda r: r[1]):
         level = _v6_level(plen)
         if level == 16:
@@ -270,13 +276,14 @@ def v6_tables(rules: list[tuple[int, int, int]]) -> V6Tables:
             l0[first : first + (1 << (16 - plen))] = idx + 1
             continue
         deep.append((addr, level))
-        base = addr >> (128 - level)
-        for region in range(base, base + (1 << (level - plen))):
-            answer[(level, region)] = idx + 1
+        if level == plen:
+            answer[(level, addr >> (128 - level))] = idx + 1
+        else:
+            base = addr >> (128 - level)
+            for region in range(base, base + (1 << (level - plen))):
+                answer[(level, region)] = idx + 1
         for a in range(16, level, 8):
-            key = (a, addr >> (128 - a))
-            if inside.get(key, 129) > level:
-                inside[key] = level
+            note((a, addr >> (128 - a)), level)
     markers = set()
     for addr, level in deep:
         a = 16
@@ -514,26 +521,48 @@ class Blocklist:
         final = {k: i for k, i in current.items() if k not in gone}
         # new rules get indices no current rule holds, so an entry still
         # pointing at a deleted rule never counts hits for a new one
+        free = np.zeros(0, dtype=np.int64)
         if to_add:
             used = np.zeros(self.capacity()[1], dtype=bool)
             used[list(current.values())] = True
             free = np.flatnonzero(~used)[: len(to_add)]
             final.update(zip(to_add, free.tolist()))
+
+        # 1. adds: the rule store first. Its writes (syscalls, most of a large
+        # sync's kernel time) run on another thread while this one computes
+        # the tables: no frame walks the tries, so rules there that no table
+        # names yet change nothing, and they are taken out again if the
+        # tables turn out not to fit (nothing changed, as before).
+        adds = [(kind, keys) for kind, keys in split.add.items() if keys]
+        for kind, _keys in adds:
+            self._map(TRIES[kind][0])  # opened on this thread: the map cache is not shared
+        self._map("rule_hits")
+
+        def store() -> None:
             self._zero_hits(free)
-
-        kinds = split.final(gone)
-        v4 = {d: self._v4_placed(kinds[(4, d)], final, d) for d in V4_LEVELS}
-        self._check_v4_sizes(v4)
-        rules6 = {d: [(_addr(k), _plen(k), final[k]) for k in kinds[(6, d)]] for d in V6_TABLES}
-        v6 = {d: v6_tables(rules6[d]) for d in V6_TABLES}
-        self._check_v6_sizes(v6)
-        pf_final = {d: v6_filter(rules6[d]) for d in V6_FILTERS}
-        flags = _flags_of(kinds)
-
-        # 1. adds: the rule store, then the tables, then the flags
-        for kind, keys in split.add.items():
-            if keys:
+            for kind, keys in adds:
                 self._write_trie(kind, keys, [final[k] for k in keys])
+
+        writing = _Background(store)
+        try:
+            kinds = split.final(gone)
+            v4 = {d: self._v4_placed(kinds[(4, d)], final, d) for d in V4_LEVELS}
+            self._check_v4_sizes(v4)
+            rules6 = {d: [(_addr(k), _plen(k), final[k]) for k in kinds[(6, d)]] for d in V6_TABLES}
+            v6 = {d: v6_tables(rules6[d]) for d in V6_TABLES}
+            self._check_v6_sizes(v6)
+            pf_final = {d: v6_filter(rules6[d]) for d in V6_FILTERS}
+            flags = _flags_of(kinds)
+        except BaseException:
+            writing.wait()
+            for kind, keys in adds:
+                self._take_out(kind, keys)
+            raise
+        error = writing.wait()
+        if error is not None:
+            raise error
+
+        # then the tables, then the flags
         for direction, tables in v4.items():
             self._write_v4(direction, tables)
         for d in V6_FILTERS:  # a bit is set before any entry that needs it
@@ -630,6 +659,8 @@ class Blocklist:
     def _zero_hits(self, indices: np.ndarray) -> None:
         m = self._map("rule_hits")
         n = len(indices)
+        if n == 0:
+            return
         keys = np.ascontiguousarray(indices, dtype=np.uint32)
         vals = ffi.new("char[]", n * possible_cpus() * 8)
         m.update_batch_raw(ffi.from_buffer(keys), vals, n)
@@ -658,6 +689,18 @@ class Blocklist:
         m = self._map(TRIES[kind][0])
         arr = self._trie_keys(m, kind, keys)
         m.delete_batch_raw(ffi.from_buffer(arr), len(keys))
+
+    def _take_out(self, kind: tuple[int, str], keys: list[int]) -> None:
+        """Undo a _write_trie of ``keys`` that may have stopped part-way:
+        delete those of them that are there."""
+        try:
+            self._delete_trie(kind, keys)
+        except XdpflowError:
+            m = self._map(TRIES[kind][0])
+            arr = self._trie_keys(m, kind, keys)
+            for i in range(len(arr)):
+                with contextlib.suppress(XdpflowError):  # ENOENT: never written
+                    m.delete_batch_raw(ffi.from_buffer(arr[i : i + 1]), 1)
 
     def _read_u32_map(self, m: Map) -> dict[int, int]:
         raw = m.lookup_batch_raw(chunk=65536)
@@ -744,6 +787,26 @@ class Blocklist:
 
     def generation(self) -> int:
         return int(self._map("config")[0].generation)
+
+
+class _Background:
+    """``fn`` run on a thread of its own: for syscalls, which release the GIL.
+    ``wait()`` returns the exception it raised, if any."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="xdpflow-blocklist", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except BaseException as e:  # handed to the caller by wait()
+            self._error = e
+
+    def wait(self) -> BaseException | None:
+        self._thread.join()
+        return self._error
 
 
 def _flags_of(kinds: dict[tuple[int, str], list[int]]) -> int:
