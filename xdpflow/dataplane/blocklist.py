@@ -543,10 +543,10 @@ class Blocklist:
         self._map("rule_hits")
 
         def store() -> None:
-            self._zero_hits(free)
             for kind, keys in adds:
                 self._write_trie(kind, keys, [final[k] for k in keys])
 
+        zeroing = _Background(lambda: self._zero_hits(free))
         writing = _Background(store)
         try:
             kinds = split.final(gone)
@@ -558,13 +558,14 @@ class Blocklist:
             pf_final = {d: v6_filter(rules6[d]) for d in V6_FILTERS}
             flags = _flags_of(kinds)
         except BaseException:
+            zeroing.wait()
             writing.wait()
             for kind, keys in adds:
                 self._take_out(kind, keys)
             raise
-        error = writing.wait()
-        if error is not None:
-            raise error
+        for error in (zeroing.wait(), writing.wait()):
+            if error is not None:
+                raise error
 
         # then the tables, then the flags
         for direction, tables in v4.items():
@@ -720,8 +721,13 @@ class Blocklist:
         """
         l1m, l2m, l3m = (self._map(n) for n in V4_LEVELS[direction])
         have3, have2 = self._read_u32_map(l3m), self._read_u32_map(l2m)
-        _upsert(l3m, {k: v for k, v in t.l3.items() if have3.get(k) != v} if have3 else t.l3)
+        # two tables of one level: written side by side (syscalls release the GIL)
+        new3 = {k: v for k, v in t.l3.items() if have3.get(k) != v} if have3 else t.l3
+        hosts = _Background(lambda: _upsert(l3m, new3))
         _upsert(l2m, {k: v for k, v in t.l2.items() if have2.get(k) != v} if have2 else t.l2)
+        error = hosts.wait()
+        if error is not None:
+            raise error
         if t.chunks:
             name = V4_CHUNKS[direction]
             ks = np.fromiter(t.chunks.keys(), dtype=np.int64, count=len(t.chunks))
