@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from xdpflow.app.output import clear_screen, emit_json, human, proto_name, table, time_left
-from xdpflow.bindings import netlink
+from xdpflow.bindings.netns import in_netns
 from xdpflow.dataplane import abi, maps
 from xdpflow.dataplane.abi import FLOWS_DEFAULT
 from xdpflow.dataplane.pins import PinRoot, default_root
@@ -983,7 +983,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.func is cmd_run:  # the daemon enters its (configured) namespace itself
             return int(args.func(args))
-        with netlink.in_netns(args.netns):
+        with in_netns(args.netns):
             return int(args.func(args))
     except OSError as e:
         if args.debug:

@@ -22,6 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from xdpflow.bindings.netns import CLONE_NEWNET as CLONE_NEWNET
+from xdpflow.bindings.netns import enter_netns as enter_netns
+from xdpflow.bindings.netns import in_netns as in_netns
 from xdpflow.errors import XdpflowError, os_error
 
 if TYPE_CHECKING:
@@ -29,7 +32,8 @@ if TYPE_CHECKING:
 
 # pyroute2 takes ~150 ms to import; commands that never touch netlink
 # (stats, flows, block) should not pay for it, so it is imported on use.
-CLONE_NEWNET = 0x40000000
+# Entering a namespace lives in netns.py, which loads no socket code (every
+# command enters --netns); its names are here too, for the callers of this module.
 
 # linux/if_link.h
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
@@ -340,59 +344,7 @@ def detach(name: str, mode: str | None = None) -> None:
         raise _nl_error(e, f"detaching XDP program from {name}") from None
 
 
-@contextlib.contextmanager
-def in_netns(name: str | None) -> Iterator[None]:
-    """Run the body inside network namespace ``name`` (None: stay here).
-
-    setns() switches only this thread's network namespace, not its mount
-    namespace, so bpffs pins stay visible (unlike `ip netns exec`). Netlink
-    sockets opened inside stay bound to that namespace.
-    """
-    if name is None:
-        yield
-        return
-    path = _netns_path(name)
-    if not os.path.exists(path):
-        raise XdpflowError(errno.ENOENT, f"no network namespace named {name!r}; `ip netns list` lists them")
-    saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        _setns(path)
-        try:
-            yield
-        finally:
-            _setns(saved)
-    finally:
-        os.close(saved)
-
-
-def _netns_path(name: str) -> str:
-    return name if "/" in name else f"/run/netns/{name}"
-
-
-def _setns(target: str | int) -> None:
-    """setns(2) into a network namespace given by path or open fd."""
-    fd = os.open(target, os.O_RDONLY) if isinstance(target, str) else target
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise os_error(err, f"entering network namespace {target}")
-    finally:
-        if isinstance(target, str):
-            os.close(fd)
-
-
 # --- what the test lab builds: namespaces, veths, addresses, neighbours -------
-
-
-def enter_netns(name: str) -> None:
-    """Move this thread into network namespace ``name`` for good: the rest
-    of a forked child's life. Unlike ``in_netns`` there is no way back.
-
-    Raises FileNotFoundError when there is no such namespace (it is never
-    created), XdpflowError when entering it fails.
-    """
-    _setns(_netns_path(name))
 
 
 def create_netns(name: str) -> None:
