@@ -24,7 +24,6 @@ import bisect
 import contextlib
 import errno
 import socket
-import threading
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ import numpy as np
 from xdpflow.bindings.libbpf import Map, possible_cpus
 from xdpflow.dataplane import abi
 from xdpflow.dataplane.abi import ffi, np_dtype
+from xdpflow.dataplane.background import Background
 from xdpflow.dataplane.counts import rule_capacity
 from xdpflow.dataplane.maps import PinnedMaps
 from xdpflow.dataplane.pins import PinRoot
@@ -546,8 +546,8 @@ class Blocklist:
             for kind, keys in adds:
                 self._write_trie(kind, keys, [final[k] for k in keys])
 
-        zeroing = _Background(lambda: self._zero_hits(free))
-        writing = _Background(store)
+        zeroing = Background(lambda: self._zero_hits(free))
+        writing = Background(store)
         try:
             kinds = split.final(gone)
             v4 = {d: self._v4_placed(kinds[(4, d)], final, d) for d in V4_LEVELS}
@@ -723,7 +723,7 @@ class Blocklist:
         have3, have2 = self._read_u32_map(l3m), self._read_u32_map(l2m)
         # two tables of one level: written side by side (syscalls release the GIL)
         new3 = {k: v for k, v in t.l3.items() if have3.get(k) != v} if have3 else t.l3
-        hosts = _Background(lambda: _upsert(l3m, new3))
+        hosts = Background(lambda: _upsert(l3m, new3))
         _upsert(l2m, {k: v for k, v in t.l2.items() if have2.get(k) != v} if have2 else t.l2)
         error = hosts.wait()
         if error is not None:
@@ -797,26 +797,6 @@ class Blocklist:
 
     def generation(self) -> int:
         return int(self._map("config")[0].generation)
-
-
-class _Background:
-    """``fn`` run on a thread of its own: for syscalls, which release the GIL.
-    ``wait()`` returns the exception it raised, if any."""
-
-    def __init__(self, fn: Callable[[], None]) -> None:
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), name="xdpflow-blocklist", daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except BaseException as e:  # handed to the caller by wait()
-            self._error = e
-
-    def wait(self) -> BaseException | None:
-        self._thread.join()
-        return self._error
 
 
 def _flags_of(kinds: dict[tuple[int, str], list[int]]) -> int:

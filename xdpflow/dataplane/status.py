@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xdpflow.dataplane import abi, attachment
+from xdpflow.dataplane.background import Background
 from xdpflow.dataplane.chain import next_of
 from xdpflow.dataplane.counts import count_flows, count_rules, rule_capacity
 from xdpflow.dataplane.maps import PinnedMaps, get_config, knobs_of, pinned_prog
@@ -28,36 +29,48 @@ def status_rows(pins: PinRoot) -> list[dict[str, Any]]:
         return []
     monitor = bool(get_config(pins).flags & abi.C.XF_CFG_MONITOR)
     with PinnedMaps(pins) as shared:
-        nrules = count_rules(shared)
         _per_trie, total = rule_capacity(shared)
-    rows = []
-    for ifname in names:
-        st = iface_status(pins, ifname)
+        for trie, _flag in abi.BLOCKLIST_TRIES.values():
+            shared(trie)  # opened here: the map cache is not shared across threads
+        # the tries keep no count and reading 10^5 rules is most of status's
+        # time, in syscalls: they are counted while the interfaces are read
+        counting = Background(lambda: count_rules(shared))
         try:
-            flows, flows_max = count_flows(pins, ifname)
-        except NotAttachedError:  # an attach that died half-way: show it, as not attached
-            flows, flows_max = 0, 0
-        then = next_of(pins, ifname)
-        rows.append(
-            {
-                "ifname": ifname,
-                "mode": st.mode,
-                "prog_id": st.prog_id,
-                "attached": st.attached,
-                "attached_at": st.attached_at,
-                "attach": st.attach,
-                "current_ifname": st.found_as,
-                "netns": st.netns,
-                "then": then.to_json() if then is not None else None,
-                "sink": st.sink,
-                "flows": flows,
-                "flows_max": flows_max,
-                "blocklist": nrules,
-                "blocklist_max": total,
-                "monitor": monitor,
-            }
-        )
+            rows = [_row(pins, ifname) for ifname in names]
+        except BaseException:
+            counting.wait()
+            raise
+        nrules = counting.result()
+    for row in rows:
+        row.update({"blocklist": nrules, "blocklist_max": total, "monitor": monitor})
     return rows
+
+
+def _row(pins: PinRoot, ifname: str) -> dict[str, Any]:
+    """One interface's object; the shared keys at its end are filled in after."""
+    st = iface_status(pins, ifname)
+    try:
+        flows, flows_max = count_flows(pins, ifname)
+    except NotAttachedError:  # an attach that died half-way: show it, as not attached
+        flows, flows_max = 0, 0
+    then = next_of(pins, ifname)
+    return {
+        "ifname": ifname,
+        "mode": st.mode,
+        "prog_id": st.prog_id,
+        "attached": st.attached,
+        "attached_at": st.attached_at,
+        "attach": st.attach,
+        "current_ifname": st.found_as,
+        "netns": st.netns,
+        "then": then.to_json() if then is not None else None,
+        "sink": st.sink,
+        "flows": flows,
+        "flows_max": flows_max,
+        "blocklist": None,
+        "blocklist_max": None,
+        "monitor": None,
+    }
 
 
 def boot_to_wall(ns_since_boot: int) -> float:
