@@ -16,24 +16,24 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from xdpflow.app.output import clear_screen, emit_json, human, proto_name, table, time_left
-from xdpflow.bindings import netlink
-from xdpflow.dataplane import abi, lifecycle, maps
-from xdpflow.dataplane.lifecycle import FLOWS_DEFAULT, AttachOptions
+from xdpflow.bindings.netns import in_netns
+from xdpflow.dataplane import abi, maps
+from xdpflow.dataplane.abi import FLOWS_DEFAULT
 from xdpflow.dataplane.pins import PinRoot, default_root
 from xdpflow.errors import InputError, NotAttachedError, one_line
-from xdpflow.rules.blockfile import BlocklistFileError, Rule, parse_cidr, read_file_keys
-from xdpflow.rules.rulespec import RuleError, RulesFileError, RuleSpec, from_fields, parse_duration
-from xdpflow.rules.rulespec import read_file as read_rules_file
 
 if TYPE_CHECKING:
     from xdpflow.dataplane.top import TopRow
+    from xdpflow.rules.blockfile import BlocklistFileError, Rule
+    from xdpflow.rules.rulespec import RuleSpec
 
-# numpy-backed modules (flows, blocklist, events) are imported by the commands
-# that use them: `stats` must start fast.
+# numpy-backed modules (flows, blocklist, events), the loader (lifecycle), the
+# blocklist file parser and the daemon's configuration are imported by the
+# commands that use them: `stats` must start fast.
 SORT_KEYS = ("packets", "bytes", "last-seen")  # flows.SORT_KEYS, without importing numpy
 
 EXIT_FAIL = 1
@@ -60,7 +60,9 @@ def _ifaces(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
-    opts = AttachOptions(
+    from xdpflow.dataplane import lifecycle
+
+    opts = lifecycle.AttachOptions(
         mode=args.mode,
         flows=args.flows,
         sink=args.sink,
@@ -100,6 +102,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 
 def cmd_detach(args: argparse.Namespace) -> int:
+    from xdpflow.dataplane import lifecycle
+
     for ifname in args.ifaces:
         r = lifecycle.detach(ifname, args.pins)
         if args.json:
@@ -218,6 +222,7 @@ def watch_stats(args: argparse.Namespace) -> int:
 
 def cmd_flows(args: argparse.Namespace) -> int:
     from xdpflow.dataplane.flows import tcp_flags_str, top_flows
+    from xdpflow.rules.blockfile import parse_cidr
 
     cidr = None
     if args.filter:
@@ -309,6 +314,8 @@ def _top_header(by: str) -> list[str]:
 
 
 def _parse_cidrs(texts: list[str], direction: str) -> list[Rule]:
+    from xdpflow.rules.blockfile import Rule, parse_cidr
+
     rules, errors = [], []
     for t in texts:
         try:
@@ -344,6 +351,7 @@ def _block_entries(pins: PinRoot) -> list[tuple[RuleSpec, str, int]]:
 
 def cmd_block(args: argparse.Namespace) -> int:
     from xdpflow.dataplane.blocklist import blocklist_of, key_cidr
+    from xdpflow.rules.blockfile import BlocklistFileError, read_file_keys
 
     pins: PinRoot = args.pins
     direction = "dst" if getattr(args, "dst", False) else "src"
@@ -444,6 +452,7 @@ def _block_add_ttl(args: argparse.Namespace, direction: str, ttl: str) -> int:
     """`block add CIDR --ttl D`: drop rules at the blocklist's priority in the
     rule set, so the data plane itself stops matching them on time."""
     from xdpflow.dataplane.rules import RuleTables, block_rule
+    from xdpflow.rules.rulespec import RuleError, parse_duration
 
     try:
         expires_at = int(time.time()) + parse_duration(ttl)
@@ -480,6 +489,8 @@ RULE_FLAGS = {
 
 
 def _rule_from_args(args: argparse.Namespace) -> RuleSpec:
+    from xdpflow.rules.rulespec import RuleError, from_fields
+
     if args.action is None:
         raise InputError("rule add needs --action pass|drop|monitor|rate-limit")
     fields = {word: getattr(args, dest) for dest, word in RULE_FLAGS.items() if getattr(args, dest) is not None}
@@ -497,6 +508,8 @@ def _rule_row(r: RuleSpec, counts: tuple[int, int, int], now: float) -> list[Any
 
 def cmd_rule(args: argparse.Namespace) -> int:
     from xdpflow.dataplane.rules import RuleTables
+    from xdpflow.rules.rulespec import RulesFileError
+    from xdpflow.rules.rulespec import read_file as read_rules_file
 
     if args.rule_cmd == "add":
         rule = _rule_from_args(args)
@@ -707,8 +720,41 @@ positive_int = positive_of(int, "a whole number")
 positive_float = positive_of(float, "a number")
 
 
+class _Parser(argparse.ArgumentParser):
+    """A subcommand's parser that may add its arguments when it is first
+    used: `run`'s come from the daemon's configuration module (with the
+    daemon's imports behind it), which no other command should load."""
+
+    def __init__(self, *args: Any, arguments: Callable[[argparse.ArgumentParser], None] | None = None, **kw: Any):
+        super().__init__(*args, **kw)
+        self._arguments = arguments
+
+    def _add_arguments(self) -> None:
+        if self._arguments is not None:
+            add, self._arguments = self._arguments, None
+            add(self)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._add_arguments()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._add_arguments()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._add_arguments()
+        return super().format_help()
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    from xdpflow.app.config import add_run_arguments
+
+    add_run_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--json",
         action="store_true",
@@ -732,12 +778,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the traceback of an error too (default off, or on when $XDPFLOW_DEBUG is set)",
     )
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="xdpflow",
         description="XDP packet counting, flow tracking and blocking.",
         parents=[common],
     )
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=_Parser)
 
     a = sub.add_parser("attach", parents=[common], help="load, pin and attach to interfaces")
     a.add_argument("ifaces", nargs="+", metavar="IFACE")
@@ -861,16 +907,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     at.set_defaults(func=cmd_attacks)
 
-    from xdpflow.app.config import add_run_arguments
-
     r = sub.add_parser(
         "run",
         parents=[common],
+        arguments=_run_arguments,
         help="the daemon: attach, export IPFIX, serve metrics, sync feeds",
         description="Run the daemon. Every option overrides the key of the same name in --config; "
         "defaults are those of contrib/xdpflow.toml.",
     )
-    add_run_arguments(r)
     r.set_defaults(func=cmd_run)
     return p
 
@@ -932,10 +976,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.netns = getattr(args, "netns", None)
     # a closed pipe (xdpflow ... | head) is not an error worth a traceback
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    if args.func is not cmd_run:
+        # a one-shot command multiplies no matrices: numpy's OpenBLAS would
+        # only start its thread pool, ~50 ms of `flows` and `block sync`
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         if args.func is cmd_run:  # the daemon enters its (configured) namespace itself
             return int(args.func(args))
-        with netlink.in_netns(args.netns):
+        with in_netns(args.netns):
             return int(args.func(args))
     except OSError as e:
         if args.debug:

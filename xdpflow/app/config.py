@@ -8,13 +8,12 @@ from __future__ import annotations
 import argparse
 import errno
 import re
-import tomllib
 from dataclasses import dataclass, field, fields
 from ipaddress import ip_network
 from typing import Any
 
 from xdpflow.bindings import netlink
-from xdpflow.dataplane.lifecycle import FLOWS_DEFAULT
+from xdpflow.dataplane.abi import FLOWS_DEFAULT
 from xdpflow.dataplane.pins import default_root
 from xdpflow.defaults import (
     ACTIVE_TIMEOUT,
@@ -124,6 +123,8 @@ _RENAMES = {
 def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
     """Read a TOML config file (None: defaults only) and apply command-line
     overrides. Raises ConfigError naming the file and the offending key."""
+    import tomllib  # only `run` reads a file: every command builds the parser that imports this module
+
     values: dict[str, Any] = {}
     if path:
         try:

@@ -18,11 +18,12 @@ import mmap as _mmap
 import os
 from collections.abc import Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Self
-
-import cffi
+from typing import TYPE_CHECKING, Any, Self
 
 from xdpflow.errors import VerifierError, XdpflowError, os_error
+
+if TYPE_CHECKING:
+    import cffi  # the built declarations need only its backend: the package (~3 ms) loads to parse C
 
 # Every libbpf function and struct used here, as libbpf 1.x declares them.
 # `make build` compiles these declarations (and the product's, see
@@ -233,6 +234,8 @@ def _load_ffi() -> Any:
 
         return built
     except ImportError:
+        import cffi
+
         parsed = cffi.FFI()
         parsed.cdef(CDEF)
         return parsed
@@ -251,6 +254,8 @@ def declare_types(declarations: str) -> Any:
     other module imported first. (An unbuilt tree's path: a built one loads
     the same declarations compiled, see dataplane/abi.py.)
     """
+    import cffi
+
     types = cffi.FFI()
     types.cdef(CDEF)
     types.cdef(declarations)
@@ -706,6 +711,44 @@ class Map(OwnedFd, MutableMapping[Any, Any]):
                 return b"".join(kparts), b"".join(vparts), n
             self.types.memmove(in_b, out_b, cursor_len)
             first = False
+
+    def lookup_batch_into(self, keys: Any, values: Any, chunk: int = 65536) -> int | None:
+        """Every entry of a hash map, written by the kernel straight into
+        ``keys`` and ``values``: writable buffers (numpy arrays, bytearrays)
+        with room for ``max_entries + chunk`` keys and values, laid out as
+        lookup_batch_raw() returns them, without its copies. Returns how many
+        entries were read, or None where the kernel has no batch op for this
+        map type (or one bucket holds more than ``chunk`` entries): then
+        lookup_batch_raw() reads it. Raises XdpflowError.
+        """
+        ks = self.info.key_size
+        stride = self.ncpu * self.value_stride
+        kbuf = self.types.from_buffer("char[]", keys, require_writable=True)
+        vbuf = self.types.from_buffer("char[]", values, require_writable=True)
+        if len(kbuf) < (self.info.max_entries + chunk) * ks or len(vbuf) < (self.info.max_entries + chunk) * stride:
+            raise ValueError(f"buffers for {self.info.max_entries} + {chunk} entries of map {self.name} needed")
+        cursor_len = max(ks, 8)  # opaque: a bucket for hashes
+        in_b = self.types.new("char[]", cursor_len)
+        out_b = self.types.new("char[]", cursor_len)
+        count = self.types.new("uint32_t *")
+        opts = ffi.new("struct bpf_map_batch_opts *", {"sz": ffi.sizeof("struct bpf_map_batch_opts")})
+        n = 0
+        while True:
+            # an entry inserted meanwhile may take n past max_entries: the slack absorbs one batch
+            count[0] = min(chunk, self.info.max_entries + chunk - n)
+            if count[0] == 0:
+                return n
+            ret = lib.bpf_map_lookup_batch(
+                self.fd, self.types.NULL if n == 0 else in_b, out_b, kbuf + n * ks, vbuf + n * stride, count, opts
+            )
+            if ret < 0 and (-ret in _BATCH_UNSUPPORTED and n == 0 or -ret == errno.ENOSPC):
+                return None  # no batch op here, or a bucket holds more than chunk: lookup_batch_raw copes
+            if ret < 0 and -ret != errno.ENOENT:
+                _check(ret, f"batch-reading map {self.name}")
+            n += count[0]
+            if ret < 0:  # ENOENT: that was the last batch
+                return n
+            self.types.memmove(in_b, out_b, cursor_len)
 
     def _items_slow(self, delete: bool) -> list[tuple[Any, Any]]:
         out = []

@@ -22,6 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from xdpflow.bindings.netns import CLONE_NEWNET as CLONE_NEWNET
+from xdpflow.bindings.netns import enter_netns as enter_netns
+from xdpflow.bindings.netns import in_netns as in_netns
 from xdpflow.errors import XdpflowError, os_error
 
 if TYPE_CHECKING:
@@ -29,7 +32,8 @@ if TYPE_CHECKING:
 
 # pyroute2 takes ~150 ms to import; commands that never touch netlink
 # (stats, flows, block) should not pay for it, so it is imported on use.
-CLONE_NEWNET = 0x40000000
+# Entering a namespace lives in netns.py, which loads no socket code (every
+# command enters --netns); its names are here too, for the callers of this module.
 
 # linux/if_link.h
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
@@ -109,35 +113,90 @@ def ifindex(name: str) -> int:
 def xdp_state(name: str) -> XdpState:
     """What XDP program (if any) runs on interface ``name``. Raises XdpflowError."""
     idx = ifindex(name)
-    try:
-        with ipr() as ip:
-            link = ip.get_links(idx)[0]
-    except _netlink_error() as e:
-        raise _nl_error(e, f"reading interface {name}") from None
-    xdp = link.get_attr("IFLA_XDP")
-    prog_id, mode = 0, None
-    if xdp is not None:
-        attached = xdp.get_attr("IFLA_XDP_ATTACHED") or 0
-        if isinstance(attached, str):  # pyroute2 may decode it to a name
-            attached = {"xdp": 1, "xdpgeneric": 2, "xdpoffload": 3, "xdpmulti": 4}.get(attached, 0)
-        mode = ATTACHED_NAMES.get(attached)
-        prog_id = xdp.get_attr("IFLA_XDP_PROG_ID") or 0
+    links = _get_links(idx, f"reading interface {name}")
+    if not links:
+        raise XdpflowError(errno.ENODEV, f"reading interface {name}: no such device")
+    _idx, _name, prog_id, mode = links[0]
     return XdpState(ifindex=idx, ifname=name, prog_id=prog_id, mode=mode)
 
 
 def find_prog(prog_id: int) -> XdpState | None:
     """The interface of this namespace that runs XDP program ``prog_id``
     (it may have been renamed since it was attached), or None."""
-    try:
-        with ipr() as ip:
-            links = ip.get_links()
-    except _netlink_error() as e:
-        raise _nl_error(e, "listing interfaces") from None
-    for link in links:
-        xdp = link.get_attr("IFLA_XDP")
-        if xdp is not None and (xdp.get_attr("IFLA_XDP_PROG_ID") or 0) == prog_id:
-            return xdp_state(link.get_attr("IFLA_IFNAME"))
+    for idx, name, running, mode in _get_links(0, "listing interfaces"):
+        if running == prog_id:
+            return XdpState(ifindex=idx, ifname=name, prog_id=running, mode=mode)
     return None
+
+
+# Reading a device's XDP state is a plain RTM_GETLINK, sent and parsed here:
+# `status` reads it, and pyroute2 takes ~150 ms to import.
+# linux/rtnetlink.h, linux/netlink.h, linux/if_link.h
+_RTM_NEWLINK = 16
+_RTM_GETLINK = 18
+_NLM_F_DUMP = 0x300
+_NLMSG_DONE = 3
+_NLA_TYPE_MASK = 0x3FFF
+_IFLA_IFNAME = 3
+_IFLA_EXT_MASK = 29
+_RTEXT_FILTER_SKIP_STATS = 1 << 3
+_IFLA_XDP_ATTACHED = 2
+_IFLA_XDP_PROG_ID = 4
+
+
+def _attrs(data: bytes, at: int, end: int) -> Iterator[tuple[int, bytes]]:
+    """(type, payload) of each netlink attribute in data[at:end]."""
+    while at + 4 <= end:
+        n, kind = struct.unpack_from("=HH", data, at)
+        if n < 4:
+            return
+        yield kind & _NLA_TYPE_MASK, data[at + 4 : at + n]
+        at += (n + 3) & ~3
+
+
+def _get_links(idx: int, what: str) -> list[tuple[int, str, int, str | None]]:
+    """(ifindex, name, XDP program id, XDP mode) of device ``idx`` in this
+    namespace, or of every device (``idx`` 0). Raises XdpflowError."""
+    flags = _NLM_F_REQUEST | (_NLM_F_DUMP if idx == 0 else 0)
+    body = struct.pack("=BBHiII", socket.AF_UNSPEC, 0, 0, idx, 0, 0)
+    body += _nla(_IFLA_EXT_MASK, struct.pack("=I", _RTEXT_FILTER_SKIP_STATS))
+    req = struct.pack("=IHHII", 16 + len(body), _RTM_GETLINK, flags, 1, 0) + body
+    out: list[tuple[int, str, int, str | None]] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.send(req)
+        while True:
+            data = sock.recv(1 << 20)
+            at = 0
+            while at + 16 <= len(data):
+                n, kind = struct.unpack_from("=IH", data, at)
+                if kind == _NLMSG_ERROR:
+                    (err,) = struct.unpack_from("=i", data, at + 16)
+                    if err < 0:
+                        raise os_error(-err, what)
+                    return out
+                if kind == _NLMSG_DONE:
+                    return out
+                if kind == _RTM_NEWLINK:
+                    out.append(_link(data, at + 16, at + n))
+                    if idx:
+                        return out
+                at += (n + 3) & ~3
+
+
+def _link(data: bytes, at: int, end: int) -> tuple[int, str, int, str | None]:
+    """One RTM_NEWLINK message's (ifindex, name, XDP program id, XDP mode)."""
+    (idx,) = struct.unpack_from("=i", data, at + 4)
+    name, prog_id, mode = "", 0, None
+    for kind, payload in _attrs(data, at + 16, end):
+        if kind == _IFLA_IFNAME:
+            name = payload.split(b"\0", 1)[0].decode()
+        elif kind == _IFLA_XDP:
+            for sub, value in _attrs(payload, 0, len(payload)):
+                if sub == _IFLA_XDP_ATTACHED:
+                    mode = ATTACHED_NAMES.get(value[0])
+                elif sub == _IFLA_XDP_PROG_ID:
+                    (prog_id,) = struct.unpack_from("=I", value)
+    return idx, name, prog_id, mode
 
 
 def xdp_state_by_index(idx: int) -> XdpState | None:
@@ -285,59 +344,7 @@ def detach(name: str, mode: str | None = None) -> None:
         raise _nl_error(e, f"detaching XDP program from {name}") from None
 
 
-@contextlib.contextmanager
-def in_netns(name: str | None) -> Iterator[None]:
-    """Run the body inside network namespace ``name`` (None: stay here).
-
-    setns() switches only this thread's network namespace, not its mount
-    namespace, so bpffs pins stay visible (unlike `ip netns exec`). Netlink
-    sockets opened inside stay bound to that namespace.
-    """
-    if name is None:
-        yield
-        return
-    path = _netns_path(name)
-    if not os.path.exists(path):
-        raise XdpflowError(errno.ENOENT, f"no network namespace named {name!r}; `ip netns list` lists them")
-    saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        _setns(path)
-        try:
-            yield
-        finally:
-            _setns(saved)
-    finally:
-        os.close(saved)
-
-
-def _netns_path(name: str) -> str:
-    return name if "/" in name else f"/run/netns/{name}"
-
-
-def _setns(target: str | int) -> None:
-    """setns(2) into a network namespace given by path or open fd."""
-    fd = os.open(target, os.O_RDONLY) if isinstance(target, str) else target
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise os_error(err, f"entering network namespace {target}")
-    finally:
-        if isinstance(target, str):
-            os.close(fd)
-
-
 # --- what the test lab builds: namespaces, veths, addresses, neighbours -------
-
-
-def enter_netns(name: str) -> None:
-    """Move this thread into network namespace ``name`` for good: the rest
-    of a forked child's life. Unlike ``in_netns`` there is no way back.
-
-    Raises FileNotFoundError when there is no such namespace (it is never
-    created), XdpflowError when entering it fails.
-    """
-    _setns(_netns_path(name))
 
 
 def create_netns(name: str) -> None:

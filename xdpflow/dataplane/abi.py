@@ -165,3 +165,18 @@ def np_dtype(ctype: str, itemsize: int | None = None) -> Any:
 def object_path(name: str = "xdpflow") -> str:
     """Filesystem path of a compiled object shipped in the package."""
     return str(BPF_DIR / f"{name}.bpf.o")
+
+
+# `attach --flows` default: the IPv4 and IPv6 tables together (the header's
+# XF_FLOWS_DEFAULT is one table's); here, not in lifecycle, so the CLI's
+# help shows it without importing the loader
+FLOWS_DEFAULT = 2 * C.XF_FLOWS_DEFAULT
+
+# the blocklist's rule store: (family, direction) -> (the LPM trie holding
+# those rules, the config flag that says it is not empty)
+BLOCKLIST_TRIES: dict[tuple[int, str], tuple[str, int]] = {
+    (4, "src"): ("bl4_src", C.XF_CFG_BL4_SRC),
+    (4, "dst"): ("bl4_dst", C.XF_CFG_BL4_DST),
+    (6, "src"): ("bl6_src", C.XF_CFG_BL6_SRC),
+    (6, "dst"): ("bl6_dst", C.XF_CFG_BL6_DST),
+}

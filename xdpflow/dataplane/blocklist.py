@@ -32,18 +32,14 @@ import numpy as np
 from xdpflow.bindings.libbpf import Map, possible_cpus
 from xdpflow.dataplane import abi
 from xdpflow.dataplane.abi import ffi, np_dtype
+from xdpflow.dataplane.background import Background
+from xdpflow.dataplane.counts import rule_capacity
 from xdpflow.dataplane.maps import PinnedMaps
 from xdpflow.dataplane.pins import PinRoot
-from xdpflow.errors import MapFullError
+from xdpflow.errors import MapFullError, XdpflowError
 from xdpflow.rules.blockfile import KEY6, Rule, rule_from_key, rule_key
 
-# (family, direction) -> (trie, config flag)
-TRIES: dict[tuple[int, str], tuple[str, int]] = {
-    (4, "src"): ("bl4_src", abi.C.XF_CFG_BL4_SRC),
-    (4, "dst"): ("bl4_dst", abi.C.XF_CFG_BL4_DST),
-    (6, "src"): ("bl6_src", abi.C.XF_CFG_BL6_SRC),
-    (6, "dst"): ("bl6_dst", abi.C.XF_CFG_BL6_DST),
-}
+TRIES = abi.BLOCKLIST_TRIES  # (family, direction) -> (trie, config flag)
 V6_TABLES = {"src": ("bl6_l0_src", "bl6_deep_src"), "dst": ("bl6_l0_dst", "bl6_deep_dst")}
 V6_FILTERS = {"src": "bl6_pf_src", "dst": "bl6_pf_dst"}
 V4_LEVELS = {
@@ -168,10 +164,17 @@ def v4_tables(addrs: np.ndarray, plens: np.ndarray, idx: np.ndarray) -> V4Tables
     mid, long_ = (plens > 16) & (plens <= 24), plens > 24
     d24 = set((addrs[mid] >> 16).tolist())
     hosts16 = set((addrs[long_] >> 16).tolist())
-    for c in set((addrs[long_] >> 8).tolist()):
-        if (c >> 8) in d24:
-            # the lookup reaches L3 through this /24's entry
-            l2[c] = (l2.get(c) or int(l1[c >> 8])) | HOSTS
+    if d24:
+        # a /24 holding hosts whose /16 has L2 entries: the lookup reaches L3 through the /24's entry
+        # (sorted and compared, not np.unique: that loads numpy.ma, ~90 ms)
+        cs = np.sort(addrs[long_] >> 8)
+        cs = cs[np.concatenate(([True], cs[1:] != cs[:-1]))] if len(cs) else cs
+        tops = np.sort(np.fromiter(d24, dtype=np.uint64, count=len(d24)))
+        at = np.minimum(np.searchsorted(tops, cs >> 8), len(tops) - 1)
+        cs = cs[tops[at] == cs >> 8]
+        get = l2.get
+        for c, whole16 in zip(cs.tolist(), l1[(cs >> 8).astype(np.int64)].tolist()):
+            l2[c] = (get(c) or whole16) | HOSTS
     if d24:
         l1[np.fromiter(d24, dtype=np.int64)] |= np.uint32(D24)
     if hosts16:
@@ -268,6 +271,8 @@ def v6_tables(rules: list[tuple[int, int, int]]) -> V6Tables:
     answer: dict[tuple[int, int], int] = {}
     inside: dict[tuple[int, int], int] = {}  # (level, region) -> smallest level of a rule inside it
     deep = []
+    # shortest first, so levels only grow: the first level noted inside a region is its smallest
+    note = inside.setdefault
     for addr, plen, idx in sorted(rules, key=lambda r: r[1]):
         level = _v6_level(plen)
         if level == 16:
@@ -275,13 +280,14 @@ def v6_tables(rules: list[tuple[int, int, int]]) -> V6Tables:
             l0[first : first + (1 << (16 - plen))] = idx + 1
             continue
         deep.append((addr, level))
-        base = addr >> (128 - level)
-        for region in range(base, base + (1 << (level - plen))):
-            answer[(level, region)] = idx + 1
+        if level == plen:
+            answer[(level, addr >> (128 - level))] = idx + 1
+        else:
+            base = addr >> (128 - level)
+            for region in range(base, base + (1 << (level - plen))):
+                answer[(level, region)] = idx + 1
         for a in range(16, level, 8):
-            key = (a, addr >> (128 - a))
-            if inside.get(key, 129) > level:
-                inside[key] = level
+            note((a, addr >> (128 - a)), level)
     markers = set()
     for addr, level in deep:
         a = 16
@@ -410,7 +416,7 @@ class Blocklist:
 
     def capacity(self) -> tuple[int, int]:
         """(rules per family and direction, rules in all)."""
-        return self._map("bl4_src").info.max_entries, self._map("rule_hits").info.max_entries
+        return rule_capacity(self._map)
 
     # writing ------------------------------------------------------------
 
@@ -432,11 +438,17 @@ class Blocklist:
     def sync_keys(self, wanted: Iterable[int], dry_run: bool = False, direction: str | None = None) -> Change:
         """sync() for rule keys (blocklist_file.read_file_keys gives them)."""
         current = self.entry_keys()
-        want = set(wanted)
+        keys = wanted if isinstance(wanted, list) else list(wanted)
+        want = set(keys)
+        if len(want) != len(keys) or keys != sorted(keys):  # read_file_keys gives them sorted, once each
+            keys = sorted(want)
+        # in order as they are (sorting 10^5 keys again costs tens of ms); the
+        # other direction's keys added below are all current, never added
+        to_add = [k for k in keys if k not in current]
         if direction is not None:
             other = 1 - _DIRS.index(direction)
             want |= {k for k in current if k & 1 == other}
-        to_add, to_delete = sorted(want - current.keys()), sorted(current.keys() - want)
+        to_delete = sorted(current.keys() - want)
         if dry_run:
             self._deletes_first(current, to_add, to_delete)
             return Change(to_add, to_delete)
@@ -513,26 +525,49 @@ class Blocklist:
         final = {k: i for k, i in current.items() if k not in gone}
         # new rules get indices no current rule holds, so an entry still
         # pointing at a deleted rule never counts hits for a new one
+        free = np.zeros(0, dtype=np.int64)
         if to_add:
             used = np.zeros(self.capacity()[1], dtype=bool)
             used[list(current.values())] = True
             free = np.flatnonzero(~used)[: len(to_add)]
             final.update(zip(to_add, free.tolist()))
-            self._zero_hits(free)
 
-        kinds = split.final(gone)
-        v4 = {d: self._v4_placed(kinds[(4, d)], final, d) for d in V4_LEVELS}
-        self._check_v4_sizes(v4)
-        rules6 = {d: [(_addr(k), _plen(k), final[k]) for k in kinds[(6, d)]] for d in V6_TABLES}
-        v6 = {d: v6_tables(rules6[d]) for d in V6_TABLES}
-        self._check_v6_sizes(v6)
-        pf_final = {d: v6_filter(rules6[d]) for d in V6_FILTERS}
-        flags = _flags_of(kinds)
+        # 1. adds: the rule store first. Its writes (syscalls, most of a large
+        # sync's kernel time) run on another thread while this one computes
+        # the tables: no frame walks the tries, so rules there that no table
+        # names yet change nothing, and they are taken out again if the
+        # tables turn out not to fit (nothing changed, as before).
+        adds = [(kind, keys) for kind, keys in split.add.items() if keys]
+        for kind, _keys in adds:
+            self._map(TRIES[kind][0])  # opened on this thread: the map cache is not shared
+        self._map("rule_hits")
 
-        # 1. adds: the rule store, then the tables, then the flags
-        for kind, keys in split.add.items():
-            if keys:
+        def store() -> None:
+            for kind, keys in adds:
                 self._write_trie(kind, keys, [final[k] for k in keys])
+
+        zeroing = Background(lambda: self._zero_hits(free))
+        writing = Background(store)
+        try:
+            kinds = split.final(gone)
+            v4 = {d: self._v4_placed(kinds[(4, d)], final, d) for d in V4_LEVELS}
+            self._check_v4_sizes(v4)
+            rules6 = {d: [(_addr(k), _plen(k), final[k]) for k in kinds[(6, d)]] for d in V6_TABLES}
+            v6 = {d: v6_tables(rules6[d]) for d in V6_TABLES}
+            self._check_v6_sizes(v6)
+            pf_final = {d: v6_filter(rules6[d]) for d in V6_FILTERS}
+            flags = _flags_of(kinds)
+        except BaseException:
+            zeroing.wait()
+            writing.wait()
+            for kind, keys in adds:
+                self._take_out(kind, keys)
+            raise
+        for error in (zeroing.wait(), writing.wait()):
+            if error is not None:
+                raise error
+
+        # then the tables, then the flags
         for direction, tables in v4.items():
             self._write_v4(direction, tables)
         for d in V6_FILTERS:  # a bit is set before any entry that needs it
@@ -629,6 +664,8 @@ class Blocklist:
     def _zero_hits(self, indices: np.ndarray) -> None:
         m = self._map("rule_hits")
         n = len(indices)
+        if n == 0:
+            return
         keys = np.ascontiguousarray(indices, dtype=np.uint32)
         vals = ffi.new("char[]", n * possible_cpus() * 8)
         m.update_batch_raw(ffi.from_buffer(keys), vals, n)
@@ -658,6 +695,18 @@ class Blocklist:
         arr = self._trie_keys(m, kind, keys)
         m.delete_batch_raw(ffi.from_buffer(arr), len(keys))
 
+    def _take_out(self, kind: tuple[int, str], keys: list[int]) -> None:
+        """Undo a _write_trie of ``keys`` that may have stopped part-way:
+        delete those of them that are there."""
+        try:
+            self._delete_trie(kind, keys)
+        except XdpflowError:
+            m = self._map(TRIES[kind][0])
+            arr = self._trie_keys(m, kind, keys)
+            for i in range(len(arr)):
+                with contextlib.suppress(XdpflowError):  # ENOENT: never written
+                    m.delete_batch_raw(ffi.from_buffer(arr[i : i + 1]), 1)
+
     def _read_u32_map(self, m: Map) -> dict[int, int]:
         raw = m.lookup_batch_raw(chunk=65536)
         if raw is None:
@@ -672,8 +721,13 @@ class Blocklist:
         """
         l1m, l2m, l3m = (self._map(n) for n in V4_LEVELS[direction])
         have3, have2 = self._read_u32_map(l3m), self._read_u32_map(l2m)
-        _upsert(l3m, {k: v for k, v in t.l3.items() if have3.get(k) != v} if have3 else t.l3)
+        # two tables of one level: written side by side (syscalls release the GIL)
+        new3 = {k: v for k, v in t.l3.items() if have3.get(k) != v} if have3 else t.l3
+        hosts = Background(lambda: _upsert(l3m, new3))
         _upsert(l2m, {k: v for k, v in t.l2.items() if have2.get(k) != v} if have2 else t.l2)
+        error = hosts.wait()
+        if error is not None:
+            raise error
         if t.chunks:
             name = V4_CHUNKS[direction]
             ks = np.fromiter(t.chunks.keys(), dtype=np.int64, count=len(t.chunks))

@@ -10,16 +10,15 @@ array operations.
 from __future__ import annotations
 
 import ipaddress
-import struct
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from xdpflow.bindings.libbpf import Map, Object
-from xdpflow.dataplane import abi
+from xdpflow.bindings.libbpf import Map
 from xdpflow.dataplane.abi import ffi, np_dtype
 from xdpflow.dataplane.clock import JiffiesClock
+from xdpflow.dataplane.counts import count_flows, kernel_counts
 from xdpflow.dataplane.maps import open_clock, open_map
 from xdpflow.dataplane.pins import PinRoot
 
@@ -83,9 +82,23 @@ class FlowArrays:
 
 def read_table(m: Map, family: int) -> FlowArrays:
     """Every entry of an open flow map, decoded in bulk. Raises XdpflowError."""
+    return fold(family, *read_raw(m))
+
+
+def read_raw(m: Map) -> tuple[np.ndarray, np.ndarray]:
+    """Every entry of an open flow map, undecoded: keys (structured, the
+    key type's layout) and values (one row per flow, one column per CPU
+    slot). Raises XdpflowError."""
     key_dt = np_dtype(m.key_type)
     ncpu = m.ncpu
     val_dt = np_dtype(m.value_type, itemsize=m.value_stride)
+    chunk = 65536
+    # the kernel writes straight into the arrays (np.empty: no page is touched twice)
+    keys = np.empty(m.info.max_entries + chunk, dtype=key_dt)
+    vals = np.empty((m.info.max_entries + chunk) * ncpu, dtype=val_dt)
+    n = m.lookup_batch_into(keys, vals, chunk)
+    if n is not None:
+        return keys[:n], vals[: n * ncpu].reshape(n, ncpu)
     raw = m.lookup_batch_raw()
     if raw is None:  # no batch ops for this map type: slow path
         items = m.items()
@@ -96,9 +109,10 @@ def read_table(m: Map, family: int) -> FlowArrays:
         )
         raw = (kb, vb, len(items))
     kbytes, vbytes, n = raw
-    keys = np.frombuffer(kbytes, dtype=key_dt, count=n)
-    vals = np.frombuffer(vbytes, dtype=val_dt, count=n * ncpu).reshape(n, ncpu)
-    return fold(family, keys, vals)
+    return (
+        np.frombuffer(kbytes, dtype=key_dt, count=n),
+        np.frombuffer(vbytes, dtype=val_dt, count=n * ncpu).reshape(n, ncpu),
+    )
 
 
 def fold(family: int, keys: np.ndarray, vals: np.ndarray) -> FlowArrays:
@@ -151,14 +165,14 @@ def to_flows(fa: FlowArrays, ifname: str, clock: JiffiesClock, idx: np.ndarray |
     return out
 
 
-def _filter_mask(fa: FlowArrays, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> np.ndarray:
+def _filter_mask(keys: np.ndarray, family: int, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> np.ndarray:
     """Rows whose source or destination lies in ``net``."""
-    if net.version != fa.family:
-        return np.zeros(len(fa), dtype=bool)
-    if fa.family == 4:
+    if net.version != family:
+        return np.zeros(len(keys), dtype=bool)
+    if family == 4:
         mask = (0xFFFFFFFF << (32 - net.prefixlen)) & 0xFFFFFFFF
         base = int(net.network_address)
-        return ((fa.keys["saddr"] & mask) == base) | ((fa.keys["daddr"] & mask) == base)
+        return ((keys["saddr"] & mask) == base) | ((keys["daddr"] & mask) == base)
     nbytes, nbits = divmod(net.prefixlen, 8)
     want = net.network_address.packed
 
@@ -169,7 +183,14 @@ def _filter_mask(fa: FlowArrays, net: ipaddress.IPv4Network | ipaddress.IPv6Netw
             ok &= (col[:, nbytes] & m) == want[nbytes]
         return ok
 
-    return inside(fa.keys["saddr"]) | inside(fa.keys["daddr"])
+    return inside(keys["saddr"]) | inside(keys["daddr"])
+
+
+def _column(vals: np.ndarray, sort: str) -> np.ndarray:
+    """One sort key of every flow, folded over CPU slots as fold() does."""
+    if sort == "last-seen":
+        return vals["last_seen"].max(axis=1)
+    return vals[sort].sum(axis=1, dtype=np.uint64)
 
 
 def top_flows(
@@ -184,58 +205,25 @@ def top_flows(
     """
     if sort not in SORT_KEYS:
         raise ValueError(f"sort by one of {', '.join(SORT_KEYS)}, not {sort!r}")
-    column = {"packets": "packets", "bytes": "bytes", "last-seen": "last_seen"}[sort]
     picked: list[tuple[int, int, FlowArrays, int]] = []  # (value, tiebreak, table, row)
     for name, family in (("flows_v4", 4), ("flows_v6", 6)):
         with open_map(pins, name, ifname) as m:
-            fa = read_table(m, family)
-        sel = np.arange(len(fa))
+            keys, vals = read_raw(m)
+        sel = np.arange(len(keys))
         if cidr is not None:
-            sel = sel[_filter_mask(fa, cidr)]
-        values = getattr(fa, column)[sel]
+            sel = sel[_filter_mask(keys, family, cidr)]
+        # only the sort key is folded for every flow; the rest for those picked
+        values = _column(vals, sort)[sel]
         if top is not None and len(sel) > top:
             part = np.argpartition(-values.astype(np.float64), top - 1)[:top]
             sel, values = sel[part], values[part]
-        picked.extend((int(v), int(fa.packets[r]), fa, int(r)) for v, r in zip(values, sel))
+        fa = fold(family, keys[sel], vals[sel])
+        picked.extend((int(v), int(fa.packets[i]), fa, i) for i, v in enumerate(values))
     picked.sort(key=lambda t: (t[0], t[1]), reverse=True)
     if top is not None:
         picked = picked[:top]
     clock = open_clock(pins)
     return [to_flows(fa, ifname, clock, np.array([r]))[0] for _, _, fa, r in picked]
-
-
-def count_flows(pins: PinRoot, ifname: str) -> tuple[int, int]:
-    """(entries, capacity) over both flow tables of ``ifname``: the count the
-    kernel keeps (bpf/count.bpf.c), or, on a kernel without it, by reading
-    the tables."""
-    with open_map(pins, "flows_v4", ifname) as m4, open_map(pins, "flows_v6", ifname) as m6:
-        cap = m4.info.max_entries + m6.info.max_entries
-        counted = kernel_counts(m4, m6)
-        if counted is not None:
-            return sum(counted), cap
-        n = 0
-        for m in (m4, m6):
-            raw = m.lookup_batch_raw()
-            n += raw[2] if raw is not None else len(m)
-        return n, cap
-
-
-def kernel_counts(a: Map, b: Map) -> tuple[int, int] | None:
-    """The entries of two hash maps as the kernel counts them (kfunc
-    bpf_map_sum_elem_count, Linux 6.6+), or None where the kernel cannot."""
-    obj = Object(abi.object_path("count"))
-    try:
-        obj.map_spec("table_a").reuse_fd(a.fd)
-        obj.map_spec("table_b").reuse_fd(b.fd)
-        obj.load()
-        with obj.program("xdpflow_count") as prog:
-            out = prog.test_run(bytes(64), repeat=1).data
-    except OSError:
-        return None  # no such kfunc here (or no BTF): the caller reads the tables
-    finally:
-        obj.close()
-    n4, n6 = struct.unpack_from("<qq", out)
-    return n4, n6
 
 
 __all__ = [
@@ -245,6 +233,7 @@ __all__ = [
     "count_flows",
     "fold",
     "kernel_counts",
+    "read_raw",
     "read_table",
     "tcp_flags_str",
     "top_flows",

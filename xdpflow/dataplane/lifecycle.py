@@ -26,6 +26,7 @@ from xdpflow.bindings.libbpf import (
 )
 from xdpflow.bindings.netlink import XdpState
 from xdpflow.dataplane import abi, attachment, chain, rules
+from xdpflow.dataplane.abi import FLOWS_DEFAULT
 from xdpflow.dataplane.clock import CLOCK_PIN, CLOCK_PROG, measure_hz
 from xdpflow.dataplane.maps import PROG_PIN, knobs_of, open_clock, pinned_prog, set_monitor
 from xdpflow.dataplane.pins import IFACE_MAPS, RETIRED_MAPS, RULE_SET_MAPS, SHARED_MAPS, PinRoot, ensure_bpffs
@@ -258,7 +259,6 @@ def _size_protect_hosts(obj: Object, opts: AttachOptions, pins: PinRoot | None, 
 
 
 FLOW_TABLES = ("flows_v4", "flows_v6")
-FLOWS_DEFAULT = 2 * abi.C.XF_FLOWS_DEFAULT  # both tables together
 
 
 def flow_table_sizes(flows: int) -> tuple[int, int]:

@@ -1,5 +1,5 @@
 """xdpflow's pinned maps, opened by name, and what they hold: interface
-counters, the shared config, the clock, an interface's status.
+counters, the shared config, the clock, a program's knobs.
 
 Every map is opened with its header types (``abi.MAP_TYPES``); a pin that is
 not there is reported as "not attached", the one sentence ``PinRoot`` writes.
@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import errno
 import os
-import time
-from dataclasses import dataclass
 from typing import Any
 
 from xdpflow.bindings.libbpf import Map, Program, lib, map_info, obj_get
-from xdpflow.dataplane import abi, attachment
+from xdpflow.dataplane import abi
 from xdpflow.dataplane.clock import CLOCK_PIN, JiffiesClock, measure_hz
 from xdpflow.dataplane.pins import PinRoot
 from xdpflow.errors import XdpflowError
@@ -144,49 +142,3 @@ def knobs_of(prog: Program) -> Any:
         finally:
             os.close(fd)
     return None
-
-
-def boot_to_wall(ns_since_boot: int) -> float:
-    """Convert a CLOCK_BOOTTIME nanosecond stamp to Unix seconds."""
-    return time.time() - (time.clock_gettime_ns(time.CLOCK_BOOTTIME) - ns_since_boot) / 1e9
-
-
-@dataclass
-class IfaceStatus:
-    ifname: str
-    mode: str | None
-    prog_id: int
-    attached: bool  # the pinned program is the one running on the interface
-    attached_at: float | None
-    sink: bool
-    attach: str | None = None  # "link" or "netlink" while attached
-    found_as: str | None = None  # the interface's name now (renamed or moved)
-    netns: str | None = None  # the named namespace it moved to; None: this one
-
-
-def iface_status(pins: PinRoot, ifname: str) -> IfaceStatus:
-    """Program, mode, attach time and attachment of ``ifname``, followed
-    through renames and moves to named namespaces (flows.count_flows counts
-    its flow tables). Raises XdpflowError."""
-    prog = pinned_prog(pins, ifname)
-    prog_id, attached_at, sink = 0, None, False
-    if prog is not None:
-        info = prog.info
-        prog_id = info.id
-        attached_at = boot_to_wall(info.load_time_ns)
-        knobs = knobs_of(prog)
-        sink = bool(knobs is not None and knobs.sink)
-        prog.close()
-    st = IfaceStatus(ifname, None, prog_id, False, attached_at, sink)
-    if not prog_id:
-        return st
-    link = attachment.xdp_link_of(prog_id)
-    where = attachment.locate(prog_id, ifname, link.ifindex if link is not None else 0)
-    if where is None:
-        return st
-    st.attached = True
-    st.mode = where.state.mode
-    st.attach = "link" if link is not None else "netlink"
-    st.found_as = where.ifname
-    st.netns = where.netns
-    return st

@@ -16,7 +16,6 @@ import errno
 import fcntl
 import os
 import stat
-import subprocess
 from collections.abc import Iterator
 
 from xdpflow.errors import InputError, NotAttachedError, XdpflowError, os_error
@@ -128,6 +127,8 @@ def ensure_bpffs(root: str, mount: bool = True) -> None:
         return
     below_default = (parent + "/").startswith("/sys/fs/bpf/")
     if mount and below_default and os.path.realpath(probe) in ("/sys/fs/bpf", "/sys/fs", "/sys"):
+        import subprocess  # only here: every command reads pins, few mount bpffs
+
         r = subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], capture_output=True, text=True)
         if r.returncode == 0 and _is_bpffs(probe):
             return

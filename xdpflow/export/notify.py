@@ -16,8 +16,6 @@ import queue
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,6 +119,10 @@ class Notifier:
         self.sent += 1
 
     def _webhook(self, url: str, body: bytes, ev: dict[str, Any]) -> None:
+        # the HTTP client takes ~20 ms to import: only a daemon that posts pays for it
+        import urllib.error
+        import urllib.request
+
         pause = RETRY_PAUSE
         why = ""
         for attempt in range(self.cfg.retries + 1):

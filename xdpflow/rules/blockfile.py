@@ -36,12 +36,15 @@ from ipaddress import AddressValueError, IPv4Address, IPv4Network, IPv6Address, 
 from itertools import islice
 from typing import NamedTuple, NoReturn
 
+from xdpflow.rules.bulk4 import simple_v4
+
 __all__ = [
     "DIRECTIONS",
     "BlocklistFileError",
     "Rule",
     "check_direction",
     "diff",
+    "parse_bytes_keys",
     "parse_cidr",
     "parse_keys",
     "parse_lines",
@@ -458,6 +461,13 @@ def parse_keys(lines: Iterable[str], path: str = "-", direction: str = "src") ->
     """
     check_direction(direction)
     seen: set[int] = set()
+    _parse_into(enumerate(lines, 1), path, seen)
+    bit = _DIRECTION_BIT[direction]
+    return sorted((key << 1) | bit for key in seen)
+
+
+def _parse_into(numbered: Iterable[tuple[int, str]], path: str, seen: set[int]) -> None:
+    """Add the net key of each (line number, line) to ``seen``; see parse_keys()."""
     add = seen.add
     errors: list[BlocklistFileError] = []
     v4_int = _v4_int
@@ -466,7 +476,7 @@ def parse_keys(lines: Iterable[str], path: str = "-", direction: str = "src") ->
     plen6 = _PLEN6.get
     host4 = _HOST4
     host6 = _HOST6
-    for lineno, raw in enumerate(lines, 1):
+    for lineno, raw in numbered:
         text = raw
         if "#" in text:
             text = text[: text.index("#")]
@@ -507,8 +517,31 @@ def parse_keys(lines: Iterable[str], path: str = "-", direction: str = "src") ->
         first.errors = errors
         raise first
 
+
+def parse_bytes_keys(data: bytes, path: str = "-", direction: str = "src") -> list[int]:
+    """parse_keys() of ``data.decode("utf-8", "surrogateescape").split("\n")``,
+    the same keys and errors: plain IPv4 lines are parsed in bulk (bulk4.py),
+    the others one by one as parse_keys() does."""
+    import numpy as np
+
+    check_direction(direction)
+    keys4, others, starts, ends = simple_v4(data)
+    seen: set[int] = set()
+    numbered = (
+        (i + 1, data[s:e].decode("utf-8", "surrogateescape"))
+        for i, s, e in zip(others.tolist(), starts[others].tolist(), ends[others].tolist())
+    )
+    _parse_into(numbered, path, seen)
+    slow4 = [k for k in seen if k < _KEY6]
+    if slow4:
+        keys4 = np.concatenate((keys4, np.array(slow4, dtype=np.uint64)))
     bit = _DIRECTION_BIT[direction]
-    return sorted((key << 1) | bit for key in seen)
+    keys4 = np.sort(keys4)
+    once = np.ones(len(keys4), dtype=bool)  # each key once (np.unique, hashing, is slower)
+    once[1:] = keys4[1:] != keys4[:-1]
+    keys4 = keys4[once]
+    v4 = (keys4 << np.uint64(1)) | np.uint64(bit)
+    return v4.tolist() + sorted((key << 1) | bit for key in seen if key >= _KEY6)
 
 
 def read_file(path: str, direction: str = "src") -> list[Rule]:
@@ -542,8 +575,7 @@ def read_file_keys(path: str, direction: str = "src") -> list[int]:
         raise OSError(e.errno, f"cannot read blocklist file {label}: {e.strerror or e}") from e
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    text = data.decode("utf-8", "surrogateescape")
-    return parse_keys(text.split("\n"), label, direction)
+    return parse_bytes_keys(data, label, direction)
 
 
 # --- diffing ----------------------------------------------------------------------------
