@@ -97,6 +97,7 @@ class Daemon:
             opts = AttachOptions(
                 mode=cfg.mode,
                 flows=cfg.flows,
+                flow_budget=cfg.flow_budget,
                 sink=cfg.sink,
                 monitor=cfg.monitor or None,
                 protect_hosts=_table_size(cfg),
@@ -435,8 +436,15 @@ class Daemon:
             return
         old, self.cfg = self.cfg, new
         for ifname in new.interfaces:
-            if ifname not in old.interfaces or (new.mode, new.flows, new.sink) != (old.mode, old.flows, old.sink):
-                opts = AttachOptions(mode=new.mode, flows=new.flows, sink=new.sink, protect_hosts=_table_size(new))
+            attached_as = (new.mode, new.flows, new.sink, new.flow_budget)
+            if ifname not in old.interfaces or attached_as != (old.mode, old.flows, old.sink, old.flow_budget):
+                opts = AttachOptions(
+                    mode=new.mode,
+                    flows=new.flows,
+                    flow_budget=new.flow_budget,
+                    sink=new.sink,
+                    protect_hosts=_table_size(new),
+                )
                 r = lifecycle.attach(ifname, opts, self.pins)
                 log.info("attached iface=%s prog_id=%d", ifname, r.prog_id)
         maps.set_monitor(self.pins, new.monitor)

@@ -57,6 +57,7 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "counters": ("__u32", "struct xf_counters"),
     "flows_v4": ("struct xf_flow4", "struct xf_flow_val"),
     "flows_v6": ("struct xf_flow6", "struct xf_flow_val"),
+    "admission": ("__u32", "struct xf_admission"),
     "config": ("__u32", "struct xf_config"),
     "bl4_src": ("struct xf_lpm4", "__u32"),
     "bl4_dst": ("struct xf_lpm4", "__u32"),
