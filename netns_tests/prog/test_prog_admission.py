@@ -11,8 +11,11 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
+from xdpflow.bindings.libbpf import Object
+from xdpflow.dataplane import abi
 from xdpflow.dataplane.abi import ffi
-from xdpflow.dataplane.maps import sum_admission
+from xdpflow.dataplane.lifecycle import FLOW_BUDGET_DEFAULT
+from xdpflow.dataplane.maps import knobs_of, sum_admission
 
 from .. import frames
 from ..frames import ether, expect, flow_key, kernel_hz, on_cpu, read_flows
@@ -132,3 +135,30 @@ def test_default_budget_tracks_a_burst(prog):
     assert [prog.run(f) for f in fs] == [XDP_PASS] * len(fs)
     assert len(read_flows(prog)) == len(fs)
     assert sum_admission(prog.map("admission")[0]).packets == 0
+
+
+def test_knobs_of_an_older_program_read_with_the_default_budget():
+    """A program loaded before flow_budget had a 16-byte .rodata (sink,
+    shared_flows, events_per_sec, prot_mask): an upgrade reads its knobs
+    with this version's default budget. The traffic generator's .rodata
+    (struct xf_gen_knobs) has that size, so it stands in for one here."""
+    assert ffi.sizeof("struct xf_gen_knobs") == ffi.offsetof("struct xf_knobs", "flow_budget") == 16
+    with Object(abi.object_path("baseline")) as obj:
+        old = obj.map_spec(next(n for n in obj.maps if n.endswith(".rodata"))).initial_value(
+            "struct xf_gen_knobs", abi.ffi
+        )
+        old.vary_offset, old.vary_count, old.vary_base = 1, 1, 1000  # sink, shared_flows, events_per_sec
+        obj.load()
+        prog = obj.program("xdp_pass")
+        try:
+            k = knobs_of(prog)
+        finally:
+            prog.close()
+    assert (k.sink, k.shared_flows, k.events_per_sec, k.prot_mask) == (1, 1, 1000, 0)
+    assert k.flow_budget == abi.C.XF_FLOW_BUDGET_DEFAULT == FLOW_BUDGET_DEFAULT == 250000
+
+
+def test_knobs_of_this_program(make_prog):
+    prog = make_prog(flow_budget=7)
+    k = knobs_of(prog.prog)
+    assert (k.flow_budget, k.events_per_sec) == (7, abi.C.XF_EVENTS_PER_SEC)
