@@ -598,8 +598,11 @@ static __always_inline void track(void *flows, void *key,
 		flow_add(v, p, now);
 		return;
 	}
-	if (!admit(p, now, cfg))
+	if (!admit(p, now, cfg)) {
+		/* protected hosts still see the flood's new tuples */
+		p->prot |= PROT_NEW_FLOW;
 		return;
+	}
 
 	nv.packets = 1;
 	nv.bytes = p->iplen;

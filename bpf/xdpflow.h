@@ -481,7 +481,8 @@ struct xf_host_slot {
 struct xf_host_cnt {
 	__u64 packets;
 	__u64 bytes;     /* frame bytes */
-	__u64 new_flows; /* flows the flow table took in */
+	__u64 new_flows; /* flows the flow table took in, and frames over
+			  * the new-flow budget that would have made one */
 	__u64 syn;       /* TCP SYN without ACK */
 	__u64 udp;
 	__u64 icmp;      /* ICMP and ICMPv6 */

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from ipaddress import ip_network
 
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
@@ -16,6 +17,7 @@ from xdpflow.dataplane import abi
 from xdpflow.dataplane.abi import ffi
 from xdpflow.dataplane.lifecycle import FLOW_BUDGET_DEFAULT
 from xdpflow.dataplane.maps import knobs_of, sum_admission
+from xdpflow.dataplane.protect import Group
 
 from .. import frames
 from ..frames import ether, expect, flow_key, kernel_hz, on_cpu, read_flows
@@ -162,3 +164,21 @@ def test_knobs_of_this_program(make_prog):
     prog = make_prog(flow_budget=7)
     k = knobs_of(prog.prog)
     assert (k.flow_budget, k.events_per_sec) == (7, abi.C.XF_EVENTS_PER_SEC)
+
+
+def test_protected_hosts_count_untracked_frames_as_new_flows(make_prog):
+    """Detection sees a flood's new tuples past the budget too (a rate of
+    new flows capped by the budget would hide it): every frame that would
+    have made a flow counts, the admitted ones and the untracked ones."""
+    prog = with_hz(make_prog(flow_budget=2))
+    prog.protect.install([Group("g", (ip_network("198.18.7.0/24"),))])
+    est = udp4("198.18.7.1", 999)
+    flood = [udp4("198.18.7.7", 3000 + i) for i in range(6)]
+    with on_cpu(one_cpu()):
+        assert [prog.run(f) for f in [est, est, *flood, est]] == [XDP_PASS] * 9
+    hc = prog.protect.hosts()
+    rows = {str(a): hc.row(i) for i, a in enumerate(hc.addresses())}
+    assert (rows["198.18.7.1"]["new_flows"], rows["198.18.7.1"]["packets"]) == (1, 3)
+    assert (rows["198.18.7.7"]["new_flows"], rows["198.18.7.7"]["packets"]) == (6, 6)
+    assert len(read_flows(prog)) == 2
+    assert sum_admission(prog.map("admission")[0]).packets == 5
