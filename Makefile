@@ -67,6 +67,7 @@ build: $(BPF_OBJS) xdpflow/bpf/xdpflow.h $(FFI_MODS)
 # cffi's parsed declarations as Python modules: commands start without pycparser
 $(FFI_MODS) &: bpf/xdpflow.h xdpflow/bindings/libbpf.py xdpflow/dataplane/abi.py scripts/ffigen.py
 	@echo "  FFIGEN $(FFI_MODS)"
+	$(Q)rm -f $(FFI_MODS)  # stale ones would stand in for the header while it is read
 	$(Q)$(PYTHON) scripts/ffigen.py bpf/xdpflow.h >/dev/null
 
 xdpflow/bpf/%.bpf.o: bpf/%.bpf.c bpf/xdpflow.h bpf/parsing.h bpf/rules.h bpf/protect.h | xdpflow/bpf

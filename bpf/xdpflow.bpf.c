@@ -26,6 +26,7 @@
 const volatile struct xf_knobs knobs = {
 	.events_per_sec = XF_EVENTS_PER_SEC,
 	.prot_mask = XF_PHOSTS_DEFAULT - 1,
+	.flow_budget = XF_FLOW_BUDGET_DEFAULT,
 };
 
 /* per interface: pinned under <pin root>/<ifname>/ */
@@ -53,6 +54,14 @@ struct {
 	__type(key, struct xf_flow6);
 	__type(value, struct xf_flow_val);
 } flows_v6 SEC(".maps");
+
+/* new-flow admission control, per CPU: see struct xf_admission */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xf_admission);
+} admission SEC(".maps");
 
 /* shared by every interface: pinned under <pin root>/ */
 struct {
@@ -542,6 +551,40 @@ static __always_inline void flow_add(struct xf_flow_val *v, struct pkt *p,
 		v->rec_start = now;
 }
 
+/* Whether a frame that found no flow may insert one: at most
+ * knobs.flow_budget inserts per CPU per second, so a flood of new tuples
+ * costs a lookup and this check per frame, not an insert and an LRU
+ * eviction. Frames over the budget are counted, not tracked. Only the miss
+ * path comes here: established flows pay nothing.
+ */
+static __always_inline int admit(struct pkt *p, __u64 now,
+				 struct xf_config *cfg)
+{
+	__u32 zero = 0;
+	struct xf_admission *a;
+
+	if (!knobs.flow_budget || !cfg)
+		return 1;
+	a = bpf_map_lookup_elem(&admission, &zero);
+	if (!a)
+		return 1;
+	/* hz is 0 only between load and the controller's first config write */
+	if (now - a->window >= cfg->hz) {
+		a->window = now;
+		a->inserts = 0;
+	}
+	if (a->inserts < knobs.flow_budget) {
+		a->inserts++;
+		return 1;
+	}
+	a->untracked_packets++;
+	a->untracked_bytes += p->iplen;
+	if (!a->first_untracked)
+		a->first_untracked = now;
+	a->last_untracked = now;
+	return 0;
+}
+
 static __always_inline void track(void *flows, void *key,
 				  struct xf_counters *c, struct xdp_md *ctx,
 				  struct pkt *p, struct xf_config *cfg)
@@ -553,6 +596,11 @@ static __always_inline void track(void *flows, void *key,
 
 	if (v) {
 		flow_add(v, p, now);
+		return;
+	}
+	if (!admit(p, now, cfg)) {
+		/* protected hosts still see the flood's new tuples */
+		p->prot |= PROT_NEW_FLOW;
 		return;
 	}
 

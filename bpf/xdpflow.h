@@ -67,6 +67,10 @@
 /* default event budget per CPU per second */
 #define XF_EVENTS_PER_SEC 1000
 
+/* default new-flow budget per CPU per second and interface (admission
+ * control, see struct xf_admission); 0 means unlimited */
+#define XF_FLOW_BUDGET_DEFAULT 250000
+
 /* Interface counters: every frame lands in exactly one class (non_ip,
  * parse_errors, ipv4, ipv6), exactly one action (passed, dropped, sunk), and
  * when it is IP, exactly one L4 protocol (tcp, udp, icmp, other). The rest
@@ -203,6 +207,7 @@ struct xf_knobs {
 			     * else LRU_PERCPU_HASH with plain adds */
 	__u32 events_per_sec;
 	__u32 prot_mask; /* prot_hosts slots per CPU - 1 (a power of two) */
+	__u32 flow_budget; /* new flows per CPU per second; 0: unlimited */
 };
 
 /* Timestamps are jiffies: bpf_jiffies64() is a load, where a clock read
@@ -246,6 +251,20 @@ struct xf_event {
 struct xf_ratelimit {
 	__u64 window; /* start of the current second, jiffies */
 	__u64 count;
+};
+
+/* Per-CPU value of the per-interface "admission" array: new-flow admission
+ * control. A CPU inserts at most knobs.flow_budget flows per second into the
+ * interface's tables; past that, frames that would create a flow are
+ * counted here, not tracked (the interface counters count them as usual).
+ */
+struct xf_admission {
+	__u64 window;  /* start of the current second, jiffies */
+	__u64 inserts; /* flows inserted in it */
+	__u64 untracked_packets;
+	__u64 untracked_bytes; /* IP bytes, as flows count them */
+	__u64 first_untracked; /* jiffies; 0: none yet */
+	__u64 last_untracked;
 };
 
 /* What the flow exporter has sent of a flow, kept by the controller in a
@@ -462,7 +481,8 @@ struct xf_host_slot {
 struct xf_host_cnt {
 	__u64 packets;
 	__u64 bytes;     /* frame bytes */
-	__u64 new_flows; /* flows the flow table took in */
+	__u64 new_flows; /* flows the flow table took in, and frames over
+			  * the new-flow budget that would have made one */
 	__u64 syn;       /* TCP SYN without ACK */
 	__u64 udp;
 	__u64 icmp;      /* ICMP and ICMPv6 */

@@ -59,7 +59,7 @@ FLOWS_MAX = 2 * 262144  # XF_FLOWS_DEFAULT per family
 
 COUNTERS = (
     "packets", "passed", "dropped", "sunk", "monitored", "parse_errors", "non_ip", "ipv4", "ipv6",
-    "tcp", "udp", "icmp", "other", "flow_insert_failed", "events_suppressed", "events_lost",
+    "tcp", "udp", "icmp", "other", "flow_insert_failed", "events_suppressed", "events_lost", "untracked",
 )  # fmt: skip
 _TCP_LETTERS = "FSRPAUEC"
 

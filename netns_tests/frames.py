@@ -613,7 +613,7 @@ def reset(prog: Any, config: bytes) -> None:
     """Bring a loaded program back to the state of a fresh load: zero
     counters, empty flow tables, an empty blocklist (tries, IPv4 and IPv6
     tables, config flags), ``config`` as it was after loading (with the
-    controller's HZ), event budget 0, event ring drained."""
+    controller's HZ), event and new-flow budgets 0, event ring drained."""
     # flush() rewrites every lookup-table word that is not
     # zero, which takes a while; skip it when no rule was ever touched
     if prog.blocklist.entries() or bytes(ffi.buffer(prog.map("config")[0])) != config:
@@ -621,6 +621,7 @@ def reset(prog: Any, config: bytes) -> None:
         prog.map("config")[0] = config
     prog.map("counters")[0] = ffi.new("struct xf_counters *")
     prog.map("event_budget")[0] = ffi.new("struct xf_ratelimit *")
+    prog.map("admission")[0] = ffi.new("struct xf_admission *")
     for name in ("flows_v4", "flows_v6"):
         m = prog.map(name)
         if m.lookup_batch_raw(delete=True) is None:

@@ -177,8 +177,9 @@ def main() -> int:
         "",
         "## 1. In-kernel cost (BPF_PROG_TEST_RUN)",
         "",
-        f"One frame run {args.repeat:,} times per figure (the new-flow row: 65,536 distinct UDP/IPv4 "
-        "5-tuples, one run each, against XDP_PASS run the same way). 10,000 IPv4 and 10,000 IPv6 "
+        f"One frame run {args.repeat:,} times per figure (the new-flow rows: 65,536 distinct UDP/IPv4 "
+        "5-tuples, one run each, against XDP_PASS run the same way; at the default flow budget every "
+        "one is inserted, over the budget (1 a second) every one is counted as untracked). 10,000 IPv4 and 10,000 IPv6 "
         "feed-like prefixes loaded (/16–/32 and /32–/128), none covering the test frames; the blocked "
         'source is an exact /32 rule. The rows that say "inside" run a second set: the same prefixes '
         "plus 400 IPv4 rules inside the traffic's /16 and 900 IPv6 rules inside its /32 (/48s, /64s, "

@@ -221,12 +221,17 @@ NEAR = (
 )
 
 
+OVER_BUDGET = "new flow, over the flow budget (65,536 tuples)"
+
+
 def measure(runs: int, repeat: int, n_prefixes: int = 10000, new_flows: int = 65536) -> list[Figure]:
     fr = frames()
     base_obj = Object(abi.object_path("baseline"))
     base_obj.load()
     xdp_pass = base_obj.program("xdp_pass")
     dut = Loaded(random_prefixes(n_prefixes, n_prefixes))
+    # the same prefixes, a flow budget of 1 a second: what a flood of new tuples costs once over it
+    over = Loaded(random_prefixes(n_prefixes, n_prefixes), flow_budget=1)
     near = Loaded(hostile_prefixes(n_prefixes, n_prefixes))
     fr.update(hostile_frames())
     filt = xdp_filter_prog()
@@ -244,6 +249,7 @@ def measure(runs: int, repeat: int, n_prefixes: int = 10000, new_flows: int = 65
             "established TCP/IPv6",
             "blocked source",
             "new flow (65,536 tuples)",
+            OVER_BUDGET,
             *NEAR,
         )
     }
@@ -278,8 +284,14 @@ def measure(runs: int, repeat: int, n_prefixes: int = 10000, new_flows: int = 65
             nf = new_flow_ns(dut.prog, tuples)
             figs["new flow (65,536 tuples)"].samples.append(nf - nb)
             figs["new flow (65,536 tuples)"].base.append(nb)
+            over.map("flows_v4").clear()
+            over.map("admission")[0] = abi.ffi.new("struct xf_admission *")
+            nf = new_flow_ns(over.prog, tuples)
+            figs[OVER_BUDGET].samples.append(nf - nb)
+            figs[OVER_BUDGET].base.append(nb)
     finally:
         dut.close()
+        over.close()
         near.close()
         xdp_pass.close()
         base_obj.close()

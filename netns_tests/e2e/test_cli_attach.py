@@ -43,7 +43,7 @@ from ..clitest import (
 )
 from .conftest import cleanup_pin_root
 
-IFACE_PINS = ["counters", "flows_v4", "flows_v6", "link", "next_prog", "prog", "take"]
+IFACE_PINS = ["admission", "counters", "flows_v4", "flows_v6", "link", "next_prog", "prog", "take"]
 
 
 @pytest.fixture

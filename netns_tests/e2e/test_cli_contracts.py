@@ -28,6 +28,7 @@ RUN_DEFAULTS = {
     "--interface": "default none",
     "--mode": f"default {_DEFAULTS.mode}",
     "--flows": f"default {FLOWS_DEFAULT}",
+    "--flow-budget": f"default {_DEFAULTS.flow_budget}",
     "--sink": "default off",
     "--monitor": "default off",
     "--detach-on-exit": "default off",

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from scapy.packet import Packet
 
-from xdpflow.dataplane import abi
+from xdpflow.dataplane import maps
 from xdpflow.dataplane.abi import bytes_key
 from xdpflow.dataplane.pins import escape_ifname
 from xdpflow.testing.lab import Lab, traffic_mix
@@ -264,7 +264,7 @@ def test_metrics_equal_stats(lab: Lab, pin_root: str, tmp_path: Path) -> None:
         listing = cli.blocklist()
         assert d.stop() == 0
     assert stats == expect_counters(passed=mix, dropped=blocked)
-    for name in abi.COUNTER_NAMES.values():
+    for name in maps.STAT_NAMES:
         assert got[(f"xdpflow_{name}_packets_total", iface(lab.dut_if))] == stats[name], name
         assert got[(f"xdpflow_{name}_bytes_total", iface(lab.dut_if))] == stats[bytes_key(name)], name
     assert got[("xdpflow_flows", iface(lab.dut_if))] == status["flows"] == 6  # blocked frames make no flow

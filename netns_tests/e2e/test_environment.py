@@ -64,7 +64,7 @@ LAB_PREFIX = "xfenv"
 PACKAGE = os.path.dirname(os.path.abspath(xdpflow.__file__))
 NOBODY = 65534
 SETPRIV = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-IFACE_PINS = ["counters", "flows_v4", "flows_v6", "link", "next_prog", "prog", "take"]
+IFACE_PINS = ["admission", "counters", "flows_v4", "flows_v6", "link", "next_prog", "prog", "take"]
 BPFFS_HINT = (
     "is not on a BPF filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf` "
     "or choose a --pin-root below a bpffs mount"

@@ -25,7 +25,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
 from xdpflow.app.config import parse_hostport
-from xdpflow.dataplane import abi
+from xdpflow.dataplane import abi, maps
 from xdpflow.dataplane.pins import PinRoot
 from xdpflow.export import metrics
 from xdpflow.testing.lab import Lab, traffic_mix
@@ -108,7 +108,7 @@ def assert_matches_cli(text: str, lab: Lab, pin_root: str) -> None:
     (status,) = xdpflow_json(lab, pin_root, "status")
     listing = xdpflow_json(lab, pin_root, "block", "list")
     c = stats[lab.dut_if]
-    for name in abi.COUNTER_NAMES.values():
+    for name in maps.STAT_NAMES:
         assert got[(f"xdpflow_{name}_packets_total", iface(lab.dut_if))] == c[name], name
         assert got[(f"xdpflow_{name}_bytes_total", iface(lab.dut_if))] == c[abi.bytes_key(name)], name
     assert got[("xdpflow_flows", iface(lab.dut_if))] == status["flows"]

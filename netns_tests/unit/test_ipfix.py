@@ -25,10 +25,12 @@ from xdpflow.errors import XdpflowError
 from xdpflow.export.ipfix import (
     MIN_MESSAGE,
     RECORD_LEN,
+    TEMPLATE_ID_RELIABILITY,
     TEMPLATE_ID_V4,
     TEMPLATE_ID_V6,
     FlowRecord,
     IpfixExporter,
+    ReliabilityRecord,
     build_message,
     encode_message,
     encode_messages,
@@ -44,6 +46,9 @@ from ..nfcapd import NFCAPD, NFDUMP, Nfcapd, free_udp_port
 COMMON = [(7, 2), (11, 2), (4, 1), (6, 2), (2, 8), (1, 8), (152, 8), (153, 8), (10, 4), (136, 1)]
 WANT_V4 = [(8, 4), (12, 4), *COMMON, (32, 2)]
 WANT_V6 = [(27, 16), (28, 16), *COMMON, (139, 2)]
+# RFC 7011 4.2, Metering Process Reliability Statistics: scope observationDomainId, meteringProcessId;
+# ignoredPacketTotalCount, ignoredOctetTotalCount, observationTimeMilliseconds of the first and last
+WANT_RELIABILITY = [(149, 4), (143, 4), (164, 8), (165, 8), (323, 8), (323, 8)]
 ADDRESS_IES = {8, 12, 27, 28}
 
 T0 = 1_700_000_000_123  # a fixed flow start, Unix ms
@@ -63,6 +68,8 @@ class Message:
     templates: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     records: list[FlowRecord] = field(default_factory=list)
     padding: list[int] = field(default_factory=list)  # per data set
+    options: dict[int, tuple[int, list[tuple[int, int]]]] = field(default_factory=dict)  # tid: (scope count, specs)
+    stats: list[tuple[int, ...]] = field(default_factory=list)  # options data records, values in wire order
 
 
 def decode(msg: bytes, known: dict[int, list[tuple[int, int]]]) -> Message:
@@ -91,6 +98,19 @@ def decode(msg: bytes, known: dict[int, list[tuple[int, int]]]) -> Message:
                 known[tid] = specs
                 out.templates[tid] = specs
             assert p == len(body)
+        elif set_id == 3:
+            # RFC 7011 3.4.2.2: template ID, field count, scope field count, specifiers; zero padding
+            p = 0
+            while len(body) - p >= 6:
+                tid, count, scope = struct.unpack_from("!HHH", body, p)
+                p += 6
+                assert tid >= 256 and 1 <= scope <= count
+                specs = [struct.unpack_from("!HH", body, p + 4 * i) for i in range(count)]
+                p += 4 * count
+                assert all(ie & 0x8000 == 0 for ie, _ in specs), "no enterprise elements expected"
+                known[tid] = specs
+                out.options[tid] = (scope, specs)
+            assert body[p:] == bytes(len(body) - p) and len(body) - p < 4, "options template set padding"
         elif set_id >= 256:
             specs = known[set_id]
             rlen = sum(n for _, n in specs)
@@ -99,12 +119,24 @@ def decode(msg: bytes, known: dict[int, list[tuple[int, int]]]) -> Message:
             assert body[count * rlen :] == bytes(pad), "padding must be zeros"
             out.padding.append(pad)
             for i in range(count):
-                out.records.append(_record(specs, body[i * rlen : (i + 1) * rlen]))
+                data = body[i * rlen : (i + 1) * rlen]
+                if any(ie == 164 for ie, _ in specs):  # ignoredPacketTotalCount: the options template
+                    out.stats.append(_values(specs, data))
+                else:
+                    out.records.append(_record(specs, data))
         else:
             pytest.fail(f"unexpected set id {set_id}")
         off += set_len
     assert off == length
     return out
+
+
+def _values(specs: list[tuple[int, int]], data: bytes) -> tuple[int, ...]:
+    out, p = [], 0
+    for _ie, n in specs:
+        out.append(int.from_bytes(data[p : p + n], "big"))
+        p += n
+    return tuple(out)
 
 
 def _record(specs: list[tuple[int, int]], data: bytes) -> FlowRecord:
@@ -208,11 +240,17 @@ def mixed(n: int, seed: int = 7, counter_bits: int = 64) -> list[FlowRecord]:
 def test_template_set_announces_both_templates() -> None:
     known: dict[int, list[tuple[int, int]]] = {}
     m = decode(build_message([], sequence=0, export_time=0, observation_domain=1, templates=True), known)
-    assert m.sets == [(2, 4 + 2 * 4 + 4 * (len(WANT_V4) + len(WANT_V6)))]
+    # and the options template, 6 + 4 x 6 bytes padded to 32
+    assert m.sets == [(2, 4 + 2 * 4 + 4 * (len(WANT_V4) + len(WANT_V6))), (3, 4 + 32)]
     assert m.templates == {TEMPLATE_ID_V4: WANT_V4, TEMPLATE_ID_V6: WANT_V6}
+    assert m.options == {TEMPLATE_ID_RELIABILITY: (2, WANT_RELIABILITY)}
     assert TEMPLATE_ID_V4 >= 256 and TEMPLATE_ID_V6 >= 256
     assert len(template_set()) % 4 == 0
-    assert RECORD_LEN == {TEMPLATE_ID_V4: sum(n for _, n in WANT_V4), TEMPLATE_ID_V6: sum(n for _, n in WANT_V6)}
+    assert RECORD_LEN == {
+        TEMPLATE_ID_V4: sum(n for _, n in WANT_V4),
+        TEMPLATE_ID_V6: sum(n for _, n in WANT_V6),
+        TEMPLATE_ID_RELIABILITY: sum(n for _, n in WANT_RELIABILITY),
+    }
 
 
 def test_header_fields() -> None:
@@ -235,7 +273,7 @@ def test_fields_round_trip() -> None:
     ]
     m = decode_all([encode_message(records, sequence=0, export_time=0, templates=True)])[0]
     # one data set per family, IPv4 first; order within a family is kept
-    assert [s for s, _ in m.sets] == [2, TEMPLATE_ID_V4, TEMPLATE_ID_V6]
+    assert [s for s, _ in m.sets] == [2, 3, TEMPLATE_ID_V4, TEMPLATE_ID_V6]
     assert m.records == [r for r in records if r.family == 4] + [r for r in records if r.family == 6]
 
 
@@ -280,7 +318,7 @@ def test_data_sets_padded_to_four_bytes(family: int, count: int) -> None:
     want_pad = (-(4 + count * rlen)) % 4
     assert m.padding == [want_pad]
     assert want_pad < rlen  # RFC 7011 3.3.1: padding shorter than any record
-    assert m.sets[1:] == [(TEMPLATE_ID_V4 if family == 4 else TEMPLATE_ID_V6, 4 + count * rlen + want_pad)]
+    assert m.sets[2:] == [(TEMPLATE_ID_V4 if family == 4 else TEMPLATE_ID_V6, 4 + count * rlen + want_pad)]
     assert all(n % 4 == 0 for _, n in m.sets)
     assert len(m.records) == count
     assert m.length == 16 + sum(n for _, n in m.sets)
@@ -386,7 +424,7 @@ def test_templates_first_then_on_refresh(receiver: Receiver) -> None:
     with IpfixExporter([receiver.addr], template_refresh=60.0, clock=clock) as exp:
         assert exp.export([rec(4, 1), rec(6, 2)]) == 1
         (m,) = receiver.take()
-        assert [s for s, _ in m.sets] == [2, TEMPLATE_ID_V4, TEMPLATE_ID_V6]
+        assert [s for s, _ in m.sets] == [2, 3, TEMPLATE_ID_V4, TEMPLATE_ID_V6]
         assert m.export_time == 1_700_000_000
 
         clock.t += 59.9
@@ -409,7 +447,7 @@ def test_templates_first_then_on_refresh(receiver: Receiver) -> None:
         clock.t += 60
         assert exp.export([]) == 1
         (m,) = receiver.take()
-        assert [s for s, _ in m.sets] == [2] and not m.records and m.sequence == 203
+        assert [s for s, _ in m.sets] == [2, 3] and not m.records and m.sequence == 203
         assert exp.export([]) == 0
 
         # a clock that steps back refreshes too
@@ -698,3 +736,70 @@ def test_nfcapd_started_late_gets_templates_at_once(nfcapd: Callable[..., Nfcapd
     cap.stop()
     got = sorted(f.get("src4_addr") or f["src6_addr"] for f in cap.json())
     assert got == ["10.0.0.102", "2001:db8::67"]
+
+
+# --- reliability statistics (RFC 7011 section 4.2) -------------------------------------------------
+
+UNTRACKED = [
+    ReliabilityRecord(metering_process=7, packets=1000, octets=2**40 + 1, first_ms=T0, last_ms=T0 + 999),
+    ReliabilityRecord(metering_process=2**32 - 1, packets=2**63, octets=2**64 - 1, first_ms=T0 + 5, last_ms=T0 + 5),
+]
+
+
+def test_reliability_records_go_with_the_templates(receiver: Receiver) -> None:
+    clock = FakeClock()
+    with IpfixExporter([receiver.addr], observation_domain=42, template_refresh=60.0, clock=clock) as exp:
+        assert exp.export([rec(4, 1)], UNTRACKED) == 1
+        (m,) = receiver.take()
+        assert [s for s, _ in m.sets] == [2, 3, TEMPLATE_ID_V4, TEMPLATE_ID_RELIABILITY]
+        # scope first: the message's observation domain, the interface
+        assert m.stats == [(42, r.metering_process, r.packets, r.octets, r.first_ms, r.last_ms) for r in UNTRACKED]
+        assert m.records == [rec(4, 1)] and m.sequence == 0
+
+        # between refreshes only flows go; the statistics counted in the sequence
+        clock.t += 30
+        assert exp.export([rec(4, 2)], UNTRACKED) == 1
+        (m,) = receiver.take()
+        assert (m.stats, m.sequence, [s for s, _ in m.sets]) == ([], 3, [TEMPLATE_ID_V4])
+        assert exp.export([], UNTRACKED) == 0
+
+        # an idle tick at the refresh: templates and statistics only
+        clock.t += 30
+        assert exp.export([], UNTRACKED[:1]) == 1
+        (m,) = receiver.take()
+        assert [s for s, _ in m.sets] == [2, 3, TEMPLATE_ID_RELIABILITY]
+        assert (len(m.stats), m.sequence, m.records) == (1, 4, [])
+        assert exp.sent_records == 3 + 1 + 1
+
+
+def test_reliability_record_that_does_not_fit_sends_nothing(receiver: Receiver) -> None:
+    bad = ReliabilityRecord(metering_process=1, packets=2**64, octets=0, first_ms=0, last_ms=0)
+    with IpfixExporter([receiver.addr], clock=FakeClock()) as exp:
+        with pytest.raises(ValueError, match="cannot encode"):
+            exp.export([rec()], [bad])
+    assert receiver.take_raw() == []
+
+
+@needs_nfdump
+def test_nfcapd_reads_flows_beside_reliability_records(nfcapd: Callable[..., Nfcapd]) -> None:
+    """nfdump 1.7 keeps no ignored counts, but reads every flow of messages
+    that carry the options template and its records. Our sequence numbers
+    count those records, as RFC 7011 section 3.1 says ("all IPFIX Data
+    Records"); nfdump drops an options template it has no use for, so it
+    skips its records uncounted and reports one sequence failure at the next
+    message after each message that carried them (here: the second)."""
+    cap = nfcapd("127.0.0.1")
+    clock = FakeClock()
+    with IpfixExporter([("127.0.0.1", cap.port)], template_refresh=10, clock=clock) as exp:
+        exp.export(KNOWN[:3], UNTRACKED)
+        clock.t += 5
+        exp.export(KNOWN[3:], UNTRACKED)
+        clock.t += 5
+        exp.export([rec(4, 50)], UNTRACKED)
+        assert exp.errors == 0
+    cap.stop()
+    info = cap.info()
+    assert info["Flows"] == str(len(KNOWN) + 1)
+    assert info["Packets"] == str(sum(r.packets for r in KNOWN) + rec(4, 50).packets)
+    assert info["Sequence failures"] == "1"
+    assert re.search(r"Bad Packets: 0", cap.output()), cap.output()

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from xdpflow.app.output import clear_screen, emit_json, human, proto_name, table, time_left
 from xdpflow.bindings.netns import in_netns
 from xdpflow.dataplane import abi, maps
-from xdpflow.dataplane.abi import FLOWS_DEFAULT
+from xdpflow.dataplane.abi import FLOW_BUDGET_DEFAULT, FLOWS_DEFAULT
 from xdpflow.dataplane.pins import PinRoot, default_root
 from xdpflow.errors import InputError, NotAttachedError, one_line
 
@@ -39,7 +39,7 @@ SORT_KEYS = ("packets", "bytes", "last-seen")  # flows.SORT_KEYS, without import
 EXIT_FAIL = 1
 EXIT_USAGE = 2
 
-STATS_ORDER = list(abi.COUNTER_NAMES.values())
+STATS_ORDER = list(maps.STAT_NAMES)
 
 
 def _ifaces(args: argparse.Namespace) -> list[str]:
@@ -69,11 +69,12 @@ def cmd_attach(args: argparse.Namespace) -> int:
         monitor=True if args.monitor else None,
         force=args.force,
         shared_flows=not args.percpu_flows,
+        flow_budget=args.flow_budget,
         then=args.then,
         # `attach IFACE --then PROG` alone on an attached interface: one map update, no reload
         then_only=args.then is not None
-        and (args.mode, args.flows, args.sink, args.monitor, args.force, args.percpu_flows)
-        == ("auto", None, None, False, False, False),
+        and (args.mode, args.flows, args.sink, args.monitor, args.force, args.percpu_flows, args.flow_budget)
+        == ("auto", None, None, False, False, False, None),
     )
     results = []
     for ifname in args.ifaces:
@@ -795,6 +796,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"flows the IPv4 and IPv6 tables hold together, half each (default {FLOWS_DEFAULT}); "
         "an upgrade keeps the current tables",
+    )
+    a.add_argument(
+        "--flow-budget",
+        type=lambda t: _at_least(t, 0),
+        default=None,
+        metavar="N",
+        help=f"new flows each CPU may add per second; frames over it are counted as untracked, not tracked "
+        f"(default {FLOW_BUDGET_DEFAULT}; 0: unlimited); an upgrade keeps the current budget",
     )
     a.add_argument("--monitor", action="store_true", help="switch monitor mode on")
     a.add_argument(

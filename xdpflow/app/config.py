@@ -13,7 +13,7 @@ from ipaddress import ip_network
 from typing import Any
 
 from xdpflow.bindings import netlink
-from xdpflow.dataplane.abi import FLOWS_DEFAULT
+from xdpflow.dataplane.abi import FLOW_BUDGET_DEFAULT, FLOW_BUDGET_MAX, FLOWS_DEFAULT
 from xdpflow.dataplane.pins import default_root
 from xdpflow.defaults import (
     ACTIVE_TIMEOUT,
@@ -54,6 +54,7 @@ class Config:
     netns: str | None = None
     mode: str = "auto"
     flows: int | None = None
+    flow_budget: int = FLOW_BUDGET_DEFAULT
     sink: bool = False
     monitor: bool = False
     detach_on_exit: bool = False
@@ -85,7 +86,18 @@ class Config:
 
 # TOML table -> the Config fields it may hold (table "" is the top level)
 _SECTIONS = {
-    "": {"interfaces", "pin_root", "netns", "mode", "flows", "sink", "monitor", "detach_on_exit", "allowlist"},
+    "": {
+        "interfaces",
+        "pin_root",
+        "netns",
+        "mode",
+        "flows",
+        "flow_budget",
+        "sink",
+        "monitor",
+        "detach_on_exit",
+        "allowlist",
+    },
     "export": {
         "collectors",
         "idle_timeout",
@@ -178,6 +190,8 @@ def _validate(cfg: Config, where: str) -> None:
             raise ConfigError(f"{where}: {name} must be a positive number of seconds")
     if cfg.flows is not None and (not isinstance(cfg.flows, int) or cfg.flows < 2):
         raise ConfigError(f"{where}: flows must be a whole number of at least 2")
+    if not isinstance(cfg.flow_budget, int) or not 0 <= cfg.flow_budget <= FLOW_BUDGET_MAX:
+        raise ConfigError(f"{where}: flow_budget must be a whole number of new flows per CPU per second (0: unlimited)")
     if cfg.blocklist_direction not in ("src", "dst"):
         raise ConfigError(f"{where}: blocklist direction must be src or dst")
     for c in cfg.collectors:
@@ -340,6 +354,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"flows the IPv4 and IPv6 tables hold together (default {FLOWS_DEFAULT}; "
         "an attached interface keeps its tables)",
+    )
+    p.add_argument(
+        "--flow-budget",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"new flows each CPU may add per second; frames over it are counted as untracked "
+        f"(default {d.flow_budget}; 0: unlimited)",
     )
     p.add_argument(
         "--sink", action="store_true", default=None, help="drop every frame after accounting it (default off)"

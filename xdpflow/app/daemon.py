@@ -36,7 +36,7 @@ from xdpflow.dataplane.protect import Group, ProtectTables
 from xdpflow.dataplane.rules import RuleTables
 from xdpflow.export.detect import Attack, Detector, Policy, load_state, save_state, state_path
 from xdpflow.export.expiry import FlowExpirer
-from xdpflow.export.ipfix import IpfixExporter
+from xdpflow.export.ipfix import FlowRecord, IpfixExporter, ReliabilityRecord
 from xdpflow.export.metrics import ExporterStats, MetricsServer, serve
 from xdpflow.export.mitigate import Mitigator
 from xdpflow.export.notify import Notifier, event
@@ -97,6 +97,7 @@ class Daemon:
             opts = AttachOptions(
                 mode=cfg.mode,
                 flows=cfg.flows,
+                flow_budget=cfg.flow_budget,
                 sink=cfg.sink,
                 monitor=cfg.monitor or None,
                 protect_hosts=_table_size(cfg),
@@ -409,7 +410,30 @@ class Daemon:
             self.stats.blocklist_sync_errors += 1
             log.error("blocklist sync failed, the previous list stays in force (retry in 10 s): %s", e)
 
+    def _untracked(self) -> list[ReliabilityRecord]:
+        """Each interface's admission control totals, for the exporter."""
+        out = []
+        for ifname, exp in self.expirers.items():
+            try:
+                rec = exp.untracked()
+            except OSError as e:
+                log.error("reading untracked frames failed iface=%s: %s", ifname, e)
+                continue
+            if rec is not None:
+                out.append(rec)
+        return out
+
+    def _export(self, records: list[FlowRecord], reliability: list[ReliabilityRecord]) -> None:
+        assert self.exporter is not None
+        errors_before = self.exporter.errors
+        self.exporter.export(records, reliability)
+        self.stats.records_exported += len(records)
+        # a counter: add this exporter's new errors (a reload starts a new exporter)
+        self.stats.export_errors += self.exporter.errors - errors_before
+
     def scan(self, force: bool = False) -> None:
+        # the reliability statistics go with the templates, whichever export sends them
+        reliability = self._untracked() if self.exporter is not None else []
         for ifname, exp in self.expirers.items():
             try:
                 records = exp.scan(force=force)
@@ -417,15 +441,14 @@ class Daemon:
                 log.error("flow scan failed iface=%s: %s", ifname, e)
                 continue
             if records and self.exporter is not None:
-                errors_before = self.exporter.errors
-                self.exporter.export(records)
-                self.stats.records_exported += len(records)
-                # a counter: add this exporter's new errors (a reload starts a new exporter)
-                self.stats.export_errors += self.exporter.errors - errors_before
+                self._export(records, reliability)
             ended = exp.commit()
             if self.exporter is not None:
                 # every flow once, also one whose last record was an active one
                 self.stats.flows_exported += ended
+        if self.exporter is not None and reliability:
+            # when no flow record went out, the statistics still go when the templates are due
+            self._export([], reliability)
 
     def do_reload(self) -> None:
         try:
@@ -435,8 +458,15 @@ class Daemon:
             return
         old, self.cfg = self.cfg, new
         for ifname in new.interfaces:
-            if ifname not in old.interfaces or (new.mode, new.flows, new.sink) != (old.mode, old.flows, old.sink):
-                opts = AttachOptions(mode=new.mode, flows=new.flows, sink=new.sink, protect_hosts=_table_size(new))
+            attached_as = (new.mode, new.flows, new.sink, new.flow_budget)
+            if ifname not in old.interfaces or attached_as != (old.mode, old.flows, old.sink, old.flow_budget):
+                opts = AttachOptions(
+                    mode=new.mode,
+                    flows=new.flows,
+                    flow_budget=new.flow_budget,
+                    sink=new.sink,
+                    protect_hosts=_table_size(new),
+                )
                 r = lifecycle.attach(ifname, opts, self.pins)
                 log.info("attached iface=%s prog_id=%d", ifname, r.prog_id)
         maps.set_monitor(self.pins, new.monitor)

@@ -57,6 +57,7 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "counters": ("__u32", "struct xf_counters"),
     "flows_v4": ("struct xf_flow4", "struct xf_flow_val"),
     "flows_v6": ("struct xf_flow6", "struct xf_flow_val"),
+    "admission": ("__u32", "struct xf_admission"),
     "config": ("__u32", "struct xf_config"),
     "bl4_src": ("struct xf_lpm4", "__u32"),
     "bl4_dst": ("struct xf_lpm4", "__u32"),
@@ -171,6 +172,9 @@ def object_path(name: str = "xdpflow") -> str:
 # XF_FLOWS_DEFAULT is one table's); here, not in lifecycle, so the CLI's
 # help shows it without importing the loader
 FLOWS_DEFAULT = 2 * C.XF_FLOWS_DEFAULT
+# new flows per CPU per second before frames go untracked (0: unlimited)
+FLOW_BUDGET_DEFAULT = C.XF_FLOW_BUDGET_DEFAULT
+FLOW_BUDGET_MAX = 2**32 - 1
 
 # the blocklist's rule store: (family, direction) -> (the LPM trie holding
 # those rules, the config flag that says it is not empty)

@@ -26,12 +26,12 @@ from xdpflow.bindings.libbpf import (
 )
 from xdpflow.bindings.netlink import XdpState
 from xdpflow.dataplane import abi, attachment, chain, rules
-from xdpflow.dataplane.abi import FLOWS_DEFAULT
+from xdpflow.dataplane.abi import FLOW_BUDGET_DEFAULT, FLOW_BUDGET_MAX, FLOWS_DEFAULT
 from xdpflow.dataplane.clock import CLOCK_PIN, CLOCK_PROG, measure_hz
 from xdpflow.dataplane.maps import PROG_PIN, knobs_of, open_clock, pinned_prog, set_monitor
 from xdpflow.dataplane.pins import IFACE_MAPS, RETIRED_MAPS, RULE_SET_MAPS, SHARED_MAPS, PinRoot, ensure_bpffs
 from xdpflow.dataplane.take import TAKE_PIN, TAKE_PROG
-from xdpflow.errors import ForeignProgramError, XdpflowError
+from xdpflow.errors import ForeignProgramError, InputError, XdpflowError
 
 PROG_NAME = "xdpflow"
 
@@ -49,6 +49,7 @@ class AttachOptions:
     then: str | None = None  # --then: "none", "id:N" or a pinned program's path; None: keep
     then_only: bool = False  # on an attached interface, only swap the next program (no reload)
     protect_hosts: int | None = None  # protected hosts counted (prot_hosts); None: keep/default
+    flow_budget: int | None = None  # new flows per CPU per second (0: unlimited); None: keep/default
 
 
 @dataclass
@@ -187,17 +188,23 @@ def _prepare(obj: Object, opts: AttachOptions, pins: PinRoot | None, ifname: str
         pinned_type = _pinned_type(pins.iface(ifname, "flows_v4"))
         if pinned_type is not None:
             opts.shared_flows = pinned_type == BPF_MAP_TYPE_LRU_HASH
-    if opts.sink is None:
-        opts.sink = False
+    if opts.sink is None or opts.flow_budget is None:
+        # an upgrade keeps what the running program was told
         old = pinned_prog(pins, ifname) if pins is not None and ifname is not None else None
+        old_knobs = None
         if old is not None:
             old_knobs = knobs_of(old)
             old.close()
+        if opts.sink is None:
             opts.sink = bool(old_knobs is not None and old_knobs.sink)
+        if opts.flow_budget is None:
+            opts.flow_budget = FLOW_BUDGET_DEFAULT if old_knobs is None else int(old_knobs.flow_budget)
+    check_flow_budget(opts.flow_budget)
     knobs = _rodata(obj)
     knobs.sink = int(opts.sink)
     knobs.shared_flows = int(opts.shared_flows)
     knobs.events_per_sec = opts.events_per_sec
+    knobs.flow_budget = opts.flow_budget
 
     if pins is not None and ifname is not None:
         for name in SHARED_MAPS:
@@ -230,6 +237,15 @@ def _prepare(obj: Object, opts: AttachOptions, pins: PinRoot | None, ifname: str
             spec.set_type(BPF_MAP_TYPE_LRU_PERCPU_HASH)
         spec.set_max_entries(size)
     _size_protect_hosts(obj, opts, pins, knobs)
+
+
+def check_flow_budget(budget: int) -> None:
+    """Raises InputError unless ``budget`` (new flows per CPU per second,
+    0: unlimited) fits the program's 32-bit knob."""
+    if not 0 <= budget <= FLOW_BUDGET_MAX:
+        raise InputError(
+            f"flow budget {budget} is not 0 (unlimited) .. {FLOW_BUDGET_MAX} new flows per CPU per second",
+        )
 
 
 def protect_slots(hosts: int) -> int:

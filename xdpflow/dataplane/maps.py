@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import errno
 import os
+from dataclasses import dataclass
 from typing import Any
 
-from xdpflow.bindings.libbpf import Map, Program, lib, map_info, obj_get
+from xdpflow.bindings.libbpf import Map, Program, ffi, lib, map_info, obj_get
 from xdpflow.dataplane import abi
 from xdpflow.dataplane.clock import CLOCK_PIN, JiffiesClock, measure_hz
 from xdpflow.dataplane.pins import PinRoot
@@ -82,11 +83,54 @@ def pinned_prog(pins: PinRoot, ifname: str, name: str = PROG_PIN) -> Program | N
         raise
 
 
+# what read_counters() gives, in display order: the header's counters, then
+# the admission control's
+STAT_NAMES = (*abi.COUNTER_NAMES.values(), "untracked")
+
+
 def read_counters(pins: PinRoot, ifname: str) -> dict[str, int]:
-    """Interface counters summed over CPUs: ``{name: packets, name_bytes: bytes}``."""
+    """Interface counters summed over CPUs: ``{name: packets, name_bytes: bytes}``,
+    with ``untracked``/``untracked_bytes`` from the admission control."""
     with open_map(pins, "counters", ifname) as m:
         total = m.sum(0)
-    return abi.counter_dict(total)
+    out = abi.counter_dict(total)
+    adm = read_admission(pins, ifname)
+    out["untracked"], out["untracked_bytes"] = adm.packets, adm.bytes
+    return out
+
+
+@dataclass
+class Untracked:
+    """Frames over the new-flow budget, summed over CPUs: counted, not tracked."""
+
+    packets: int = 0
+    bytes: int = 0  # IP bytes
+    first: int = 0  # jiffies of the first one (0: none yet)
+    last: int = 0  # jiffies of the last one
+
+
+def sum_admission(values: list[Any]) -> Untracked:
+    """Per-CPU ``struct xf_admission`` values as one ``Untracked``."""
+    firsts = [int(v.first_untracked) for v in values if v.first_untracked]
+    return Untracked(
+        sum(int(v.untracked_packets) for v in values),
+        sum(int(v.untracked_bytes) for v in values),
+        min(firsts, default=0),
+        max((int(v.last_untracked) for v in values), default=0),
+    )
+
+
+def read_admission(pins: PinRoot, ifname: str) -> Untracked:
+    """What ``ifname``'s admission control left untracked; zero for a program
+    attached by a version without it (no pin; attach again to add it)."""
+    try:
+        m = Map.from_pin(pins.iface(ifname, "admission"), *abi.MAP_TYPES["admission"], types=abi.ffi)
+    except XdpflowError as e:
+        if _missing(e):
+            return Untracked()
+        raise
+    with m:
+        return sum_admission(m[0])
 
 
 def get_config(pins: PinRoot) -> Any:
@@ -127,18 +171,30 @@ def open_clock(pins: PinRoot) -> JiffiesClock:
         prog.close()
 
 
+# knobs an older program's shorter .rodata lacks read as these
+_KNOB_DEFAULTS = {"flow_budget": abi.C.XF_FLOW_BUDGET_DEFAULT}
+_KNOBS_V1 = abi.ffi.offsetof("struct xf_knobs", "flow_budget")  # .rodata before flow_budget
+
+
 def knobs_of(prog: Program) -> Any:
     """The load-time knobs of a running program, read from its .rodata map
-    (None when it has none of ours)."""
+    (None when it has none of ours). An older program's knobs come with this
+    version's defaults for the fields it had none of."""
+    size = abi.ffi.sizeof("struct xf_knobs")
     for mid in prog.info.map_ids:
         fd = lib.bpf_map_get_fd_by_id(mid)
         if fd < 0:
             continue
         try:
             info = map_info(fd)
-            if info.name.endswith(".rodata") and info.value_size == abi.ffi.sizeof("struct xf_knobs"):
-                with Map(os.dup(fd), "__u32", "struct xf_knobs", types=abi.ffi) as m:
-                    return m[0]
+            if not info.name.endswith(".rodata") or info.value_size not in (size, _KNOBS_V1):
+                continue
+            buf = ffi.new("char[]", info.value_size)
+            if lib.bpf_map_lookup_elem(fd, ffi.new("uint32_t *", 0), buf) != 0:
+                continue
+            knobs = abi.ffi.new("struct xf_knobs *", _KNOB_DEFAULTS)
+            abi.ffi.memmove(knobs, ffi.buffer(buf)[:], info.value_size)
+            return knobs[0]
         finally:
             os.close(fd)
     return None

@@ -78,7 +78,7 @@ SHARED_PROGS = ("clock",)
 # shared maps of earlier objects, unpinned when found: an upgrade leaves them
 # behind (rl_rate: the rate-limit state as a hash, before rl_gcra)
 RETIRED_MAPS = ("rl_rate",)
-IFACE_MAPS = ("counters", "flows_v4", "flows_v6", "next_prog")
+IFACE_MAPS = ("counters", "flows_v4", "flows_v6", "next_prog", "admission")
 IFACE_PREFIX = "if_"
 
 

@@ -37,12 +37,12 @@ from xdpflow.dataplane import abi
 from xdpflow.dataplane.abi import ffi
 from xdpflow.dataplane.clock import JiffiesClock
 from xdpflow.dataplane.flows import fold, read_table
-from xdpflow.dataplane.maps import open_map, pinned_prog
+from xdpflow.dataplane.maps import open_map, pinned_prog, read_admission
 from xdpflow.dataplane.pins import PinRoot
 from xdpflow.dataplane.take import TAKE_PIN, take
 from xdpflow.defaults import ACTIVE_TIMEOUT, IDLE_TIMEOUT
 from xdpflow.errors import XdpflowError
-from xdpflow.export.ipfix import END_ACTIVE, END_FORCED, END_IDLE, END_OF_FLOW, FlowRecord
+from xdpflow.export.ipfix import END_ACTIVE, END_FORCED, END_IDLE, END_OF_FLOW, FlowRecord, ReliabilityRecord
 
 TCP_FIN, TCP_RST = 0x01, 0x04
 
@@ -103,6 +103,7 @@ class FlowExpirer:
     ) -> None:
         self.ifname = ifname
         self.ifindex = ifindex
+        self.pins = pins
         self.clock = clock
         self.idle = int(idle_timeout * clock.hz)
         self.active = int(active_timeout * clock.hz)
@@ -263,6 +264,20 @@ class FlowExpirer:
             n += pend.ended
         self._pending = []
         return n
+
+    def untracked(self) -> ReliabilityRecord | None:
+        """The interface's admission control totals as an RFC 7011 section
+        4.2 record (None: nothing went untracked). Raises XdpflowError."""
+        u = read_admission(self.pins, self.ifname)
+        if not u.packets:
+            return None
+        return ReliabilityRecord(
+            metering_process=self.ifindex,
+            packets=u.packets,
+            octets=u.bytes,
+            first_ms=int(self.clock.to_wall(u.first) * 1000),
+            last_ms=int(self.clock.to_wall(u.last) * 1000),
+        )
 
     def flush(self) -> list[FlowRecord]:
         """Every flow, taken out of the table: for a clean shutdown, so the

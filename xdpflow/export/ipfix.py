@@ -30,6 +30,27 @@ sets. Set 2 carries the two template records, IPv4 (ID 256) and IPv6 (ID
 
 A record is 54 bytes (IPv4) or 78 (IPv6).
 
+Set 3 carries one options template (ID 258): the Metering Process
+Reliability Statistics of RFC 7011 section 4.2, which reports the frames the
+new-flow admission control counted but did not track. One record per
+interface with untracked frames, in wire order:
+
+    IE      name                               bytes  from ReliabilityRecord
+    149     observationDomainId (scope)        4      the message's domain
+    143     meteringProcessId (scope)          4      ifindex: each interface meters alone
+    164     ignoredPacketTotalCount            8      packets
+    165     ignoredOctetTotalCount             8      octets (IP bytes)
+    323     observationTimeMilliseconds        8      first_ms: the first ignored packet
+    323     observationTimeMilliseconds        8      last_ms: the last one
+
+(RFC 7011 section 4.2 names any observationTime* element for the first and
+last ignored packet, in that order.) These records go with the templates,
+so every ``template_refresh`` seconds; they count in the sequence number as
+every data record does (RFC 7011 section 3.1). nfdump 1.7 ignores this
+template and its records, and since it does not count them either, it logs
+a sequence failure after each message that carried them; its flows are not
+affected.
+
 The ICMP type and code travel in icmpTypeCodeIPv4/IPv6, not in the port
 fields: RFC 7012 defines the transport ports for TCP, UDP and SCTP only, and
 nfdump 1.7 overwrites its stored destination port from icmpTypeCode for ICMP
@@ -48,9 +69,9 @@ numbers show up there.
 
 UDP specifics (RFC 7011 section 10.3): each collector is its own transport
 session with its own sequence number, the count of data records sent to it
-before the message, modulo 2^32. Templates go in the first message to each
-collector, then again in the first message once ``template_refresh`` seconds
-have passed. A message never exceeds ``mtu - 28`` bytes for an IPv4
+before the message, modulo 2^32. Templates (and the reliability records) go
+in the first message to each collector, then again in the first message once
+``template_refresh`` seconds have passed. A message never exceeds ``mtu - 28`` bytes for an IPv4
 collector and ``mtu - 48`` for an IPv6 one (IP and UDP headers), so it is
 never fragmented; records are split across as many messages as needed, and a
 message holds only whole records.
@@ -72,6 +93,7 @@ from xdpflow.errors import XdpflowError
 
 __all__ = [
     "FlowRecord",
+    "ReliabilityRecord",
     "EncodedRecord",
     "Field",
     "IpfixExporter",
@@ -83,6 +105,10 @@ __all__ = [
     "TEMPLATE_SET_ID",
     "TEMPLATE_ID_V4",
     "TEMPLATE_ID_V6",
+    "OPTIONS_TEMPLATE_SET_ID",
+    "TEMPLATE_ID_RELIABILITY",
+    "RELIABILITY_FIELDS",
+    "RELIABILITY_SCOPE_FIELDS",
     "TEMPLATES",
     "END_IDLE",
     "END_ACTIVE",
@@ -90,7 +116,9 @@ __all__ = [
     "END_FORCED",
     "END_LACK_OF_RESOURCES",
     "encode_record",
+    "encode_reliability",
     "template_set",
+    "options_template_set",
     "build_message",
     "encode_message",
     "message_size",
@@ -104,6 +132,8 @@ SET_HEADER_LEN = 4  # set id, length
 TEMPLATE_SET_ID = 2
 TEMPLATE_ID_V4 = 256
 TEMPLATE_ID_V6 = 257
+OPTIONS_TEMPLATE_SET_ID = 3
+TEMPLATE_ID_RELIABILITY = 258
 SET_ALIGN = 4  # data sets are zero-padded to this; always less than one record
 MAX_MESSAGE = 0xFFFF  # the header's length field is 16 bits
 OVERHEAD_V4 = 20 + 8  # IPv4 + UDP header
@@ -137,6 +167,18 @@ class FlowRecord:
     tcp_flags: int  # OR of TCP flags seen (tcpControlBits)
     ingress_ifindex: int  # ingressInterface
     end_reason: int  # flowEndReason: 1 idle, 2 active, 3 end of flow (FIN/RST), 4 forced, 5 lack of resources
+
+
+@dataclass(frozen=True)
+class ReliabilityRecord:
+    """What one interface's admission control counted but did not track
+    since the program was attached: an RFC 7011 section 4.2 record."""
+
+    metering_process: int  # meteringProcessId: the interface's ifindex
+    packets: int  # ignoredPacketTotalCount
+    octets: int  # ignoredOctetTotalCount: IP bytes
+    first_ms: int  # observationTimeMilliseconds of the first ignored packet (Unix ms)
+    last_ms: int  # ... and of the last
 
 
 class Field(NamedTuple):
@@ -174,7 +216,23 @@ def _fields(family: int) -> tuple[Field, ...]:
 TEMPLATES: dict[int, tuple[Field, ...]] = {TEMPLATE_ID_V4: _fields(4), TEMPLATE_ID_V6: _fields(6)}
 _TEMPLATE_OF_FAMILY = {4: TEMPLATE_ID_V4, 6: TEMPLATE_ID_V6}
 _ADDR_LEN = {4: 4, 6: 16}
-_RECORD = {tid: struct.Struct("!" + "".join(f.fmt for f in fields)) for tid, fields in TEMPLATES.items()}
+
+# the options template: scope fields first
+RELIABILITY_SCOPE_FIELDS = 2
+RELIABILITY_FIELDS: tuple[Field, ...] = (
+    Field(149, "observationDomainId", "I"),
+    Field(143, "meteringProcessId", "I"),
+    Field(164, "ignoredPacketTotalCount", "Q"),
+    Field(165, "ignoredOctetTotalCount", "Q"),
+    Field(323, "observationTimeMilliseconds", "Q"),  # the first ignored packet
+    Field(323, "observationTimeMilliseconds", "Q"),  # the last
+)
+
+# every template's data record layout, flow templates first (data sets go in this order)
+_RECORD = {
+    tid: struct.Struct("!" + "".join(f.fmt for f in fields))
+    for tid, fields in (*TEMPLATES.items(), (TEMPLATE_ID_RELIABILITY, RELIABILITY_FIELDS))
+}
 RECORD_LEN = {tid: s.size for tid, s in _RECORD.items()}
 _HEADER = struct.Struct("!HHIII")
 _SET_HEADER = struct.Struct("!HH")
@@ -226,6 +284,19 @@ def encode_record(rec: FlowRecord) -> EncodedRecord:
     return EncodedRecord(tid, data)
 
 
+def encode_reliability(rec: ReliabilityRecord, observation_domain: int) -> EncodedRecord:
+    """Encode one interface's reliability statistics as a record of the
+    options template. Raises ``ValueError`` naming the record when a number
+    does not fit its field."""
+    try:
+        data = _RECORD[TEMPLATE_ID_RELIABILITY].pack(
+            observation_domain, rec.metering_process, rec.packets, rec.octets, rec.first_ms, rec.last_ms
+        )
+    except struct.error as e:
+        raise ValueError(f"cannot encode {rec!r}: {e}") from None
+    return EncodedRecord(TEMPLATE_ID_RELIABILITY, data)
+
+
 def template_set(template_ids: Sequence[int] = (TEMPLATE_ID_V4, TEMPLATE_ID_V6)) -> bytes:
     """The template set (set ID 2) announcing ``template_ids``; 4-byte aligned by construction."""
     body = b"".join(
@@ -235,7 +306,21 @@ def template_set(template_ids: Sequence[int] = (TEMPLATE_ID_V4, TEMPLATE_ID_V6))
     return _SET_HEADER.pack(TEMPLATE_SET_ID, SET_HEADER_LEN + len(body)) + body
 
 
-_TEMPLATE_SET_LEN = len(template_set())
+def options_template_set() -> bytes:
+    """The options template set (set ID 3) announcing the reliability
+    statistics template: ID, field count, scope field count, then the
+    field specifiers (RFC 7011 section 3.4.2.2); 4-byte aligned."""
+    body = struct.pack("!HHH", TEMPLATE_ID_RELIABILITY, len(RELIABILITY_FIELDS), RELIABILITY_SCOPE_FIELDS)
+    body += b"".join(_SET_HEADER.pack(f.ie, f.length) for f in RELIABILITY_FIELDS)
+    body += bytes(-len(body) % SET_ALIGN)
+    return _SET_HEADER.pack(OPTIONS_TEMPLATE_SET_ID, SET_HEADER_LEN + len(body)) + body
+
+
+def _templates() -> bytes:
+    return template_set() + options_template_set()
+
+
+_TEMPLATE_SET_LEN = len(_templates())
 
 
 def _data_set_len(template_id: int, count: int) -> int:
@@ -254,7 +339,7 @@ def message_size(counts: dict[int, int], *, templates: bool) -> int:
 # the smallest message size limit that works: the templates alone, or the largest record alone
 MIN_MESSAGE = max(
     HEADER_LEN + _TEMPLATE_SET_LEN,
-    *(HEADER_LEN + _data_set_len(tid, 1) for tid in TEMPLATES),
+    *(HEADER_LEN + _data_set_len(tid, 1) for tid in RECORD_LEN),
 )
 
 
@@ -266,15 +351,17 @@ def build_message(
     observation_domain: int,
     templates: bool = False,
 ) -> bytes:
-    """One IPFIX message: header, the template set if ``templates``, then data sets.
+    """One IPFIX message: header, the template and options template sets if
+    ``templates``, then data sets.
 
-    Records are grouped into one data set per template (IPv4 first), each
+    Records are grouped into one data set per template (IPv4, IPv6, then
+    reliability statistics), each
     zero-padded to a multiple of 4 bytes; the padding (0 or 2 bytes) is always
     shorter than a record, as RFC 7011 section 3.3.1 requires. ``sequence`` is
     taken modulo 2^32. Raises ``ValueError`` when the message would not fit the
     16-bit length field or a header value does not fit its field.
     """
-    groups: dict[int, list[bytes]] = {tid: [] for tid in TEMPLATES}
+    groups: dict[int, list[bytes]] = {tid: [] for tid in RECORD_LEN}
     for r in records:
         if r.template_id not in groups or len(r.data) != RECORD_LEN[r.template_id]:
             raise ValueError(f"not a record of template {r.template_id}: {len(r.data)} bytes")
@@ -282,7 +369,7 @@ def build_message(
     length = message_size({tid: len(g) for tid, g in groups.items()}, templates=templates)
     if length > MAX_MESSAGE:
         raise ValueError(f"IPFIX message of {length} bytes exceeds {MAX_MESSAGE}; split the records")
-    parts = [template_set()] if templates else []
+    parts = [_templates()] if templates else []
     for tid, g in groups.items():
         if g:
             set_len = _data_set_len(tid, len(g))
@@ -329,7 +416,7 @@ def split_records(
         raise ValueError(f"IPFIX message size {max_size} cannot hold one record and the templates")
     chunks: list[list[EncodedRecord]] = []
     chunk: list[EncodedRecord] = []
-    counts = dict.fromkeys(TEMPLATES, 0)
+    counts = dict.fromkeys(RECORD_LEN, 0)
     size = message_size(counts, templates=templates)
     with_templates = templates
     for rec in records:
@@ -337,7 +424,7 @@ def split_records(
         grow = _data_set_len(tid, n + 1) - _data_set_len(tid, n)
         if size + grow > max_size:
             chunks.append(chunk)
-            chunk, counts, with_templates = [], dict.fromkeys(TEMPLATES, 0), False
+            chunk, counts, with_templates = [], dict.fromkeys(RECORD_LEN, 0), False
             size, grow = HEADER_LEN, _data_set_len(tid, 1)
         chunk.append(rec)
         counts[tid] += 1
@@ -480,9 +567,12 @@ class IpfixExporter:
         """The collectors as ``host:port`` / ``[v6]:port`` strings, in the order given."""
         return [s.name for s in self._streams]
 
-    def export(self, records: Iterable[FlowRecord]) -> int:
+    def export(self, records: Iterable[FlowRecord], reliability: Iterable[ReliabilityRecord] = ()) -> int:
         """Send ``records`` to every collector; return how many messages the kernel accepted.
 
+        ``reliability`` (the admission control's totals) goes only to a
+        collector whose templates are due, right after them: so every
+        ``template_refresh`` seconds, if this is called that often.
         All records are encoded before anything is sent, so a ``ValueError``
         (a record that does not fit its fields, see ``encode_record``) sends
         nothing. Send failures never raise: they are counted in ``errors``.
@@ -494,12 +584,14 @@ class IpfixExporter:
         if self._closed:
             raise ValueError("IPFIX exporter is closed")
         encoded = [encode_record(r) for r in records]
+        stats = [encode_reliability(r, self.observation_domain) for r in reliability]
         now = self.clock()
         export_time = int(now) % 2**32
         sent = 0
         for stream in self._streams:
             templates = stream.templates_due(now, self.template_refresh)
-            chunks = split_records(encoded, max_size=stream.max_size, templates=templates)
+            todo = stats + encoded if templates else encoded
+            chunks = split_records(todo, max_size=stream.max_size, templates=templates)
             for i, chunk in enumerate(chunks):
                 with_templates = templates and i == 0
                 msg = build_message(

@@ -80,7 +80,10 @@ _COUNTER_HELP = {
     "flow_insert_failed": "whose new flow could not be added to the flow table",
     "events_suppressed": "whose event was not sent: over the per-CPU event budget",
     "events_lost": "whose event was lost: the events ring buffer was full",
+    "untracked": "that would have added a flow over the per-CPU new-flow budget: counted, not tracked",
 }
+# counters whose bytes are IP bytes (as flows count them), not frame bytes
+_IP_BYTES = {"untracked"}
 
 # ExporterStats field -> help of its metric, xdpflow_<field>_total
 _EXPORTER_COUNTERS = {
@@ -261,10 +264,11 @@ class XdpflowCollector(Collector):
 
     def _families(self, ifaces: list[_Iface], shared: _Shared | None) -> list[Metric]:
         out: list[Metric] = []
-        for name in abi.COUNTER_NAMES.values():
+        for name in maps.STAT_NAMES:
             what = _COUNTER_HELP.get(name, f"counted as {name}")
+            unit = "IP bytes" if name in _IP_BYTES else "Bytes"
             packets = CounterMetricFamily(f"{PREFIX}_{name}_packets", f"Frames {what}", labels=["interface"])
-            nbytes = CounterMetricFamily(f"{PREFIX}_{name}_bytes", f"Bytes of the frames {what}", labels=["interface"])
+            nbytes = CounterMetricFamily(f"{PREFIX}_{name}_bytes", f"{unit} of the frames {what}", labels=["interface"])
             for i in ifaces:
                 packets.add_metric([i.ifname], i.counters[name])
                 nbytes.add_metric([i.ifname], i.counters[abi.bytes_key(name)])
