@@ -48,7 +48,9 @@ TARGETS = {
     "established TCP/IPv6, rules inside its /32 and /48": 60,
     "blocked source, IPv4 /24 rule inside a /16 of rules": 35,
     "blocked source, IPv6 /64 rule inside a /48 of rules": 50,
+    "new flow (65,536 tuples)": 150,
 }
+CHURN_TABLE = 4096  # the churn row: 64,000 flows through a table of this many slots
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Throughput:
     sink: list[float]  # Mpps
     drop: list[float]
     exact: bool
+    table: int | None = None  # flow-table slots when smaller than the default (churn)
 
     def ratios(self) -> list[float]:
         return [s / d for s, d in zip(self.sink, self.drop)]
@@ -65,6 +68,7 @@ class Throughput:
 def throughput(runs: int, frames_per_run: int, flow_counts: list[int]) -> list[Throughput]:
     pin_root = f"/sys/fs/bpf/xfbench-{uuid.uuid4().hex[:8]}"
     out = {n: Throughput(n, [], [], True) for n in flow_counts}
+    churn = Throughput(flow_counts[-1], [], [], True, CHURN_TABLE)
     with Lab("xfbt") as lab:
         cli = [sys.executable, "-m", "xdpflow", "--netns", lab.dut_ns, "--pin-root", pin_root]
         base = Object(abi.object_path("baseline"))
@@ -111,11 +115,31 @@ def throughput(runs: int, frames_per_run: int, flow_counts: list[int]) -> list[T
                         out[n].exact &= sink_packets() - before == frames_per_run
                 finally:
                     subprocess.run([*cli, "detach", lab.dut_if], capture_output=True)
+                # churn: more flows than the table holds, every frame a new flow
+                subprocess.run(
+                    [*cli, "attach", lab.dut_if, "--sink", "--mode", "native", "--flows", str(CHURN_TABLE)],
+                    check=True,
+                    capture_output=True,
+                )
+                try:
+                    n = flow_counts[-1]
+                    before = sink_packets()
+                    churn.sink.append(send(n))
+                    churn.drop.append(out[n].drop[-1])
+                    churn.exact &= sink_packets() - before == frames_per_run
+                finally:
+                    subprocess.run([*cli, "detach", lab.dut_if], capture_output=True)
         finally:
             drop.close()
             base.close()
             shutil.rmtree(pin_root, ignore_errors=True)
-    return list(out.values())
+    return [*out.values(), churn]
+
+
+def flows_label(t: Throughput) -> str:
+    if t.table is None:
+        return f"{t.flows:,} flows"
+    return f"{t.flows:,} flows through a {t.table:,}-slot table (every frame new)"
 
 
 def med(xs: list[float]) -> float:
@@ -165,13 +189,15 @@ def main() -> int:
         lines.append(
             f"| {name}, ns above XDP_PASS | ≤ {target} | {f.median:.1f} | {'yes' if f.median <= target else 'NO'} |"
         )
-    for t, target in ((thr[1], 0.75), (thr[2], 0.50)):
+    for t, target in ((thr[1], 0.80), (thr[2], 0.70), (thr[3], 0.60)):
         r = med(t.ratios())
         met = "yes" if r >= target else "NO"
-        lines.append(f"| sink Mpps / XDP_DROP Mpps, {t.flows:,} flows | ≥ {target} | {r:.2f} | {met} |")
-    for u, target in ((user[0], 0.5), (user[1], 0.8), (user[3], 0.2), (user[4], 0.2)):
+        lines.append(f"| sink Mpps / XDP_DROP Mpps, {flows_label(t)} | ≥ {target} | {r:.2f} | {met} |")
+    bare = med(user[0].base)
+    for u, target in ((user[0], 0.5), (user[1], 0.8), (user[3], 2 * bare), (user[4], 0.2)):
         m = med(u.samples)
-        lines.append(f"| {u.name} wall s | ≤ {target} | {m:.3f} | {'yes' if m <= target else 'NO'} |")
+        say = f"{target:.3f} (2× the bare interpreter)" if u is user[3] else f"{target}"
+        lines.append(f"| {u.name} wall s | ≤ {say} | {m:.3f} | {'yes' if m <= target else 'NO'} |")
 
     lines += [
         "",
@@ -232,14 +258,16 @@ def main() -> int:
         "the DUT runs xdpflow in sink mode (account, track, drop) or an XDP_DROP program. The veth runs the "
         "DUT's program on the generator's CPU, so both figures include the generator's own cost. Flows "
         "beyond one differ by source port, rewritten per copy in the kernel; the sink DUT's flows are "
-        "established by a warm-up run before each measured one.",
+        "established by a warm-up run before each measured one, except in the churn row: 64,000 flows "
+        f"through a table of {CHURN_TABLE:,} slots (`attach --flows {CHURN_TABLE}`), every frame a new flow, "
+        "at the default flow budget (past it, frames are counted as untracked, not inserted).",
         "",
         "| flows | XDP_DROP Mpps | sink Mpps | sink / XDP_DROP (median) | min–max | DUT counted every frame |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for t in thr:
         lines.append(
-            f"| {t.flows:,} | {med(t.drop):.2f} | {med(t.sink):.2f} | {med(t.ratios()):.2f} | "
+            f"| {flows_label(t)} | {med(t.drop):.2f} | {med(t.sink):.2f} | {med(t.ratios()):.2f} | "
             f"{span(t.ratios(), '{:.2f}')} | {'yes' if t.exact else 'NO'} |"
         )
     lines += [
