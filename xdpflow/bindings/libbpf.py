@@ -1189,6 +1189,14 @@ class MapSpec:
             )
         return t.cast(f"{ctype} *", p)
 
+    def initial_bytes(self) -> Any:
+        """The map's initial data as a writable cffi buffer (before load)."""
+        size = ffi.new("size_t *")
+        p = lib.bpf_map__initial_value(self._p, size)
+        if p == ffi.NULL:
+            raise XdpflowError(errno.EINVAL, f"map {self.name} has no initial value")
+        return ffi.buffer(p, size[0])
+
 
 class Object:
     """A BPF ELF object: opened (pure: maps and programs can be configured),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,11 +176,24 @@ def _restore_rules(obj: Object, pins: PinRoot, carried: rules.Carried) -> None:
             m.close()
 
 
-def _rodata(obj: Object) -> Any:
-    for name, spec in obj.maps.items():
-        if name.endswith(".rodata"):
-            return spec.initial_value("struct xf_knobs", abi.ffi)
-    raise XdpflowError(errno.EINVAL, f"{obj.path} has no .rodata; rebuild it with `make`")
+def _rodata(obj: Object) -> tuple[Any, Callable[[], None]]:
+    """The program's knobs to write before load, and what to call once they
+    are written. An object built before some knobs existed (a benchmark's
+    baseline from git) has a shorter .rodata: the knobs are then written to
+    a copy, and as much of it as the object holds goes back."""
+    spec = next((s for name, s in obj.maps.items() if name.endswith(".rodata")), None)
+    if spec is None:
+        raise XdpflowError(errno.EINVAL, f"{obj.path} has no .rodata; rebuild it with `make`")
+    data = spec.initial_bytes()
+    if len(data) >= abi.ffi.sizeof("struct xf_knobs"):
+        return spec.initial_value("struct xf_knobs", abi.ffi), lambda: None
+    knobs = abi.ffi.new("struct xf_knobs *")
+    abi.ffi.memmove(knobs, data, len(data))
+
+    def done() -> None:
+        data[:] = abi.ffi.buffer(knobs)[: len(data)]
+
+    return knobs, done
 
 
 def _prepare(obj: Object, opts: AttachOptions, pins: PinRoot | None, ifname: str | None) -> None:
@@ -200,7 +214,7 @@ def _prepare(obj: Object, opts: AttachOptions, pins: PinRoot | None, ifname: str
         if opts.flow_budget is None:
             opts.flow_budget = FLOW_BUDGET_DEFAULT if old_knobs is None else int(old_knobs.flow_budget)
     check_flow_budget(opts.flow_budget)
-    knobs = _rodata(obj)
+    knobs, knobs_written = _rodata(obj)
     knobs.sink = int(opts.sink)
     knobs.shared_flows = int(opts.shared_flows)
     knobs.events_per_sec = opts.events_per_sec
@@ -237,6 +251,7 @@ def _prepare(obj: Object, opts: AttachOptions, pins: PinRoot | None, ifname: str
             spec.set_type(BPF_MAP_TYPE_LRU_PERCPU_HASH)
         spec.set_max_entries(size)
     _size_protect_hosts(obj, opts, pins, knobs)
+    knobs_written()
 
 
 def check_flow_budget(budget: int) -> None:
