@@ -46,7 +46,7 @@ struct rl_scan {
 	__u32 best;   /* bit + 1, or 0 */
 	__u32 word;   /* the word being looked at */
 	__u64 w;      /* its candidates not ruled out yet */
-	__u64 now;    /* jiffies, read once a rule with a TTL is met */
+	__u64 now;    /* the frame's jiffies, for rules with a TTL */
 };
 
 /* Class of an address (its bytes in a0, a1 as they lie in memory), as a
@@ -251,8 +251,6 @@ static long rl_scan_step(__u32 n, void *ctx)
 	if (!r)
 		return 1;
 	if (r->expires) {
-		if (!sc->now)
-			sc->now = bpf_jiffies64();
 		if (sc->now >= r->expires) {
 			sc->w &= sc->w - 1;
 			return 0;
@@ -399,14 +397,15 @@ static __always_inline __u32 rl_classify(struct pkt *p, __u32 slot,
 	if (!live)
 		return 0;
 	/* One live word (the usual case of a frame some rule matches): its
-	 * first candidate is the answer unless that rule has a TTL, which the
-	 * scan checks. */
+	 * first candidate is the answer unless that rule has expired (the
+	 * scan then looks past it). The frame's jiffies come from the program,
+	 * read once for the rules and the flow update. */
 	if (!(live & (live - 1))) {
 		__u32 key = slot * XF_RULE_BITS + (ctz64(live) & 31) * 64 +
 			    ctz64(any);
 
 		r = bpf_map_lookup_elem(&rl_act, &key);
-		if (r && !r->expires)
+		if (r && (!r->expires || p->now < r->expires))
 			return r->bit + 1;
 	}
 	/* one step per live word, plus one per expired rule met on the way */
@@ -421,7 +420,7 @@ static __always_inline __u32 rl_classify(struct pkt *p, __u32 slot,
 	sc.rest = live;
 	sc.best = 0;
 	sc.w = 0;
-	sc.now = 0;
+	sc.now = p->now;
 	sc.word = 0;
 	sc.best_rank = ~0U;
 	bpf_loop(XF_RULE_BITS + XF_RULE_WORDS, rl_scan_step, &sc, 0);
