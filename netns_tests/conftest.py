@@ -10,6 +10,7 @@ conftest.py so a unit run imports nothing that touches the kernel.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,26 @@ NEEDS_ROOT = {"prog": "BPF_PROG_TEST_RUN needs root (CAP_BPF, CAP_SYS_ADMIN)",
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "fuzz: the long hostile-frame run (make fuzz)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    # A cancelled CI job, or timeout(1), ends the run with SIGTERM, which by
+    # default kills pytest before any fixture's teardown: namespaces, veths
+    # and pin roots would stay behind. As an interrupt, pytest stops and
+    # tears every fixture down; later SIGTERMs wait for that to finish.
+    global _pytest_pid
+    _pytest_pid = os.getpid()
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+
+
+_pytest_pid = 0
+
+
+def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    if os.getpid() != _pytest_pid:
+        # a forked child (a traffic generator, say) dies as it would have
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _folder(item: pytest.Item) -> str | None:
