@@ -161,10 +161,12 @@ def main() -> int:
     t0 = time.time()
 
     print("1/3 in-kernel cost ...", flush=True)
-    kernel = bench_kernel.measure(args.runs, args.repeat)
+    with bench_kernel.pinned():
+        kernel = bench_kernel.measure(args.runs, args.repeat)
+        rules = bench_rules.measure(args.runs, args.repeat)
+        protect = bench_protect.measure(args.runs, args.repeat)
+    # concurrent runs: every CPU, unpinned
     variants = bench_kernel.flow_table_variants(args.runs, args.repeat)
-    rules = bench_rules.measure(args.runs, args.repeat)
-    protect = bench_protect.measure(args.runs, args.repeat)
     print("2/3 throughput ...", flush=True)
     thr = throughput(args.runs, args.frames, [1, 1000, 64000])
     print("3/3 userspace ...", flush=True)

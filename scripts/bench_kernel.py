@@ -19,7 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -40,6 +40,33 @@ from xdpflow.rules.blockfile import Rule  # noqa: E402
 
 MAC_A, MAC_B = "02:00:00:00:00:01", "02:00:00:00:00:02"
 BLOCKED_SRC = "203.0.113.5"
+
+
+@contextlib.contextmanager
+def pinned() -> Iterator[None]:
+    """Run the block on one CPU (the last) at real-time priority.
+
+    BPF_PROG_TEST_RUN runs the program on the calling CPU: unpinned, a run
+    that migrates or is preempted by other work on this shared 2-CPU machine
+    reads 10-15 ns high on a ~50 ns figure. SCHED_FIFO keeps other user tasks
+    off the CPU while a round runs (the kernel's RT throttling still leaves
+    it 5% of each second). Both the figure and its XDP_PASS baseline run
+    this way, so the difference stays a like-for-like comparison.
+    """
+    affinity = os.sched_getaffinity(0)
+    policy = os.sched_getscheduler(0)
+    param = os.sched_getparam(0)
+    os.sched_setaffinity(0, {max(affinity)})
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(50))
+    except OSError:
+        pass  # not permitted: pinned only
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, policy, param)
+        os.sched_setaffinity(0, affinity)
 
 
 @dataclass
@@ -369,7 +396,8 @@ def main() -> int:
     p.add_argument("--new-flows", type=int, default=65536)
     args = p.parse_args()
     t = time.time()
-    figs = measure(args.runs, args.repeat, new_flows=args.new_flows)
+    with pinned():
+        figs = measure(args.runs, args.repeat, new_flows=args.new_flows)
     print("| path | XDP_PASS ns | ns above XDP_PASS (median) | min–max |")
     print("| --- | --- | --- | --- |")
     for f in figs:

@@ -194,7 +194,8 @@ def main() -> int:
     )
     args = p.parse_args()
     t = time.time()
-    print("\n".join(table(measure(args.runs, args.repeat, args.before))))
+    with bench_kernel.pinned():
+        print("\n".join(table(measure(args.runs, args.repeat, args.before))))
     print(f"({time.time() - t:.1f} s)")
     return 0
 
