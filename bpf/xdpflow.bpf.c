@@ -663,7 +663,12 @@ static __always_inline int blocked(struct xf_counters *c, struct xdp_md *ctx,
 	return XDP_DROP;
 }
 
+/* XF_BENCH_NO_RULES: the same program without the rules engine, built by
+ * scripts/bench_rules.py to measure what the engine costs a frame when no
+ * rule is configured; never shipped */
+#ifndef XF_BENCH_NO_RULES
 #include "rules.h"
+#endif
 
 enum { J_TRACK, J_OUT, J_L4_ERROR };
 
@@ -685,6 +690,7 @@ static __always_inline int judge(struct xdp_md *ctx, struct xf_counters *c,
 {
 	int l4 = 1; /* not read yet */
 
+#ifndef XF_BENCH_NO_RULES
 	if (__builtin_expect(flags & XF_CFG_RULES, 0)) {
 		int rj;
 
@@ -699,6 +705,7 @@ static __always_inline int judge(struct xdp_md *ctx, struct xf_counters *c,
 		if (rj == RJ_ALLOW)
 			listed = 0;
 	}
+#endif
 	if (__builtin_expect(listed, 0)) {
 		*action = blocked(c, ctx, p, listed - 1, cfg, act, nh, data_end,
 				  ipproto, l4_ok);

@@ -21,7 +21,9 @@ import ipaddress
 import os
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -104,6 +106,22 @@ class RulesFigure:
     samples: list[float]  # ns above XDP_PASS, one per round
 
 
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+OUT = "rules engine compiled out"
+
+
+def build_without_rules(out_dir: str) -> str:
+    """This tree's program with the rules engine compiled out
+    (XF_BENCH_NO_RULES): what "no rules configured" is measured against."""
+    obj = os.path.join(out_dir, "norules.bpf.o")
+    bpf = os.path.join(ROOT, "bpf")
+    inc = f"-I/usr/include/{os.uname().machine}-linux-gnu"
+    cflags = ["-O2", "-g", "-target", "bpf", "-mcpu=v3", "-Wall", "-Werror", "-DXF_BENCH_NO_RULES"]
+    src = os.path.join(bpf, "xdpflow.bpf.c")
+    subprocess.run(["clang", *cflags, inc, f"-I{bpf}", "-c", src, "-o", obj], check=True)
+    return obj
+
+
 def measure(runs: int, repeat: int) -> list[RulesFigure]:
     fr = bench_kernel.frames()
     eth = Ether(src=bench_kernel.MAC_A, dst=bench_kernel.MAC_B)
@@ -113,15 +131,21 @@ def measure(runs: int, repeat: int) -> list[RulesFigure]:
     base_obj.load()
     xdp_pass = base_obj.program("xdp_pass")
     prefixes = bench_kernel.random_prefixes(10000, 10000)
-    objs = {n: bench_kernel.Loaded(prefixes) for n in (0, 64, 1024)}
+    objs: dict[int | str, bench_kernel.Loaded] = {n: bench_kernel.Loaded(prefixes) for n in (0, 64, 1024)}
+    with tempfile.TemporaryDirectory() as tmp:
+        objs[OUT] = bench_kernel.Loaded(prefixes, object_path=build_without_rules(tmp))
     for n, o in objs.items():
-        if n:
+        if isinstance(n, int) and n:
             RuleTables(o.map).install(mixed_rules(n))
         for k in ("udp4", "tcp6", "rate", "limited"):
             o.prog.test_run(fr[k], repeat=1)
-    rows = [
-        ("no rules: established UDP/IPv4", 0, "udp4", None, ""),
-        ("no rules: established TCP/IPv6", 0, "tcp6", None, ""),
+    rows: list[tuple[str, int | str, str, float | None, str]] = [
+        (f"{OUT}: established UDP/IPv4", OUT, "udp4", None, ""),
+        (f"{OUT}: established TCP/IPv6", OUT, "tcp6", None, ""),
+        (f"{OUT}: blocked source", OUT, "blocked4", None, ""),
+        ("no rules: established UDP/IPv4", 0, "udp4", 2.0, f"{OUT}: established UDP/IPv4"),
+        ("no rules: established TCP/IPv6", 0, "tcp6", 2.0, f"{OUT}: established TCP/IPv6"),
+        ("no rules: blocked source", 0, "blocked4", 2.0, f"{OUT}: blocked source"),
         ("64 rules, none matching: established UDP/IPv4", 64, "udp4", None, ""),
         ("64 rules, none matching: established TCP/IPv6", 64, "tcp6", None, ""),
         ("1,024 rules, none matching: established UDP/IPv4", 1024, "udp4", 30.0, "no rules: established UDP/IPv4"),
@@ -132,7 +156,8 @@ def measure(runs: int, repeat: int) -> list[RulesFigure]:
     figs = {name: RulesFigure(name, target, versus, []) for name, _, _, target, versus in rows}
     try:
         for _ in range(runs):
-            base = {k: bench_kernel.per_frame_ns(xdp_pass, fr[k], repeat) for k in ("udp4", "tcp6", "rate", "limited")}
+            keys = ("udp4", "tcp6", "blocked4", "rate", "limited")
+            base = {k: bench_kernel.per_frame_ns(xdp_pass, fr[k], repeat) for k in keys}
             for name, n, key, _, _ in rows:
                 figs[name].samples.append(bench_kernel.per_frame_ns(objs[n].prog, fr[key], repeat) - base[key])
     finally:
