@@ -104,10 +104,14 @@ BL4_LEVEL(bl4_l1_src, BPF_MAP_TYPE_ARRAY, XF_BL4_L1_SIZE, BPF_F_MMAPABLE);
 BL4_LEVEL(bl4_l2c_src, BPF_MAP_TYPE_ARRAY, XF_BL4_L2C_SIZE, BPF_F_MMAPABLE);
 BL4_LEVEL(bl4_l2_src, BPF_MAP_TYPE_HASH, XF_BL4_L2_MAX, BPF_F_NO_PREALLOC);
 BL4_LEVEL(bl4_l3_src, BPF_MAP_TYPE_HASH, XF_BL4_L3_MAX, BPF_F_NO_PREALLOC);
+BL4_LEVEL(bl4_l2h_src, BPF_MAP_TYPE_ARRAY, XF_BL4_L2C_SIZE, BPF_F_MMAPABLE);
+BL4_LEVEL(bl4_l3c_src, BPF_MAP_TYPE_ARRAY, XF_BL4_L3C_SIZE, BPF_F_MMAPABLE);
 BL4_LEVEL(bl4_l1_dst, BPF_MAP_TYPE_ARRAY, XF_BL4_L1_SIZE, BPF_F_MMAPABLE);
 BL4_LEVEL(bl4_l2c_dst, BPF_MAP_TYPE_ARRAY, XF_BL4_L2C_SIZE, BPF_F_MMAPABLE);
 BL4_LEVEL(bl4_l2_dst, BPF_MAP_TYPE_HASH, XF_BL4_L2_MAX, BPF_F_NO_PREALLOC);
 BL4_LEVEL(bl4_l3_dst, BPF_MAP_TYPE_HASH, XF_BL4_L3_MAX, BPF_F_NO_PREALLOC);
+BL4_LEVEL(bl4_l2h_dst, BPF_MAP_TYPE_ARRAY, XF_BL4_L2C_SIZE, BPF_F_MMAPABLE);
+BL4_LEVEL(bl4_l3c_dst, BPF_MAP_TYPE_ARRAY, XF_BL4_L3C_SIZE, BPF_F_MMAPABLE);
 
 /* The IPv6 table (see XF_BL6_* in xdpflow.h), computed by the controller. */
 #define BL6_L0(name)                                                           \
@@ -338,7 +342,7 @@ static __always_inline int parse_l4(struct hdr_cursor *nh, void *data_end,
  * returns rule index + 1, or 0.
  */
 static __always_inline __u32 bl4_lookup(void *l1, void *l2c, void *l2, void *l3,
-					 __u32 addr)
+					 void *l2h, void *l3c, __u32 addr)
 {
 	__u32 key = addr >> 16;
 	__u32 *e = bpf_map_lookup_elem(l1, &key);
@@ -356,6 +360,17 @@ static __always_inline __u32 bl4_lookup(void *l1, void *l2c, void *l2, void *l3,
 		if (!e)
 			return 0;
 		v = *e;
+		if (v & XF_BL_HOSTS) {
+			/* the /24's hosts in an array chunk, when they have
+			 * one: a load instead of a hash lookup (~20 ns) */
+			__u32 *h = bpf_map_lookup_elem(l2h, &key);
+
+			if (h && *h) {
+				key = ((*h - 1) << 8) | (addr & 0xff);
+				e = bpf_map_lookup_elem(l3c, &key);
+				return e ? *e : 0;
+			}
+		}
 	} else if (v & XF_BL_D24) {
 		/* every /24 holding a longer rule has an entry */
 		key = addr >> 8;
@@ -377,13 +392,15 @@ static __always_inline __u32 bl4_match(__u32 flags, struct xf_flow4 *k)
 
 	if (flags & XF_CFG_BL4_SRC) {
 		r = bl4_lookup(&bl4_l1_src, &bl4_l2c_src, &bl4_l2_src,
-			       &bl4_l3_src, bpf_ntohl(k->saddr));
+			       &bl4_l3_src, &bl4_l2h_src, &bl4_l3c_src,
+			       bpf_ntohl(k->saddr));
 		if (r)
 			return r;
 	}
 	if (flags & XF_CFG_BL4_DST)
 		return bl4_lookup(&bl4_l1_dst, &bl4_l2c_dst, &bl4_l2_dst,
-				  &bl4_l3_dst, bpf_ntohl(k->daddr));
+				  &bl4_l3_dst, &bl4_l2h_dst, &bl4_l3c_dst,
+				  bpf_ntohl(k->daddr));
 	return 0;
 }
 

@@ -31,11 +31,18 @@
  * that needs one (L1 then holds XF_BL_D24 | XF_BL_CHUNK | chunk number, and
  * every /24 slot the complete answer), so the second level is an array load
  * too; /16s beyond XF_BL4_CHUNKS fall back to a hash of /24s (L1 holds
- * XF_BL_D24 | the /16's own answer). A /16 holding only host rules skips L2.
+ * XF_BL_D24 | the /16's own answer). A /16 holding host rules gets a chunk
+ * too (without one it skips L2). Hosts: a /24 slot of a chunk that carries
+ * XF_BL_HOSTS may name, in the parallel array L2H (same index), a 256-entry
+ * chunk of L3C holding every host's complete answer (chunk number + 1; 0:
+ * none); otherwise, and in every table an older program reads, the hosts
+ * are in the L3 hash, which always holds them all.
  */
 #define XF_BL4_L1_SIZE 65536
 #define XF_BL4_CHUNKS 4096
 #define XF_BL4_L2C_SIZE 1048576 /* XF_BL4_CHUNKS x 256 */
+#define XF_BL4_HCHUNKS 4096     /* /24s whose hosts get an L3C chunk */
+#define XF_BL4_L3C_SIZE 1048576 /* XF_BL4_HCHUNKS x 256 */
 #define XF_BL4_L2_MAX 1048576
 #define XF_BL4_L3_MAX 1048576
 #define XF_BL_D24 2147483648

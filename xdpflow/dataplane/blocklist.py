@@ -25,7 +25,7 @@ import contextlib
 import errno
 import socket
 from collections.abc import Callable, Collection, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -47,6 +47,8 @@ V4_LEVELS = {
     "dst": ("bl4_l1_dst", "bl4_l2_dst", "bl4_l3_dst"),
 }
 V4_CHUNKS = {"src": "bl4_l2c_src", "dst": "bl4_l2c_dst"}
+# the hosts' chunks: L2H (parallel to L2C) names a /24's chunk of L3C
+V4_HOSTS = {"src": ("bl4_l2h_src", "bl4_l3c_src"), "dst": ("bl4_l2h_dst", "bl4_l3c_dst")}
 ALL_TRIE_FLAGS = sum(t[1] for t in TRIES.values())
 D24 = abi.C.XF_BL_D24
 HOSTS = abi.C.XF_BL_HOSTS
@@ -185,19 +187,31 @@ def v4_tables(addrs: np.ndarray, plens: np.ndarray, idx: np.ndarray) -> V4Tables
 @dataclass
 class V4Placed:
     """A V4Tables as written: /16s that need L2 get a 256-slot chunk of the
-    L2 array where there is one, the rest keep /24 entries in the L2 hash."""
+    L2 array where there is one, the rest keep /24 entries in the L2 hash.
+    The /24s with hosts in a chunked /16 get a 256-slot chunk of L3C where
+    there is one (``l2h`` names it per /24 slot); the L3 hash keeps every
+    host regardless, for the rest and for programs that predate L3C."""
 
     l1: np.ndarray
     chunks: dict[int, np.ndarray]  # chunk number -> its 256 slots
     l2: dict[int, int]  # /24 -> entry, for /16s without a chunk
     l3: dict[int, int]
     old_l1: np.ndarray  # the /16 array as the program reads it now
+    l2h: dict[int, np.ndarray] = field(default_factory=dict)  # chunk number -> host chunk + 1 per /24 slot
+    hchunks: dict[int, np.ndarray] = field(default_factory=dict)  # host chunk number -> its 256 slots
 
 
 CHUNK_MIN = 8  # /24 entries a /16 needs before it gets a chunk
 
 
-def place_chunks(t: V4Tables, old_l1: np.ndarray, capacity: int, chunk_min: int = CHUNK_MIN) -> V4Placed:
+def place_chunks(
+    t: V4Tables,
+    old_l1: np.ndarray,
+    capacity: int,
+    chunk_min: int = CHUNK_MIN,
+    old_l2h: np.ndarray | None = None,
+    host_capacity: int = 0,
+) -> V4Placed:
     """Give every /16 of ``t`` that needs L2 a chunk, keeping the chunk it has
     in ``old_l1`` (the table the program reads now) and never handing a
     chunk in use there to another /16: a frame that read the old /16 entry
@@ -206,8 +220,15 @@ def place_chunks(t: V4Tables, old_l1: np.ndarray, capacity: int, chunk_min: int 
     least CHUNK_MIN of them (a feed's scattered /24s stay in the hash); past
     ``capacity`` the rest use the L2 hash too. A /16 that has a chunk keeps it
     while it needs L2 at all.
+
+    With ``host_capacity`` (L3C chunks; 0 where the maps predate them), /16s
+    holding hosts need L2 too, and each /24 with hosts in a chunked /16 gets
+    an L3C chunk under the same rules: kept while it has hosts (and its /16
+    its chunk), never one that ``old_l2h`` (the L2H array the program reads
+    now) still names, the /24s with the most hosts first.
     """
-    need = np.flatnonzero(t.l1 & np.uint32(D24))
+    hosts16 = (t.l1 & np.uint32(HOSTS)) != 0 if host_capacity else np.zeros(len(t.l1), dtype=bool)
+    need = np.flatnonzero(((t.l1 & np.uint32(D24)) != 0) | hosts16)
     was = old_l1[need]
     had = (was & np.uint32(D24 | CHUNK)) == np.uint32(D24 | CHUNK)
     assign = dict(zip(need[had].tolist(), (was[had] & np.uint32(RULE_MASK)).tolist()))
@@ -217,8 +238,9 @@ def place_chunks(t: V4Tables, old_l1: np.ndarray, capacity: int, chunk_min: int 
     v24 = np.fromiter(t.l2.values(), dtype=np.uint32, count=len(t.l2))
     per16 = np.bincount(k24 >> 8, minlength=abi.C.XF_BL4_L1_SIZE)
     cand = need[~had]
-    # sparse /16s get none: a 256-slot chunk for a few /24s costs more to write than it saves
-    cand = cand[per16[cand] >= chunk_min]
+    # sparse /16s get none: a 256-slot chunk for a few /24s costs more to write than it saves;
+    # a /16 with hosts does, when they can have chunks: they spare a hash lookup
+    cand = cand[(per16[cand] >= chunk_min) | hosts16[cand]]
     for c in cand[np.lexsort((cand, -per16[cand]))].tolist():  # the most /24 entries first
         k = next(free, None)
         if k is None:
@@ -234,10 +256,90 @@ def place_chunks(t: V4Tables, old_l1: np.ndarray, capacity: int, chunk_min: int 
     rows = row_of[k24 >> 8]
     chunked = rows >= 0
     slots[rows[chunked], k24[chunked] & 0xFF] = v24[chunked]
+    l2h: dict[int, np.ndarray] = {}
+    hchunks: dict[int, np.ndarray] = {}
+    if host_capacity:
+        hosts = np.fromiter(t.l3.keys(), dtype=np.int64, count=len(t.l3))
+        hrows = row_of[hosts >> 16]
+        in_chunk = hrows >= 0
+        # a /24 slot of a chunk holding hosts says so (those of /16s with
+        # /24 rules already do, from v4_tables)
+        slots[hrows[in_chunk], (hosts[in_chunk] >> 8) & 0xFF] |= np.uint32(HOSTS)
+        l2h, hchunks = _place_host_chunks(t, slots, ks, row_of, hosts[in_chunk], old_l1, old_l2h, host_capacity)
     chunks = dict(zip(ks.tolist(), slots))
     l1[cs] = np.uint32(D24 | CHUNK) | ks.astype(np.uint32)
     l2 = dict(zip(k24[~chunked].tolist(), v24[~chunked].tolist()))
-    return V4Placed(l1, chunks, l2, t.l3, old_l1)
+    return V4Placed(l1, chunks, l2, t.l3, old_l1, l2h, hchunks)
+
+
+def _sorted_unique(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of ``a`` and how often each occurs (np.unique
+    loads numpy.ma, ~90 ms of a command's start)."""
+    a = np.sort(a)
+    if not len(a):
+        return a, a
+    starts = np.flatnonzero(np.concatenate(([True], a[1:] != a[:-1])))
+    return a[starts], np.diff(np.append(starts, len(a)))
+
+
+def _place_host_chunks(
+    t: V4Tables,
+    slots: np.ndarray,
+    ks: np.ndarray,
+    row_of: np.ndarray,
+    hosts: np.ndarray,
+    old_l1: np.ndarray,
+    old_l2h: np.ndarray | None,
+    capacity: int,
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """L3C chunks for the /24s of ``hosts`` (host addresses in chunked /16s;
+    ``slots`` the chunks' rows, ``ks`` their chunk numbers): the L2H row of
+    every chunk, and each host chunk's 256 complete answers."""
+    chunked_old = (old_l1 & np.uint32(D24 | CHUNK)) == np.uint32(D24 | CHUNK)
+    tops = np.flatnonzero(chunked_old)
+    old_ks = (old_l1[tops] & np.uint32(RULE_MASK)).astype(np.int64)
+    held: dict[int, int] = {}  # /24 -> the host chunk the program may read for it now
+    used: set[int] = set()  # every host chunk the program may read now
+    if old_l2h is not None and len(tops):
+        idx = (old_ks[:, None] * 256 + np.arange(256)).ravel()
+        ptr = old_l2h[idx].astype(np.int64)
+        live = np.flatnonzero(ptr)
+        used = set((ptr[live] - 1).tolist())
+        owner = np.repeat(tops, 256)[live]  # the /16 whose chunk the row is
+        held = dict(zip((owner << 8 | (idx[live] & 0xFF)).tolist(), (ptr[live] - 1).tolist()))
+    h24, per24 = _sorted_unique(hosts >> 8)
+    assign: dict[int, int] = {}
+    for c in h24.tolist():
+        k = held.get(c)
+        # kept while its /16 keeps the chunk whose row names it
+        if k is not None and int(ks[row_of[c >> 8]]) == int(old_l1[c >> 8] & RULE_MASK):
+            assign[c] = k
+    taken = used | set(assign.values())
+    free = (k for k in range(capacity) if k not in taken)
+    for c in h24[np.argsort(-per24, kind="stable")].tolist():  # the most hosts first
+        if c in assign:
+            continue
+        k = next(free, None)
+        if k is None:
+            break
+        assign[c] = k
+    l2h = {int(k): np.zeros(256, dtype=np.uint32) for k in ks.tolist()}
+    if not assign:
+        return l2h, {}
+    cs = np.fromiter(assign.keys(), dtype=np.int64, count=len(assign))
+    hk = np.fromiter(assign.values(), dtype=np.int64, count=len(assign))
+    rows = row_of[cs >> 8]
+    for k, b, h in zip(ks[rows].tolist(), (cs & 0xFF).tolist(), hk.tolist()):
+        l2h[k][b] = h + 1
+    # each host chunk starts as its /24's answer, then takes its hosts'
+    hs = np.repeat(slots[rows, cs & 0xFF] & np.uint32(RULE_MASK), 256).reshape(-1, 256)
+    addrs = np.fromiter(t.l3.keys(), dtype=np.int64, count=len(t.l3))
+    vals = np.fromiter(t.l3.values(), dtype=np.uint32, count=len(t.l3))
+    order = np.argsort(cs)
+    at = np.minimum(np.searchsorted(cs[order], addrs >> 8), len(cs) - 1)
+    mine = cs[order][at] == addrs >> 8
+    hs[order[at[mine]], addrs[mine] & 0xFF] = vals[mine]
+    return l2h, dict(zip(hk.tolist(), hs))
 
 
 @dataclass
@@ -341,6 +443,7 @@ class Blocklist:
     def __init__(self, open_map: Callable[[str], Map]) -> None:
         self._map = open_map
         self._views: dict[str, np.ndarray | None] = {}
+        self._optional: dict[str, bool] = {}
 
     # reading ------------------------------------------------------------
 
@@ -605,7 +708,36 @@ class Blocklist:
 
     def _v4_placed(self, keys: list[int], rules: dict[int, int], direction: str) -> V4Placed:
         capacity = self._map(V4_CHUNKS[direction]).info.max_entries // 256
-        return place_chunks(self._v4_tables(keys, rules), self._read_array(V4_LEVELS[direction][0]), capacity)
+        old_l2h, host_capacity = None, 0
+        if self._has_host_chunks(direction):
+            l2h, l3c = V4_HOSTS[direction]
+            old_l2h = self._view(l2h)
+            if old_l2h is None:
+                old_l2h = self._read_array(l2h)
+            host_capacity = self._map(l3c).info.max_entries // 256
+        return place_chunks(
+            self._v4_tables(keys, rules),
+            self._read_array(V4_LEVELS[direction][0]),
+            capacity,
+            old_l2h=old_l2h,
+            host_capacity=host_capacity,
+        )
+
+    def _has_host_chunks(self, direction: str) -> bool:
+        """Whether this direction has L2H and L3C: pins made by a version
+        before them do not, until the next attach adds them (their hosts are
+        then found through the L3 hash, as before)."""
+        key = f"hosts_{direction}"
+        if key not in self._optional:
+            try:
+                for name in V4_HOSTS[direction]:
+                    self._map(name)
+                self._optional[key] = True
+            except XdpflowError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                self._optional[key] = False
+        return self._optional[key]
 
     def _view(self, name: str) -> np.ndarray | None:
         """The values of array ``name`` as a writable numpy array over the
@@ -728,19 +860,28 @@ class Blocklist:
         error = hosts.wait()
         if error is not None:
             raise error
+        # bottom-up: host chunks, the /24 slots' pointers to them, the /24 chunks
+        if t.hchunks:
+            self._write_rows(V4_HOSTS[direction][1], t.hchunks)
+        if t.l2h:
+            self._write_rows(V4_HOSTS[direction][0], t.l2h)
         if t.chunks:
-            name = V4_CHUNKS[direction]
-            ks = np.fromiter(t.chunks.keys(), dtype=np.int64, count=len(t.chunks))
-            slots = (ks[:, None] * 256 + np.arange(256)).ravel()
-            want = np.stack(list(t.chunks.values())).ravel()
-            view = self._view(name)
-            have = view[slots] if view is not None else self._read_array(name)[slots]
-            diff = np.flatnonzero(have != want)
-            self._write_array(name, slots[diff], want[diff])
+            self._write_rows(V4_CHUNKS[direction], t.chunks)
         changed = np.flatnonzero(t.old_l1 != t.l1)  # read by _v4_placed, under the same lock
         self._write_array(V4_LEVELS[direction][0], changed, t.l1[changed])
         _remove(l2m, [k for k in have2 if k not in t.l2])
         _remove(l3m, [k for k in have3 if k not in t.l3])
+
+    def _write_rows(self, name: str, rows: dict[int, np.ndarray]) -> None:
+        """Write 256-slot rows (row number -> slots) of an array map, only
+        the slots that differ."""
+        ks = np.fromiter(rows.keys(), dtype=np.int64, count=len(rows))
+        slots = (ks[:, None] * 256 + np.arange(256)).ravel()
+        want = np.stack(list(rows.values())).ravel()
+        view = self._view(name)
+        have = view[slots] if view is not None else self._read_array(name)[slots]
+        diff = np.flatnonzero(have != want)
+        self._write_array(name, slots[diff], want[diff])
 
     def _write_filter(self, direction: str, want: np.ndarray, keep: bool = False) -> None:
         """Make one direction's filter ``want``; with ``keep``, bits set now
