@@ -268,9 +268,9 @@ static long rl_scan_step(__u32 n, void *ctx)
  * TCP flags | IP length << 16; ports: sport | dport << 32 (XF_RNO_L4
  * without L4).
  */
-static __always_inline __u32 rl_classify(struct pkt *p, __u32 slot,
-					 __u32 fields, __u32 proto_len,
-					 __u64 ports, __u32 ifindex)
+static __always_inline __u32 rl_classify(struct xdp_md *ctx, struct pkt *p,
+					 __u32 slot, __u32 fields,
+					 __u32 proto_len, __u64 ports)
 {
 	struct xf_rule_bits *bs, *bd, *b2, *b3, *b4, *b5, *b6;
 	__u32 rest, live, left, c0 = 0, c1 = 0, c2 = 0, c3 = 0, c4 = 0, c5 = 0;
@@ -317,7 +317,10 @@ static __always_inline __u32 rl_classify(struct pkt *p, __u32 slot,
 		rest &= e >> 32;
 	}
 	if (fields & XF_RF_IFACE) {
-		struct xf_riface_key ik = { .slot = slot, .ifindex = ifindex };
+		/* read only here: three dependent loads (rxq, dev, ifindex)
+		 * that most rule sets do not need */
+		struct xf_riface_key ik = { .slot = slot,
+					    .ifindex = ctx->ingress_ifindex };
 		__u64 *ie = bpf_map_lookup_elem(&rl_iface, &ik);
 
 		if (ie) {
@@ -456,12 +459,11 @@ __attribute__((noinline)) __u32 xf_rl_classify(struct xdp_md *ctx,
 		dport = bpf_ntohs(p->k6.dport);
 	}
 	iplen = p->iplen > 65535 ? 65535 : p->iplen;
-	return rl_classify(p, slot, (meta >> 16) & 0x7f,
+	return rl_classify(ctx, p, slot, (meta >> 16) & 0x7f,
 			   ipproto << 8 |
 				   (ipproto == IPPROTO_TCP ? p->tcp_flags & 0xff : 0) |
 				   iplen << 16,
-			   (__u64)sport | (__u64)dport << 32,
-			   ctx->ingress_ifindex);
+			   (__u64)sport | (__u64)dport << 32);
 }
 
 /* Apply rule bit + 1 to a classified frame: account it, run its rate
