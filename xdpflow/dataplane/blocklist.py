@@ -326,8 +326,8 @@ def bucket_of(hi: np.ndarray, lo: np.ndarray, plen: np.ndarray, bits: int = abi.
     """The buckets of regions (their address halves and prefix lengths),
     hashed as bl6_find() in the program does."""
     u = np.uint64
-    x = (hi.astype(u) * u(abi.C.XF_BL6_M1)) ^ (lo.astype(u) * u(abi.C.XF_BL6_M2)) ^ plen.astype(u)
-    x ^= x >> u(32)
+    x: np.ndarray = (hi.astype(u) * u(abi.C.XF_BL6_M1)) ^ (lo.astype(u) * u(abi.C.XF_BL6_M2)) ^ plen.astype(u)
+    x = x ^ (x >> u(32))
     return ((x * u(abi.C.XF_BL6_M3)) >> u(64 - bits)).astype(np.int64)
 
 
@@ -405,6 +405,35 @@ def place_v6(t: V6Tables, old: np.ndarray | None) -> V6Placed:
     ovf[rb[~fits]] = 1
     deep = {keys[i]: int(vals[i]) for i in over.tolist()}
     return V6Placed(t.l0, new, update, (cb, cw), ovf, deep)
+
+
+def fill_v6(arr: np.ndarray, write: Callable[[np.ndarray], None], t: V6Placed) -> None:
+    """The first half of writing ``t`` into the array ``arr`` (``write``
+    stores buckets changed in it): the flags of buckets with regions in the
+    hash, answers that change in place, then the new slots, each filled
+    before its prefix length makes it live."""
+    up = np.flatnonzero(t.ovf & ~arr["ovf"])
+    arr["ovf"][up] = 1
+    slots = arr["s"]
+    ub, uw, uv = t.update
+    slots["val"][ub, uw] = uv
+    nb, nw, hi, lo, plen, val = t.new
+    slots["hi"][nb, nw] = hi
+    slots["lo"][nb, nw] = lo
+    slots["val"][nb, nw] = val
+    write(np.concatenate((up, ub, nb)))
+    slots["plen"][nb, nw] = plen
+    write(nb)
+
+
+def prune_v6(arr: np.ndarray, write: Callable[[np.ndarray], None], t: V6Placed) -> None:
+    """The second half, once nothing links to what ``t`` drops: free the
+    slots it no longer uses and the flags no bucket needs."""
+    cb, cw = t.clear
+    arr["s"]["plen"][cb, cw] = 0
+    down = np.flatnonzero(arr["ovf"] & ~t.ovf)
+    arr["ovf"][down] = 0
+    write(np.concatenate((cb, down)))
 
 
 class _Split:
@@ -701,30 +730,45 @@ class Blocklist:
                     "is not a multiple of 8; nothing was changed",
                 )
 
-    def _v6_array(self, direction: str) -> np.ndarray | None:
-        """The IPv6 array of ``direction`` as buckets over the map's memory,
-        or None where the program has none (pinned by an older object, whose
-        program reads every region from the hash)."""
+    def _v6_array(self, direction: str) -> tuple[np.ndarray, Callable[[np.ndarray], None]] | None:
+        """The IPv6 array of ``direction`` as buckets, and what writes
+        buckets changed in it to the map: the map's memory itself (nothing
+        to write) or, where it is not mmapable, a copy written back by
+        syscall. None where the program has no array (pinned by an older
+        object, whose program reads every region from the hash)."""
         name = V6_ARRAYS[direction]
+        try:
+            m = self._map(name)
+        except XdpflowError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            return None
         if name not in self._views:
-            try:
-                m = self._map(name)
-            except XdpflowError as e:
-                if e.errno != errno.ENOENT:
-                    raise
-                self._views[name] = None
-                return None
             mm = m.mmap()
-            if mm is None or mm.closed or m.info.value_size != BUCKET_DTYPE.itemsize:
-                raise XdpflowError(
-                    errno.EINVAL, f"map {name} is not the IPv6 blocklist array this xdpflow writes; attach again"
-                )
-            self._views[name] = np.ndarray((m.info.max_entries,), dtype=BUCKET_DTYPE, buffer=mm)
-        return self._views[name]
+            if mm is None or mm.closed:
+                self._views[name] = None
+            else:
+                self._views[name] = np.ndarray((m.info.max_entries,), dtype=BUCKET_DTYPE, buffer=mm)
+        view = self._views[name]
+        if view is not None and view.flags.writeable:
+            return view, lambda _b: None
+        raw = m.lookup_batch_raw(chunk=m.info.max_entries)
+        if raw is None:
+            arr = np.frombuffer(b"".join(bytes(ffi.buffer(v)) for _, v in sorted(m.items())), BUCKET_DTYPE).copy()
+        else:
+            arr = np.frombuffer(raw[1], BUCKET_DTYPE, raw[2]).copy()
+
+        def write(buckets: np.ndarray) -> None:
+            b = np.unique(buckets).astype(np.uint32)
+            if len(b):
+                vals = np.ascontiguousarray(arr[b])
+                m.update_batch_raw(ffi.from_buffer(b), ffi.from_buffer(vals), len(b))
+
+        return arr, write
 
     def _v6_placed(self, direction: str, t: V6Tables) -> V6Placed:
-        view = self._v6_array(direction)
-        return place_v6(t, None if view is None else view.copy())
+        got = self._v6_array(direction)
+        return place_v6(t, None if got is None else got[0].copy())
 
     def _v4_placed(self, keys: list[int], rules: dict[int, int], direction: str) -> V4Placed:
         capacity = self._map(V4_CHUNKS[direction]).info.max_entries // 256
@@ -885,26 +929,16 @@ class Blocklist:
         l0m, deepm = (self._map(n) for n in V6_TABLES[direction])
         have = self._read_deep6(deepm)
         _upsert_deep6(deepm, {k: v for k, v in t.deep.items() if have.get(k) != v})
-        arr = self._v6_array(direction)
-        if arr is not None:
-            arr["ovf"][np.flatnonzero(t.ovf & ~arr["ovf"])] = 1
-            ub, uw, uv = t.update
-            arr["s"]["val"][ub, uw] = uv
-            nb, nw, hi, lo, plen, val = t.new
-            slots = arr["s"]
-            slots["hi"][nb, nw] = hi
-            slots["lo"][nb, nw] = lo
-            slots["val"][nb, nw] = val
-            slots["plen"][nb, nw] = plen  # last: it makes the slot live
+        got = self._v6_array(direction)
+        if got is not None:
+            fill_v6(*got, t)
         have0 = self._read_array(V6_TABLES[direction][0])
         changed = np.flatnonzero(have0 != t.l0)
         self._write_array(V6_TABLES[direction][0], changed, t.l0[changed])
         if not prune:
             return
-        if arr is not None:
-            cb, cw = t.clear
-            arr["s"]["plen"][cb, cw] = 0
-            arr["ovf"][np.flatnonzero(arr["ovf"] & ~t.ovf)] = 0
+        if got is not None:
+            prune_v6(*got, t)
         gone = [k for k in have if k not in t.deep]
         if gone:
             keys = _deep6_keys(deepm, gone)
