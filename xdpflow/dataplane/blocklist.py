@@ -767,8 +767,8 @@ class Blocklist:
         return arr, write
 
     def _v6_placed(self, direction: str, t: V6Tables) -> V6Placed:
-        got = self._v6_array(direction)
-        return place_v6(t, None if got is None else got[0].copy())
+        got = self._v6_array(direction)  # only read: nothing writes it before the placement is done
+        return place_v6(t, None if got is None else got[0])
 
     def _v4_placed(self, keys: list[int], rules: dict[int, int], direction: str) -> V4Placed:
         capacity = self._map(V4_CHUNKS[direction]).info.max_entries // 256
