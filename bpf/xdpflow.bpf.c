@@ -132,6 +132,15 @@ BL4_LEVEL(bl4_l3c_dst, BPF_MAP_TYPE_ARRAY, XF_BL4_L3C_SIZE, BPF_F_MMAPABLE);
 		__type(value, __u32);                                          \
 	} name SEC(".maps")
 
+#define BL6_TAB(name)                                                          \
+	struct {                                                               \
+		__uint(type, BPF_MAP_TYPE_ARRAY);                              \
+		__uint(max_entries, XF_BL6_BUCKETS);                           \
+		__uint(map_flags, BPF_F_MMAPABLE);                             \
+		__type(key, __u32);                                            \
+		__type(value, struct xf_bl6_bucket);                           \
+	} name SEC(".maps")
+
 #define BL6_FILTER(name)                                                       \
 	struct {                                                               \
 		__uint(type, BPF_MAP_TYPE_ARRAY);                              \
@@ -142,9 +151,11 @@ BL4_LEVEL(bl4_l3c_dst, BPF_MAP_TYPE_ARRAY, XF_BL4_L3C_SIZE, BPF_F_MMAPABLE);
 	} name SEC(".maps")
 
 BL6_L0(bl6_l0_src);
+BL6_TAB(bl6_tab_src);
 BL6_DEEP(bl6_deep_src);
 BL6_FILTER(bl6_pf_src);
 BL6_L0(bl6_l0_dst);
+BL6_TAB(bl6_tab_dst);
 BL6_DEEP(bl6_deep_dst);
 BL6_FILTER(bl6_pf_dst);
 
@@ -425,24 +436,44 @@ static __always_inline int pf6_set(void *pf, __u32 top)
 	return w && ((*w >> (bit & 63)) & 1);
 }
 
-static __always_inline __u32 bl6_lookup(void *l0, void *deep, void *pf,
-					 const __u8 *addr)
+/* the entry of region k: from its bucket in tab, or from the overflow
+ * hash when the bucket says some of its regions are there; NULL: none */
+static __always_inline __u32 *bl6_find(void *tab, void *deep,
+				       struct xf_bl6_key *k)
 {
-	/* addr is in struct pkt's aligned key */
-	const __u64 *a = __builtin_assume_aligned(addr, 8);
-	__u64 hi = bpf_be64_to_cpu(a[0]), lo;
-	__u32 key0 = hi >> 48;
-	__u32 *e = bpf_map_lookup_elem(l0, &key0);
-	struct xf_bl6_key k;
-	__u32 v, next;
+	__u64 x = (k->hi * XF_BL6_M1) ^ (k->lo * XF_BL6_M2) ^ k->plen;
+	__u32 idx;
+	struct xf_bl6_bucket *b;
 
-	if (!e)
-		return 0;
-	v = *e;
-	next = v >> XF_BL6_NEXT_SHIFT;
-	if (!next || (next >= 32 && !pf6_set(pf, hi >> 32)))
-		return v & XF_BL6_RULE_MASK;
-	lo = bpf_be64_to_cpu(a[1]);
+	x ^= x >> 32;
+	idx = (x * XF_BL6_M3) >> (64 - XF_BL6_BUCKET_BITS);
+	b = bpf_map_lookup_elem(tab, &idx);
+	if (!b)
+		return NULL;
+#pragma unroll
+	for (int w = 0; w < XF_BL6_WAYS; w++) {
+		/* plen first: the controller writes it last (see XF_BL6_WAYS);
+		 * most slots are free or of another level */
+		if (*(volatile __u32 *)&b->s[w].plen != k->plen)
+			continue;
+		if (!((*(volatile __u64 *)&b->s[w].hi ^ k->hi) |
+		      (*(volatile __u64 *)&b->s[w].lo ^ k->lo)))
+			return &b->s[w].val;
+	}
+	if (!*(volatile __u32 *)&b->ovf)
+		return NULL;
+	return bpf_map_lookup_elem(deep, k);
+}
+
+/* The walk below L0 from the region length next (v: the L0 entry), in the
+ * arrays of one direction. */
+static __always_inline __u32 bl6_deeper(void *tab, void *deep, __u64 hi,
+					 __u64 lo, __u32 v)
+{
+	struct xf_bl6_key k;
+	__u32 next = v >> XF_BL6_NEXT_SHIFT;
+	__u32 *e;
+
 	k.pad = 0;
 #pragma unroll
 	for (int i = 0; i < XF_BL6_LEVELS; i++) {
@@ -460,10 +491,10 @@ static __always_inline __u32 bl6_lookup(void *l0, void *deep, void *pf,
 			k.hi = hi;
 			k.lo = lo;
 		}
-		e = bpf_map_lookup_elem(deep, &k);
+		e = bl6_find(tab, deep, &k);
 		if (!e)
 			break;
-		v = *e;
+		v = *(volatile __u32 *)e;
 		next = v >> XF_BL6_NEXT_SHIFT;
 		if (!next)
 			break;
@@ -473,22 +504,47 @@ static __always_inline __u32 bl6_lookup(void *l0, void *deep, void *pf,
 
 /* A global function: the verifier checks the unrolled walk once, not once
  * per path of the program around it (that multiplied to most of the
- * program's verification budget once the rules came after it).
+ * program's verification budget once the rules came after it). Only
+ * addresses whose /16 and /32 hold longer rules pay its call.
  */
-__attribute__((noinline)) __u32 bl6_match(__u32 flags, struct xf_flow6 *k)
+__attribute__((noinline)) __u32 bl6_walk(__u32 dst, __u64 hi, __u64 lo,
+					  __u32 v)
+{
+	if (dst)
+		return bl6_deeper(&bl6_tab_dst, &bl6_deep_dst, hi, lo, v);
+	return bl6_deeper(&bl6_tab_src, &bl6_deep_src, hi, lo, v);
+}
+
+static __always_inline __u32 bl6_lookup(void *l0, void *pf, __u32 dst,
+					 const __u8 *addr)
+{
+	/* addr is in struct pkt's aligned key */
+	const __u64 *a = __builtin_assume_aligned(addr, 8);
+	__u64 hi = bpf_be64_to_cpu(a[0]);
+	__u32 key0 = hi >> 48;
+	__u32 *e = bpf_map_lookup_elem(l0, &key0);
+	__u32 v, next;
+
+	if (!e)
+		return 0;
+	v = *e;
+	next = v >> XF_BL6_NEXT_SHIFT;
+	if (!next || (next >= 32 && !pf6_set(pf, hi >> 32)))
+		return v & XF_BL6_RULE_MASK;
+	return bl6_walk(dst, hi, bpf_be64_to_cpu(a[1]), v);
+}
+
+static __always_inline __u32 bl6_match(__u32 flags, struct xf_flow6 *k)
 {
 	__u32 r;
 
-	if (!k)
-		return 0;
 	if (flags & XF_CFG_BL6_SRC) {
-		r = bl6_lookup(&bl6_l0_src, &bl6_deep_src, &bl6_pf_src, k->saddr);
+		r = bl6_lookup(&bl6_l0_src, &bl6_pf_src, 0, k->saddr);
 		if (r)
 			return r;
 	}
 	if (flags & XF_CFG_BL6_DST)
-		return bl6_lookup(&bl6_l0_dst, &bl6_deep_dst, &bl6_pf_dst,
-				  k->daddr);
+		return bl6_lookup(&bl6_l0_dst, &bl6_pf_dst, 1, k->daddr);
 	return 0;
 }
 

@@ -64,6 +64,20 @@
 #define XF_BL6_NEXT_SHIFT 24
 #define XF_BL6_RULE_MASK 16777215
 #define XF_BL6_LEVELS 14 /* /24 .. /128 */
+/* The deeper regions live in a set-associative hash laid out in an array
+ * (bl6_tab_*, probed with a few loads and compares, where a BPF hash lookup
+ * of the 24-byte key costs ~20 ns): the bucket of a region is
+ * xf_bl6_bucket_of(); a region whose bucket is full goes to the BPF hash
+ * bl6_deep_* instead, and its bucket's ovf says "look there too". A slot
+ * with plen 0 is free; the controller writes a slot's plen last and clears
+ * it first, and reuses a slot only in a later change.
+ */
+#define XF_BL6_WAYS 4
+#define XF_BL6_BUCKET_BITS 17
+#define XF_BL6_BUCKETS 131072 /* 2^XF_BL6_BUCKET_BITS */
+#define XF_BL6_M1 0x9E3779B97F4A7C15
+#define XF_BL6_M2 0xC2B2AE3D27D4EB4F
+#define XF_BL6_M3 0xFF51AFD7ED558CCD
 /* ... and a filter in front of the deep hash: one bit per hashed /32 that a
  * rule of /25 or longer overlaps. In a /16 whose longer rules all start at
  * /32 or deeper, a clear bit means the walk would find nothing. */
@@ -181,6 +195,19 @@ struct xf_bl6_key {
 	__u64 hi;
 	__u64 lo;
 	__u32 plen;
+	__u32 pad;
+};
+
+struct xf_bl6_slot {
+	__u64 hi;
+	__u64 lo;
+	__u32 plen; /* 0: free */
+	__u32 val;  /* as an entry of bl6_deep_* */
+};
+
+struct xf_bl6_bucket {
+	struct xf_bl6_slot s[XF_BL6_WAYS];
+	__u32 ovf; /* some region of this bucket is in bl6_deep_* */
 	__u32 pad;
 };
 

@@ -365,3 +365,34 @@ def test_arrays_pinned_without_mmap_are_reused_and_written(lab: Lab, pin_root: s
             assert not map_info(fd).flags & BPF_F_MMAPABLE, name
         finally:
             os.close(fd)
+
+
+def test_upgrade_from_before_the_ipv6_arrays_keeps_the_blocklist(lab: Lab, cli: Cli) -> None:
+    """An instance pinned by an object from before the IPv6 arrays (its
+    deeper regions all in the hash, no bl6_tab pins) upgrades in place: the
+    new object's arrays are filled from the rule store before it runs, and
+    the next change prunes the hash."""
+    pins = PinRoot(cli.pin_root)
+    cli("block", "add", "2001:db8:1::/48", "2001:db8:2:3::/64")
+    for name in ("bl6_tab_src", "bl6_tab_dst"):
+        os.unlink(pins.shared(name))
+    # the blocklist of such an instance, as its own controller wrote it
+    cli("block", "add", "2001:db8:4::/48")
+    cli("block", "add", "--dst", "2001:db8:5::9")
+    with Map(obj_get(pins.shared("bl6_deep_src")), *abi.MAP_TYPES["bl6_deep_src"], types=abi.ffi) as deep:
+        assert len(deep) == 4  # /32 marker, two /48s, /64
+
+    cli("attach", lab.dut_if)
+    assert all(os.path.exists(pins.shared(n)) for n in ("bl6_tab_src", "bl6_tab_dst"))
+    blocked = [udp("2001:db8:1::1", DUT_V6, 5001, 53), udp("2001:db8:2:3::1", DUT_V6, 5002, 53)]
+    blocked.append(udp("2001:db8:4::1", DUT_V6, 5003, 53))
+    passing = [udp6(), udp("2001:db8:2:4::1", DUT_V6, 5005, 53)]
+    assert send_and_receive(lab, blocked + passing) == raw(passing)
+    cli("block", "del", "2001:db8:1::/48")
+    assert send_and_receive(lab, blocked[1:] + passing) == raw(passing)
+    with Map(obj_get(pins.shared("bl6_deep_src")), *abi.MAP_TYPES["bl6_deep_src"], types=abi.ffi) as deep:
+        assert len(deep) == 0
+    # the dst rule's regions came through too: its table still answers
+    assert ("2001:db8:5::9/128", "dst") in {(r["cidr"], r["direction"]) for r in cli.json("block", "list")}
+    listing = {(r["cidr"], r["direction"]): r["hits"] for r in cli.json("block", "list")}
+    assert listing[("2001:db8:2:3::/64", "src")] == 2 and listing[("2001:db8:4::/48", "src")] == 2

@@ -7,12 +7,14 @@ import ipaddress
 import random
 import threading
 
+import numpy as np
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
 from xdpflow.dataplane import abi
+from xdpflow.dataplane.blocklist import WAYS, bucket_of
 from xdpflow.rules.blockfile import Rule, parse_cidr
 
 from .. import frames
@@ -478,3 +480,70 @@ def test_changes_never_unblock_what_stays_listed(prog):
         t.join()
     assert len(seen) >= 100
     assert set(seen) == {XDP_DROP}
+
+
+# --------------------------------------------------------------------------
+# the IPv6 array: full buckets and changes
+
+
+def colliding_64s(n: int) -> list[str]:
+    """n /64s inside 2001:db8::/32 whose regions share one bucket of the
+    IPv6 array (more than it has slots)."""
+    rnd = np.random.default_rng(5)
+    hi = (np.uint64(0x2001_0DB8) << np.uint64(32)) | rnd.integers(0, 1 << 32, 1 << 21, dtype=np.uint64)
+    b = bucket_of(hi, np.zeros(len(hi), np.uint64), np.full(len(hi), 64, np.uint32))
+    same = np.unique(hi[b == b[0]])[:n]
+    assert len(same) == n
+    return [str(ipaddress.IPv6Network((int(h) << 64, 64))) for h in same]
+
+
+def bucket_state(prog, cidrs: list[str]) -> tuple[int, int, int]:
+    """(live slots, the overflow flag, overflow hash entries) of the bucket of cidrs."""
+    net = ipaddress.IPv6Network(cidrs[0])
+    hi = np.array([int(net.network_address) >> 64], np.uint64)
+    b = int(bucket_of(hi, np.zeros(1, np.uint64), np.array([64], np.uint32))[0])
+    bucket = prog.map("bl6_tab_src")[b]
+    return sum(1 for w in range(WAYS) if bucket.s[w].plen), bucket.ovf, len(prog.map("bl6_deep_src"))
+
+
+def check_verdicts(prog, listed: list[str], unlisted: list[str]) -> None:
+    before = hits(prog)
+    for c in listed:
+        net = ipaddress.IPv6Network(c)
+        assert prog.run(udp(str(net.network_address + 7), "2001:2::1")) == XDP_DROP, c
+    for c in unlisted:
+        assert prog.run(udp(str(ipaddress.IPv6Network(c).network_address + 7), "2001:2::1")) == XDP_PASS, c
+    after = hits(prog)
+    assert {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)} == {
+        f"src {c}": 1 for c in listed
+    }
+
+
+def test_a_full_bucket_sends_the_rest_to_the_hash(prog):
+    """Seven /64s in one four-slot bucket: four in the array, three in the
+    overflow hash behind the bucket's flag; adds and deletes keep every
+    unchanged rule matching, and freed slots take the hash's regions back."""
+    cidrs = colliding_64s(10)
+    first, spare = cidrs[:7], cidrs[7:]
+    prog.blocklist.add([R(c) for c in first])
+    assert bucket_state(prog, first) == (WAYS, 1, 3)
+    check_verdicts(prog, first, spare)
+
+    # two out, one in: the newcomer finds no slot free before the change
+    now = first[2:] + spare[:1]
+    prog.blocklist.sync([R(c) for c in now])
+    check_verdicts(prog, now, first[:2] + spare[1:])
+    live, ovf, in_hash = bucket_state(prog, now)
+    assert (live, ovf) == (WAYS - 2, 1) and in_hash == 4
+
+    # the next change (another /16) moves hash regions into the freed slots
+    prog.blocklist.add([R("2001:2:7::/48")])
+    assert bucket_state(prog, now) == (WAYS, 1, 2)
+    check_verdicts(prog, now, first[:2] + spare[1:])
+
+    prog.blocklist.sync([R(c) for c in now[:3]])
+    prog.blocklist.add([R("2001:2:8::/48")])
+    assert bucket_state(prog, now) == (3, 0, 0)
+    check_verdicts(prog, now[:3], now[3:] + first[:2])
+    prog.blocklist.flush()
+    assert bucket_state(prog, now) == (0, 0, 0)

@@ -10,7 +10,19 @@ import numpy as np
 import pytest
 
 from xdpflow.dataplane import abi
-from xdpflow.dataplane.blocklist import V6Tables, pf6_bits, v6_filter, v6_tables
+from xdpflow.dataplane.blocklist import (
+    BUCKET_DTYPE,
+    V6Placed,
+    V6Tables,
+    bucket_of,
+    fill_v6,
+    pf6_bits,
+    place_v6,
+    prune_v6,
+    region_halves,
+    v6_filter,
+    v6_tables,
+)
 
 NEXT = abi.C.XF_BL6_NEXT_SHIFT
 MASK = abi.C.XF_BL6_RULE_MASK
@@ -99,3 +111,104 @@ def test_levels_jump_over_empty_steps() -> None:
     t = v6_tables([((0x2001_0DB8_0001_0002 << 64), 64, 0)])
     assert walk(t, (0x2001_0DB8_0001_0002 << 64) | 1) == (1, 1)
     assert len(t.deep) == 1
+
+
+# The deeper regions as the program finds them: in a bucket of the array, or
+# in the overflow hash when the bucket's flag says so.
+
+
+def find(arr: np.ndarray, deep: dict[tuple[int, int], int], plen: int, region: int) -> int | None:
+    hi, lo, pl = region_halves([(plen, region)])
+    b = int(bucket_of(hi, lo, pl, len(arr).bit_length() - 1)[0])
+    for s in arr[b]["s"].tolist():
+        if (s[2], s[0], s[1]) == (plen, int(hi[0]), int(lo[0])):
+            return int(s[3])
+    return deep.get((plen, region)) if arr[b]["ovf"] else None
+
+
+def walk_placed(l0: np.ndarray, arr: np.ndarray, deep: dict[tuple[int, int], int], addr: int) -> int:
+    v = int(l0[addr >> 112])
+    while v >> NEXT:
+        plen = v >> NEXT
+        e = find(arr, deep, plen, addr >> (128 - plen))
+        if e is None:
+            break
+        v = e
+    return v & MASK
+
+
+def nothing(_buckets: np.ndarray) -> None:
+    pass
+
+
+def placed_into(arr: np.ndarray, deep: dict[tuple[int, int], int], rules: list[tuple[int, int, int]]) -> V6Placed:
+    """rules' table placed over arr and written as _write_v6 does (arr and
+    deep change in place, pruned)."""
+    p = place_v6(v6_tables(rules), arr.copy())
+    deep.update(p.deep)
+    fill_v6(arr, nothing, p)
+    prune_v6(arr, nothing, p)
+    for k in [k for k in deep if k not in p.deep]:
+        del deep[k]
+    return p
+
+
+def probes_for(rnd: random.Random, rules: list[tuple[int, int, int]], base: int) -> list[int]:
+    probes = [a | rnd.getrandbits(128 - p) if p < 128 else a for a, p, _ in rules]
+    return probes + [base | rnd.getrandbits(96) for _ in range(1500)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_full_buckets_overflow_to_the_hash(seed: int) -> None:
+    """A small array fills: the regions of full buckets go to the hash, their
+    buckets are flagged, and the lookup still answers as the reference."""
+    rnd = random.Random(seed)
+    base = 0x2001_0002 << 96
+    rules = random_rules(rnd, 300, base, 96)
+    arr = np.zeros(64, dtype=BUCKET_DTYPE)  # 256 slots for more regions than that
+    deep: dict[tuple[int, int], int] = {}
+    p = placed_into(arr, deep, rules)
+    assert len(p.deep) > 0 and len(p.deep) + int((arr["s"]["plen"] != 0).sum()) == len(v6_tables(rules).deep)
+    full = (arr["s"]["plen"] != 0).all(axis=1)
+    assert (arr["ovf"] != 0).any() and not (arr["ovf"].astype(bool) & ~full).any()  # only full buckets overflow
+    for addr in probes_for(rnd, rules, base):
+        assert walk_placed(p.l0, arr, deep, addr) == reference(rules, addr), hex(addr)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_changes_never_move_live_slots_and_keep_unchanged_rules(seed: int) -> None:
+    """From one random set to another over a small array: slots that stay
+    live keep their region, new regions only take slots free before the
+    change, and at every step of the write an address gets the old or the
+    new answer (the same rule, when it is that rule under both)."""
+    rnd = random.Random(100 + seed)
+    base = 0x2001_0002 << 96
+    a = random_rules(rnd, 250, base, 96)
+    in_a = {(x, p) for x, p, _ in a}
+    b = a[:150] + [(x, p, i + 1000) for x, p, i in random_rules(rnd, 120, base, 96) if (x, p) not in in_a]
+    arr = np.zeros(1024, dtype=BUCKET_DTYPE)  # some buckets fill, most do not
+    deep: dict[tuple[int, int], int] = {}
+    pa = placed_into(arr, deep, a)
+    before = arr.copy()
+    pb = place_v6(v6_tables(b), arr.copy())
+    deep.update(pb.deep)
+    fill_v6(arr, nothing, pb)
+    was_live = before["s"]["plen"] != 0
+    moved = was_live & ((arr["s"]["hi"] != before["s"]["hi"]) | (arr["s"]["lo"] != before["s"]["lo"]))
+    assert not moved.any() and not (was_live & (arr["s"]["plen"] != before["s"]["plen"])).any()
+    probes = probes_for(rnd, a + b, base)
+    for l0 in (pa.l0, pb.l0):  # the L0 array is written after the deeper entries
+        for addr in probes:
+            old, new = reference(a, addr), reference(b, addr)
+            got = walk_placed(l0, arr, deep, addr)
+            assert got in (old, new), hex(addr)
+            if old == new:
+                assert got == old, hex(addr)
+    prune_v6(arr, nothing, pb)
+    for k in [k for k in deep if k not in pb.deep]:
+        del deep[k]
+    for addr in probes:
+        assert walk_placed(pb.l0, arr, deep, addr) == reference(b, addr), hex(addr)
+    # once freed, slots serve regions that overflowed before
+    pc = placed_into(arr, deep, b)
+    assert len(pc.deep) <= len(pb.deep)

@@ -6,16 +6,21 @@ the per-CPU ``rule_hits`` array. Traffic is matched in tables computed here
 from the rules: for IPv4 (``v4_tables``) an array indexed by /16, a hash of
 /24s and a hash of hosts, each entry a rule index + 1 with flags meaning
 "look one level down"; for IPv6 (``v6_tables``) an array indexed by the top
-16 bits and a hash of deeper regions at 8-bit steps whose entries name the
-next prefix length to look up, so a lookup jumps straight to where longer
-rules branch. The shared ``config`` flags say which directions are
-non-empty, so traffic skips empty ones entirely.
+16 bits and deeper regions at 8-bit steps whose entries name the next
+prefix length to look up, so a lookup jumps straight to where longer rules
+branch; the deeper regions are placed (``place_v6``) in a set-associative
+hash laid out in an array, a full bucket's extra regions in a BPF hash. The
+shared ``config`` flags say which directions are non-empty, so traffic skips
+empty ones entirely.
 
 Changes keep every address that stays listed blocked at every moment: rules
 are added to the store before anything is deleted, and each table is
 rewritten bottom-up (deeper entries, then the top array) and pruned after,
 so a frame walking it mid-change gets either the old or the new answer (every
-entry is the complete answer for its region under one of the two sets).
+entry is the complete answer for its region under one of the two sets). A
+region new to the IPv6 array takes a slot free before the change (its
+address first, its prefix length last) and a slot it leaves is freed after
+it: no live entry moves while a frame may read it.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from xdpflow.rules.blockfile import KEY6, Rule, rule_from_key, rule_key
 TRIES = abi.BLOCKLIST_TRIES  # (family, direction) -> (trie, config flag)
 V6_TABLES = {"src": ("bl6_l0_src", "bl6_deep_src"), "dst": ("bl6_l0_dst", "bl6_deep_dst")}
 V6_FILTERS = {"src": "bl6_pf_src", "dst": "bl6_pf_dst"}
+V6_ARRAYS = {"src": "bl6_tab_src", "dst": "bl6_tab_dst"}
 V4_LEVELS = {
     "src": ("bl4_l1_src", "bl4_l2_src", "bl4_l3_src"),
     "dst": ("bl4_l1_dst", "bl4_l2_dst", "bl4_l3_dst"),
@@ -412,6 +418,126 @@ def v6_tables(rules: list[tuple[int, int, int]]) -> V6Tables:
     return V6Tables(l0, {key: v | (inside.get(key, 0) << _NEXT) for key, v in answer.items()})
 
 
+WAYS = abi.C.XF_BL6_WAYS
+SLOT_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("plen", "<u4"), ("val", "<u4")])
+BUCKET_DTYPE = np.dtype([("s", SLOT_DTYPE, (WAYS,)), ("ovf", "<u4"), ("pad", "<u4")])
+_M64 = (1 << 64) - 1
+
+
+def bucket_of(hi: np.ndarray, lo: np.ndarray, plen: np.ndarray, bits: int = abi.C.XF_BL6_BUCKET_BITS) -> np.ndarray:
+    """The buckets of regions (their address halves and prefix lengths),
+    hashed as bl6_find() in the program does."""
+    u = np.uint64
+    x: np.ndarray = (hi.astype(u) * u(abi.C.XF_BL6_M1)) ^ (lo.astype(u) * u(abi.C.XF_BL6_M2)) ^ plen.astype(u)
+    x = x ^ (x >> u(32))
+    return ((x * u(abi.C.XF_BL6_M3)) >> u(64 - bits)).astype(np.int64)
+
+
+def region_halves(regions: Iterable[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(hi, lo, plen) arrays of (prefix length, region) keys, as the program
+    masks an address to a region."""
+    his, los, plens = [], [], []
+    for plen, region in regions:
+        if plen <= 64:
+            his.append(region << (64 - plen))
+            los.append(0)
+        else:
+            his.append(region >> (plen - 64))
+            los.append((region << (128 - plen)) & _M64)
+        plens.append(plen)
+    return np.array(his, np.uint64), np.array(los, np.uint64), np.array(plens, np.uint32)
+
+
+@dataclass
+class V6Placed:
+    """A V6Tables as written: the array slots it changes and the regions
+    that go to the overflow hash (their buckets were full)."""
+
+    l0: np.ndarray
+    new: tuple[np.ndarray, ...]  # (bucket, way, hi, lo, plen, val) of slots to fill
+    update: tuple[np.ndarray, np.ndarray, np.ndarray]  # (bucket, way, val): kept slots whose answer changes
+    clear: tuple[np.ndarray, np.ndarray]  # (bucket, way) of slots no region keeps
+    ovf: np.ndarray  # bucket -> 1 where a region of it is in the overflow hash
+    deep: dict[tuple[int, int], int]  # the overflow hash's regions
+
+
+def place_v6(t: V6Tables, old: np.ndarray | None) -> V6Placed:
+    """Place the deeper regions of ``t`` in the array whose buckets hold
+    ``old`` now (BUCKET_DTYPE; None: there is no array, every region goes to
+    the hash, as objects before it read them). A region already in a slot
+    keeps it; a new one takes a slot of its bucket that is free in ``old``,
+    in key order; the rest go to the overflow hash.
+    """
+    keys = list(t.deep)
+    vals = np.fromiter(t.deep.values(), dtype=np.uint32, count=len(keys))
+    if old is None:
+        e = np.zeros(0, np.int64)
+        return V6Placed(t.l0, (e,) * 6, (e,) * 3, (e, e), np.zeros(0, np.uint32), dict(t.deep))
+    hi, lo, plen = region_halves(keys)
+    b = bucket_of(hi, lo, plen, int(len(old)).bit_length() - 1)
+    os_ = old["s"]
+    live = os_["plen"] != 0
+    match = (os_["plen"][b] == plen[:, None]) & (os_["hi"][b] == hi[:, None]) & (os_["lo"][b] == lo[:, None])
+    kept = match.any(axis=1)
+    kway = match.argmax(axis=1)
+    kb, kw = b[kept], kway[kept]
+    changed = os_["val"][kb, kw] != vals[kept]
+    update = (kb[changed], kw[changed], vals[kept][changed])
+    still = np.zeros(live.shape, dtype=bool)
+    still[kb, kw] = True
+    cb, cw = np.nonzero(live & ~still)
+    # the rest: the r-th region of a bucket takes its r-th free slot
+    rest = np.flatnonzero(~kept)
+    rb = b[rest]
+    order = np.argsort(rb, kind="stable")
+    rest, rb = rest[order], rb[order]
+    n = len(rest)
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = rb[1:] != rb[:-1]
+    pos = np.arange(n)
+    rank = pos - np.maximum.accumulate(np.where(starts, pos, 0)) if n else pos
+    free = ~live
+    cum = np.cumsum(free, axis=1)
+    fits = rank < cum[rb, -1] if n else np.zeros(0, dtype=bool)
+    way = (free[rb] & (cum[rb] == (rank + 1)[:, None])).argmax(axis=1)
+    put, pb, pw = rest[fits], rb[fits], way[fits]
+    new = (pb, pw, hi[put], lo[put], plen[put], vals[put])
+    over = rest[~fits]
+    ovf = np.zeros(len(old), dtype=np.uint32)
+    ovf[rb[~fits]] = 1
+    deep = {keys[i]: int(vals[i]) for i in over.tolist()}
+    return V6Placed(t.l0, new, update, (cb, cw), ovf, deep)
+
+
+def fill_v6(arr: np.ndarray, write: Callable[[np.ndarray], None], t: V6Placed) -> None:
+    """The first half of writing ``t`` into the array ``arr`` (``write``
+    stores buckets changed in it): the flags of buckets with regions in the
+    hash, answers that change in place, then the new slots, each filled
+    before its prefix length makes it live."""
+    up = np.flatnonzero(t.ovf & ~arr["ovf"])
+    arr["ovf"][up] = 1
+    slots = arr["s"]
+    ub, uw, uv = t.update
+    slots["val"][ub, uw] = uv
+    nb, nw, hi, lo, plen, val = t.new
+    slots["hi"][nb, nw] = hi
+    slots["lo"][nb, nw] = lo
+    slots["val"][nb, nw] = val
+    write(np.concatenate((up, ub, nb)))
+    slots["plen"][nb, nw] = plen
+    write(nb)
+
+
+def prune_v6(arr: np.ndarray, write: Callable[[np.ndarray], None], t: V6Placed) -> None:
+    """The second half, once nothing links to what ``t`` drops: free the
+    slots it no longer uses and the flags no bucket needs."""
+    cb, cw = t.clear
+    arr["s"]["plen"][cb, cw] = 0
+    down = np.flatnonzero(arr["ovf"] & ~t.ovf)
+    arr["ovf"][down] = 0
+    write(np.concatenate((cb, down)))
+
+
 class _Split:
     """A change's rule keys split by (family, direction) once: a pass over
     10^5 keys costs tens of ms, and counts, tables and flags all need it.
@@ -656,7 +782,7 @@ class Blocklist:
             v4 = {d: self._v4_placed(kinds[(4, d)], final, d) for d in V4_LEVELS}
             self._check_v4_sizes(v4)
             rules6 = {d: [(_addr(k), _plen(k), final[k]) for k in kinds[(6, d)]] for d in V6_TABLES}
-            v6 = {d: v6_tables(rules6[d]) for d in V6_TABLES}
+            v6 = {d: self._v6_placed(d, v6_tables(rules6[d])) for d in V6_TABLES}
             self._check_v6_sizes(v6)
             pf_final = {d: v6_filter(rules6[d]) for d in V6_FILTERS}
             flags = _flags_of(kinds)
@@ -695,16 +821,57 @@ class Blocklist:
         net = arr >> np.uint64(1)
         return v4_tables(net >> np.uint64(8), (net & np.uint64(0xFF)).astype(np.int64), idx)
 
-    def _check_v6_sizes(self, v6: dict[str, V6Tables]) -> None:
+    def _check_v6_sizes(self, v6: dict[str, V6Placed]) -> None:
         for direction, t in v6.items():
             name = V6_TABLES[direction][1]
             cap = self._map(name).info.max_entries
             if len(t.deep) > cap:
                 raise MapFullError(
                     errno.E2BIG,
-                    f"the IPv6 {direction} rules expand to {len(t.deep)} entries in {name}, which holds {cap}: "
-                    "use fewer prefixes whose length is not a multiple of 8; nothing was changed",
+                    f"the IPv6 {direction} rules expand to more entries than {V6_ARRAYS[direction]} and {name} "
+                    f"hold ({len(t.deep)} left for {name}, which holds {cap}): use fewer prefixes whose length "
+                    "is not a multiple of 8; nothing was changed",
                 )
+
+    def _v6_array(self, direction: str) -> tuple[np.ndarray, Callable[[np.ndarray], None]] | None:
+        """The IPv6 array of ``direction`` as buckets, and what writes
+        buckets changed in it to the map: the map's memory itself (nothing
+        to write) or, where it is not mmapable, a copy written back by
+        syscall. None where the program has no array (pinned by an older
+        object, whose program reads every region from the hash)."""
+        name = V6_ARRAYS[direction]
+        try:
+            m = self._map(name)
+        except XdpflowError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            return None
+        if name not in self._views:
+            mm = m.mmap()
+            if mm is None or mm.closed:
+                self._views[name] = None
+            else:
+                self._views[name] = np.ndarray((m.info.max_entries,), dtype=BUCKET_DTYPE, buffer=mm)
+        view = self._views[name]
+        if view is not None and view.flags.writeable:
+            return view, lambda _b: None
+        raw = m.lookup_batch_raw(chunk=m.info.max_entries)
+        if raw is None:
+            arr = np.frombuffer(b"".join(bytes(ffi.buffer(v)) for _, v in sorted(m.items())), BUCKET_DTYPE).copy()
+        else:
+            arr = np.frombuffer(raw[1], BUCKET_DTYPE, raw[2]).copy()
+
+        def write(buckets: np.ndarray) -> None:
+            b = np.unique(buckets).astype(np.uint32)
+            if len(b):
+                vals = np.ascontiguousarray(arr[b])
+                m.update_batch_raw(ffi.from_buffer(b), ffi.from_buffer(vals), len(b))
+
+        return arr, write
+
+    def _v6_placed(self, direction: str, t: V6Tables) -> V6Placed:
+        got = self._v6_array(direction)  # only read: nothing writes it before the placement is done
+        return place_v6(t, None if got is None else got[0])
 
     def _v4_placed(self, keys: list[int], rules: dict[int, int], direction: str) -> V4Placed:
         capacity = self._map(V4_CHUNKS[direction]).info.max_entries // 256
@@ -893,19 +1060,41 @@ class Blocklist:
         changed = np.flatnonzero(have != want)
         self._write_array(name, changed, want[changed])
 
-    def _write_v6(self, direction: str, t: V6Tables) -> None:
-        """Rewrite one direction's IPv6 table: deeper entries first, then the
-        L0 array, then remove the entries the new table no longer has."""
+    def _write_v6(self, direction: str, t: V6Placed, prune: bool = True) -> None:
+        """Rewrite one direction's IPv6 table: deeper entries first (the
+        overflow hash, the flags of buckets that send lookups there, answers
+        that change in place, then new slots, each written before its
+        prefix length makes it live), then the L0 array, then (with
+        ``prune``) free the slots and remove the entries the new table no
+        longer has."""
         l0m, deepm = (self._map(n) for n in V6_TABLES[direction])
         have = self._read_deep6(deepm)
         _upsert_deep6(deepm, {k: v for k, v in t.deep.items() if have.get(k) != v})
+        got = self._v6_array(direction)
+        if got is not None:
+            fill_v6(*got, t)
         have0 = self._read_array(V6_TABLES[direction][0])
         changed = np.flatnonzero(have0 != t.l0)
         self._write_array(V6_TABLES[direction][0], changed, t.l0[changed])
+        if not prune:
+            return
+        if got is not None:
+            prune_v6(*got, t)
         gone = [k for k in have if k not in t.deep]
         if gone:
             keys = _deep6_keys(deepm, gone)
             deepm.delete_batch_raw(ffi.from_buffer(keys), len(gone))
+
+    def rebuild_v6(self) -> None:
+        """Write the IPv6 arrays from the rule store without pruning: for a
+        program that has new, empty arrays while the program before it still
+        reads every region from the hash (an upgrade). The next change
+        prunes the hash."""
+        entries = self.entry_keys()
+        kinds = _by_kind(entries)
+        for d in V6_TABLES:
+            t = v6_tables([(_addr(k), _plen(k), entries[k]) for k in kinds[(6, d)]])
+            self._write_v6(d, self._v6_placed(d, t), prune=False)
 
     def _read_deep6(self, m: Map) -> dict[tuple[int, int], int]:
         raw = m.lookup_batch_raw(chunk=65536)

@@ -26,7 +26,7 @@ from xdpflow.bindings.libbpf import (
     obj_get,
 )
 from xdpflow.bindings.netlink import XdpState
-from xdpflow.dataplane import abi, attachment, chain, rules
+from xdpflow.dataplane import abi, attachment, blocklist, chain, rules
 from xdpflow.dataplane.abi import FLOW_BUDGET_DEFAULT, FLOW_BUDGET_MAX, FLOWS_DEFAULT
 from xdpflow.dataplane.clock import CLOCK_PIN, CLOCK_PROG, measure_hz
 from xdpflow.dataplane.maps import PROG_PIN, knobs_of, open_clock, pinned_prog, set_monitor
@@ -171,6 +171,24 @@ def _restore_rules(obj: Object, pins: PinRoot, carried: rules.Carried) -> None:
 
     try:
         rules.RuleTables(open_map, clock=lambda: open_clock(pins)).restore(carried)
+    finally:
+        for m in opened.values():
+            m.close()
+
+
+def _rebuild_v6(obj: Object) -> None:
+    """Fill the new object's IPv6 blocklist arrays from the rule store: an
+    older object's program (still running) read every region from the hash,
+    which stays as it is until the next blocklist change."""
+    opened: dict[str, Any] = {}
+
+    def open_map(name: str) -> Any:
+        if name not in opened:
+            opened[name] = obj.map(name, *abi.MAP_TYPES[name], abi.ffi)
+        return opened[name]
+
+    try:
+        blocklist.Blocklist(open_map).rebuild_v6()
     finally:
         for m in opened.values():
             m.close()
@@ -422,10 +440,16 @@ def _attach(
             aside = _set_rules_aside(obj, pins)
             if aside is not None:
                 moved = aside[1]
+            # pinned by an object from before the IPv6 arrays: they start empty
+            v6_arrays_new = not fresh_root and not all(
+                os.path.exists(pins.shared(n)) for n in blocklist.V6_ARRAYS.values()
+            )
             obj.load()
             _init_config(obj)
             if aside is not None:
                 _restore_rules(obj, pins, aside[0])
+            if v6_arrays_new:
+                _rebuild_v6(obj)
             prog = obj.program(PROG_NAME)
             clock = obj.program(CLOCK_PROG)
             taker = obj.program(TAKE_PROG)
