@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,7 +161,10 @@ def _rules_back(pins: PinRoot, moved: list[str]) -> None:
             os.replace(pins.shared(name + ASIDE), pins.shared(name))
 
 
-def _restore_rules(obj: Object, pins: PinRoot, carried: rules.Carried) -> None:
+@contextlib.contextmanager
+def _object_maps(obj: Object) -> Iterator[Callable[[str], Any]]:
+    """An ``open_map`` over a loaded object's maps (typed by the header), as
+    the blocklist and the rule set take it; the maps close on exit."""
     opened: dict[str, Any] = {}
 
     def open_map(name: str) -> Any:
@@ -170,28 +173,23 @@ def _restore_rules(obj: Object, pins: PinRoot, carried: rules.Carried) -> None:
         return opened[name]
 
     try:
-        rules.RuleTables(open_map, clock=lambda: open_clock(pins)).restore(carried)
+        yield open_map
     finally:
         for m in opened.values():
             m.close()
+
+
+def _restore_rules(obj: Object, pins: PinRoot, carried: rules.Carried) -> None:
+    with _object_maps(obj) as open_map:
+        rules.RuleTables(open_map, clock=lambda: open_clock(pins)).restore(carried)
 
 
 def _rebuild_v6(obj: Object) -> None:
     """Fill the new object's IPv6 blocklist arrays from the rule store: an
     older object's program (still running) read every region from the hash,
     which stays as it is until the next blocklist change."""
-    opened: dict[str, Any] = {}
-
-    def open_map(name: str) -> Any:
-        if name not in opened:
-            opened[name] = obj.map(name, *abi.MAP_TYPES[name], abi.ffi)
-        return opened[name]
-
-    try:
+    with _object_maps(obj) as open_map:
         blocklist.Blocklist(open_map).rebuild_v6()
-    finally:
-        for m in opened.values():
-            m.close()
 
 
 def _rodata(obj: Object) -> tuple[Any, Callable[[], None]]:
