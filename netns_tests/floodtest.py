@@ -137,10 +137,11 @@ class Legit:
 
 def _own_cpu(flood: bool) -> None:
     """Put the calling thread on a CPU of its side: the flood on the last,
-    the traffic that must get through on the others. The generator's frames
-    run the DUT's program on the generator's CPU; sharing it, the checked
-    connections measured the scheduler (14-15 echoes a second on 2 CPUs
-    under a 1.5 Mpps flood) instead of what xdpflow lets through."""
+    the traffic that must get through on the others. The generator's XDP
+    frames land on the dut's receive ring of the CPU that sent them (see
+    Lab), so a flood from the last CPU never fills ring 0, where the gen
+    stack's connections arrive; and it leaves the other CPUs to the
+    connections' threads and the daemon."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) > 1:
         os.sched_setaffinity(0, {cpus[-1]} if flood else set(cpus[:-1]))

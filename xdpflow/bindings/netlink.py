@@ -375,11 +375,27 @@ def remove_netns(name: str) -> None:
 
 
 def add_veth(
-    name: str, peer: str, *, netns: str, peer_netns: str, address: str, peer_address: str, index: int | None = None
+    name: str,
+    peer: str,
+    *,
+    netns: str,
+    peer_netns: str,
+    address: str,
+    peer_address: str,
+    index: int | None = None,
+    peer_rx_queues: int = 1,
 ) -> None:
     """Create a veth pair whose ends are born in namespaces ``netns`` and
     ``peer_netns`` (so neither ever appears in this one), with MAC addresses
     ``address``/``peer_address`` and, if given, ``index`` as ``name``'s ifindex.
+
+    Each end transmits through one queue; ``peer`` receives on
+    ``peer_rx_queues``. A veth hands a frame from the stack to its peer's
+    receive queue numbered as the sender's transmit queue (always 0 here),
+    and a frame sent with XDP to the queue numbered as the sending CPU
+    (modulo the count): so with one receive queue per CPU, XDP traffic made
+    on one CPU fills a ring of its own, and never the ring the stack's
+    traffic (TCP included) goes through.
 
     Raises XdpflowError.
     """
@@ -388,7 +404,15 @@ def add_veth(
         "kind": "veth",
         "address": address,
         "net_ns_fd": netns,
-        "peer": {"ifname": peer, "address": peer_address, "net_ns_fd": peer_netns},
+        "num_tx_queues": 1,
+        "num_rx_queues": 1,
+        "peer": {
+            "ifname": peer,
+            "address": peer_address,
+            "net_ns_fd": peer_netns,
+            "num_tx_queues": 1,
+            "num_rx_queues": peer_rx_queues,
+        },
     }
     if index is not None:
         attrs["index"] = index

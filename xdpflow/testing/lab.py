@@ -567,6 +567,13 @@ class Lab:
     by side: namespaces ``{prefix}-gen-{suffix}`` and ``{prefix}-dut-{suffix}``,
     interfaces ``xg{suffix}`` (gen) and ``xd{suffix}`` (dut).
 
+    The dut end has a receive queue per CPU, like a NIC with RSS, and the
+    gen end one transmit queue: the generator's XDP frames land on the
+    sending CPU's ring, the gen stack's frames (connections, scapy) on ring
+    0. With one ring, a flood from another CPU kept it full, and the gen
+    stack's TCP segments were refused at the sender and sent again 200 ms
+    later, by the probe timer, whatever the program on the dut decided.
+
     Each side has lo and its veth end up, one IPv4 /24 and one IPv6 /64
     address (GEN_V4/GEN_V6, DUT_V4/DUT_V6), fixed MAC addresses
     (GEN_MAC/DUT_MAC), and permanent neighbour entries for the other side.
@@ -634,6 +641,7 @@ class Lab:
             netns=self.gen_ns,
             peer_address=self.dut_mac,
             peer_netns=self.dut_ns,
+            peer_rx_queues=max(os.cpu_count() or 1, 1),
         )
         self.gen_ifindex = run_in_netns(
             self.gen_ns,
