@@ -71,6 +71,14 @@ struct {
 	__type(value, struct xf_config);
 } config SEC(".maps");
 
+/* never read here: the controller's count of the blocklist, see xf_bl_count */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xf_bl_count);
+} bl_count SEC(".maps");
+
 #define BLOCKLIST_TRIE(name, keytype)                                          \
 	struct {                                                               \
 		__uint(type, BPF_MAP_TYPE_LPM_TRIE);                           \

@@ -234,6 +234,18 @@ struct xf_config {
 			    * program has it without a header lookup */
 };
 
+/* How many rules the blocklist's tries hold, as its writer left them (the
+ * tries keep no count, and reading 10^5 of them is most of `status`).
+ * Valid only while generation equals xf_config.generation: the writer
+ * marks it stale before a change and tags it after; a writer that knows
+ * nothing of it bumps the generation, and readers count the tries.
+ */
+struct xf_bl_count {
+	__u32 generation;
+	__u32 valid; /* 0 while a change is under way */
+	__u64 rules;
+};
+
 /* load-time knobs: the program's whole .rodata, set before load */
 struct xf_knobs {
 	__u32 sink;         /* drop every frame after accounting it */

@@ -127,6 +127,53 @@ def test_block_add_list_del_flush(lab: Lab, cli: Cli) -> None:
     assert (listing, status["blocklist"], flush) == ([], 0, {"added": [], "deleted": []})
 
 
+def test_status_takes_the_writers_rule_count_only_while_it_is_valid(lab: Lab, cli: Cli) -> None:
+    """`status` reads the count the blocklist's writer left (bl_count) instead
+    of counting the tries, but only while it is tagged valid with the
+    generation in force: a change under way, a writer that knows nothing of
+    it (it bumps the generation), and pins from before it all fall back to
+    counting the tries."""
+    pins = PinRoot(cli.pin_root)
+    cli("block", "add", "198.51.100.0/24", "203.0.113.9", "2001:db8::/32")
+
+    def tag(valid: bool, rules: int, generation_offset: int = 0) -> None:
+        gen = _generation(pins) + generation_offset
+        with Map.from_pin(pins.shared("bl_count"), *abi.MAP_TYPES["bl_count"], abi.ffi) as m:
+            m[0] = abi.ffi.new("struct xf_bl_count *", {"generation": gen, "valid": valid, "rules": rules})
+
+    assert _count_of(pins) == (_generation(pins), 1, 3)
+    assert cli.status()[0]["blocklist"] == 3
+    tag(True, 999)  # what status shows is the writer's count...
+    assert cli.status()[0]["blocklist"] == 999
+    tag(False, 999)  # ...but not while a change is under way
+    assert cli.status()[0]["blocklist"] == 3
+    tag(True, 999, generation_offset=-1)  # nor once a writer that knows nothing of it has bumped the generation
+    assert cli.status()[0]["blocklist"] == 3
+    cli("block", "del", "203.0.113.9")  # the next change tags it again
+    assert cli.status()[0]["blocklist"] == 2
+    assert _count_of(pins) == (_generation(pins), 1, 2)
+
+    # pins from before bl_count: counted, and the writer works without it; re-attaching pins it
+    os.unlink(pins.shared("bl_count"))
+    cli("block", "add", "198.51.100.77")
+    assert cli.status()[0]["blocklist"] == 3
+    cli("attach", lab.dut_if, "--flows", "1024")
+    cli("block", "add", "198.51.100.78")
+    assert cli.status()[0]["blocklist"] == 4
+    assert _count_of(pins) == (_generation(pins), 1, 4)
+
+
+def _generation(pins: PinRoot) -> int:
+    with Map.from_pin(pins.shared("config"), *abi.MAP_TYPES["config"], abi.ffi) as m:
+        return int(m[0].generation)
+
+
+def _count_of(pins: PinRoot) -> tuple[int, int, int]:
+    with Map.from_pin(pins.shared("bl_count"), *abi.MAP_TYPES["bl_count"], abi.ffi) as m:
+        v = m[0]
+        return int(v.generation), int(v.valid), int(v.rules)
+
+
 def test_block_sync_applies_the_difference(lab: Lab, cli: Cli, tmp_path: Path) -> None:
     cli("block", "add", "198.51.100.0/24", "203.0.113.0/25")
     cli("block", "add", "--dst", "203.0.113.200")

@@ -59,6 +59,7 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "flows_v6": ("struct xf_flow6", "struct xf_flow_val"),
     "admission": ("__u32", "struct xf_admission"),
     "config": ("__u32", "struct xf_config"),
+    "bl_count": ("__u32", "struct xf_bl_count"),
     "bl4_src": ("struct xf_lpm4", "__u32"),
     "bl4_dst": ("struct xf_lpm4", "__u32"),
     "bl6_src": ("struct xf_lpm6", "__u32"),

@@ -174,9 +174,7 @@ def v4_tables(addrs: np.ndarray, plens: np.ndarray, idx: np.ndarray) -> V4Tables
     hosts16 = set((addrs[long_] >> 16).tolist())
     if d24:
         # a /24 holding hosts whose /16 has L2 entries: the lookup reaches L3 through the /24's entry
-        # (sorted and compared, not np.unique: that loads numpy.ma, ~90 ms)
-        cs = np.sort(addrs[long_] >> 8)
-        cs = cs[np.concatenate(([True], cs[1:] != cs[:-1]))] if len(cs) else cs
+        cs, _n = _sorted_unique(addrs[long_] >> 8)
         tops = np.sort(np.fromiter(d24, dtype=np.uint64, count=len(d24)))
         at = np.minimum(np.searchsorted(tops, cs >> 8), len(tops) - 1)
         cs = cs[tops[at] == cs >> 8]
@@ -742,12 +740,31 @@ class Blocklist:
         return first
 
     def _apply(self, current: dict[int, int], to_add: list[int], to_delete: list[int]) -> Change:
+        counted = self._count_map()
+        if counted is not None:
+            _write_count(counted, self.generation(), None)  # stale until the change is done
+        change = self._apply_unmarked(current, to_add, to_delete)
+        if counted is not None:
+            n = len(current) + len(change.added_keys) - len(change.deleted_keys)
+            _write_count(counted, self.generation(), n)
+        return change
+
+    def _count_map(self) -> Map | None:
+        """bl_count, or None where the pins predate it (see xf_bl_count)."""
+        try:
+            return self._map("bl_count")
+        except XdpflowError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            return None
+
+    def _apply_unmarked(self, current: dict[int, int], to_add: list[int], to_delete: list[int]) -> Change:
         split = _Split(current, to_add, to_delete)
         first = self._deletes_first(current, to_add, to_delete, split)
         if first:
-            self._apply(current, [], first)
+            self._apply_unmarked(current, [], first)
             firsts = set(first)
-            rest = self._apply(self.entry_keys(), to_add, [k for k in to_delete if k not in firsts])
+            rest = self._apply_unmarked(self.entry_keys(), to_add, [k for k in to_delete if k not in firsts])
             return Change(rest.added_keys, rest.deleted_keys + first)
 
         gone = set(to_delete)
@@ -1127,6 +1144,11 @@ class Blocklist:
 
     def generation(self) -> int:
         return int(self._map("config")[0].generation)
+
+
+def _write_count(m: Map, generation: int, rules: int | None) -> None:
+    """Tag bl_count with ``generation`` and ``rules`` (None: stale)."""
+    m[0] = ffi.new("struct xf_bl_count *", {"generation": generation, "valid": rules is not None, "rules": rules or 0})
 
 
 def _flags_of(kinds: dict[tuple[int, str], list[int]]) -> int:

@@ -43,6 +43,7 @@ RULE_SET_MAPS = (
 )
 SHARED_MAPS = (
     "config",
+    "bl_count",
     "bl4_src",
     "bl4_dst",
     "bl6_src",
