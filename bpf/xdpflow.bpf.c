@@ -827,7 +827,14 @@ int xdpflow(struct xdp_md *ctx)
 	p.len = data_end - data;
 	p.tcp_flags = 0;
 	p.now = 0;
+	/* XF_BENCH_NO_PROTECT: this program without per-destination counting,
+	 * built by scripts/bench_protect.py to measure what counting costs a
+	 * frame when no group is installed; never shipped */
+#ifndef XF_BENCH_NO_PROTECT
 	p.prot = flags & (XF_CFG_PROTECT | XF_CFG_PROTECT_SLOT);
+#else
+	p.prot = 0;
+#endif
 	p.cls = XF_CNT_PARSE_ERRORS;
 	p.l4cnt = XF_CNT_MAX;
 	p.act = XF_CNT_PASSED;
@@ -913,8 +920,10 @@ out:
 	 * common path keeps nothing alive across the call: placed after
 	 * parsing, the call site cost every frame 5-9 ns in spills with no
 	 * group installed. */
+#ifndef XF_BENCH_NO_PROTECT
 	if (__builtin_expect(p.prot & XF_CFG_PROTECT, 0))
 		xf_protect(ctx, &p);
+#endif
 	/* counted already: a tail call does not come back, and the next
 	 * program's verdict is the frame's fate; an empty slot falls through
 	 */

@@ -110,13 +110,14 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 OUT = "rules engine compiled out"
 
 
-def build_without_rules(out_dir: str) -> str:
-    """This tree's program with the rules engine compiled out
-    (XF_BENCH_NO_RULES): what "no rules configured" is measured against."""
-    obj = os.path.join(out_dir, "norules.bpf.o")
+def build_without(define: str, out_dir: str) -> str:
+    """This tree's program built with ``-D{define}`` (XF_BENCH_NO_RULES,
+    XF_BENCH_NO_PROTECT: a feature compiled out, what its idle cost is
+    measured against)."""
+    obj = os.path.join(out_dir, f"{define.lower()}.bpf.o")
     bpf = os.path.join(ROOT, "bpf")
     inc = f"-I/usr/include/{os.uname().machine}-linux-gnu"
-    cflags = ["-O2", "-g", "-target", "bpf", "-mcpu=v3", "-Wall", "-Werror", "-DXF_BENCH_NO_RULES"]
+    cflags = ["-O2", "-g", "-target", "bpf", "-mcpu=v3", "-Wall", "-Werror", f"-D{define}"]
     src = os.path.join(bpf, "xdpflow.bpf.c")
     subprocess.run(["clang", *cflags, inc, f"-I{bpf}", "-c", src, "-o", obj], check=True)
     return obj
@@ -133,7 +134,7 @@ def measure(runs: int, repeat: int) -> list[RulesFigure]:
     prefixes = bench_kernel.random_prefixes(10000, 10000)
     objs: dict[int | str, bench_kernel.Loaded] = {n: bench_kernel.Loaded(prefixes) for n in (0, 64, 1024)}
     with tempfile.TemporaryDirectory() as tmp:
-        objs[OUT] = bench_kernel.Loaded(prefixes, object_path=build_without_rules(tmp))
+        objs[OUT] = bench_kernel.Loaded(prefixes, object_path=build_without("XF_BENCH_NO_RULES", tmp))
     for n, o in objs.items():
         if isinstance(n, int) and n:
             RuleTables(o.map).install(mixed_rules(n))
