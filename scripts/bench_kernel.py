@@ -155,8 +155,11 @@ def hostile_frames() -> dict[str, bytes]:
 class Loaded:
     """xdpflow with private maps and a blocklist."""
 
-    def __init__(self, prefixes: list[Rule], **opts: object) -> None:
-        self.obj = lifecycle.load_unpinned(AttachOptions(**opts))  # type: ignore[arg-type]
+    def __init__(self, prefixes: list[Rule], flows_of: Loaded | None = None, **opts: object) -> None:
+        """``flows_of``: use that object's flow tables, so a new-flow figure
+        compares programs, not where each table's memory happens to lie."""
+        reuse = {t: flows_of.map(t).fd for t in ("flows_v4", "flows_v6")} if flows_of else None
+        self.obj = lifecycle.load_unpinned(AttachOptions(**opts), reuse)  # type: ignore[arg-type]
         self.prog = self.obj.program(lifecycle.PROG_NAME)
         self.maps: dict[str, Map] = {}
         self.blocklist = Blocklist(self.map)

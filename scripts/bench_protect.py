@@ -135,7 +135,7 @@ def measure(runs: int, repeat: int, before: str | None = None) -> list[ProtectFi
         objs["out"] = bench_kernel.Loaded(
             prefixes, object_path=bench_rules.build_without("XF_BENCH_NO_PROTECT", tmp.name)
         )
-        objs["off"] = bench_kernel.Loaded(prefixes)
+        objs["off"] = bench_kernel.Loaded(prefixes, flows_of=objs["out"])
         objs["on"] = bench_kernel.Loaded(prefixes)
         ProtectTables(objs["on"].map).install(hundred_groups())
         rows: list[tuple[str, str, str, float | None, str]] = []
@@ -171,10 +171,12 @@ def measure(runs: int, repeat: int, before: str | None = None) -> list[ProtectFi
             for k in ("udp4", "tcp6", "blocked4", "udp4_off", "tcp6_off", "udp4_near"):
                 o.prog.test_run(fr[k], repeat=1)
         figs = {r[0]: ProtectFigure(r[0], r[3], r[4], []) for r in rows}
-        for _ in range(runs):
+        for r in range(runs):
             base = {k: bench_kernel.per_frame_ns(xdp_pass, f, repeat) for k, f in fr.items()}
             base["new"] = bench_kernel.new_flow_ns(xdp_pass, tuples)
-            for name, which, key, _t, _v in rows:
+            # every other round backwards: a figure measured right after
+            # another read a few ns apart, depending on which came first
+            for name, which, key, _t, _v in rows if r % 2 == 0 else rows[::-1]:
                 o = objs[which]
                 if key == "new":
                     _flush_flows(o)

@@ -340,14 +340,17 @@ def _init_config(obj: Object) -> None:
             m[0] = cfg
 
 
-def load_unpinned(opts: AttachOptions | None = None) -> Object:
+def load_unpinned(opts: AttachOptions | None = None, reuse: dict[str, int] | None = None) -> Object:
     """Load xdpflow with private maps and no pins: for BPF_PROG_TEST_RUN
-    tests and benchmarks. The caller closes the returned Object.
+    tests and benchmarks. ``reuse`` names maps to take from another loaded
+    object instead (name -> fd). The caller closes the returned Object.
     """
     opts = opts or AttachOptions()
     obj = Object(opts.object_path or abi.object_path())
     try:
         _prepare(obj, opts, None, None)
+        for name, fd in (reuse or {}).items():
+            obj.map_spec(name).reuse_fd(fd)
         obj.load()
         _init_config(obj)
     except BaseException:
