@@ -751,8 +751,13 @@ class Blocklist:
 
     def _count_map(self) -> Map | None:
         """bl_count, or None where the pins predate it (see xf_bl_count)."""
+        return self._map_if_pinned("bl_count")
+
+    def _map_if_pinned(self, name: str) -> Map | None:
+        """Map ``name``, or None where it is not pinned: maps added since an
+        instance was attached appear at its next attach."""
         try:
-            return self._map("bl_count")
+            return self._map(name)
         except XdpflowError as e:
             if e.errno != errno.ENOENT:
                 raise
@@ -857,11 +862,8 @@ class Blocklist:
         syscall. None where the program has no array (pinned by an older
         object, whose program reads every region from the hash)."""
         name = V6_ARRAYS[direction]
-        try:
-            m = self._map(name)
-        except XdpflowError as e:
-            if e.errno != errno.ENOENT:
-                raise
+        m = self._map_if_pinned(name)
+        if m is None:
             return None
         if name not in self._views:
             mm = m.mmap()
@@ -913,14 +915,7 @@ class Blocklist:
         then found through the L3 hash, as before)."""
         key = f"hosts_{direction}"
         if key not in self._optional:
-            try:
-                for name in V4_HOSTS[direction]:
-                    self._map(name)
-                self._optional[key] = True
-            except XdpflowError as e:
-                if e.errno != errno.ENOENT:
-                    raise
-                self._optional[key] = False
+            self._optional[key] = all(self._map_if_pinned(name) is not None for name in V4_HOSTS[direction])
         return self._optional[key]
 
     def _view(self, name: str) -> np.ndarray | None:
