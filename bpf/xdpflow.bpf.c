@@ -79,14 +79,19 @@ struct {
 	__type(value, struct xf_bl_count);
 } bl_count SEC(".maps");
 
-#define BLOCKLIST_TRIE(name, keytype)                                          \
+/* One BTF-defined map; the families below name their shapes */
+#define XF_MAP(name, maptype, n, flags, ktype, vtype)                          \
 	struct {                                                               \
-		__uint(type, BPF_MAP_TYPE_LPM_TRIE);                           \
-		__uint(max_entries, XF_BLOCK_MAX);                             \
-		__uint(map_flags, BPF_F_NO_PREALLOC);                          \
-		__type(key, keytype);                                          \
-		__type(value, __u32);                                          \
+		__uint(type, maptype);                                         \
+		__uint(max_entries, n);                                        \
+		__uint(map_flags, flags);                                      \
+		__type(key, ktype);                                            \
+		__type(value, vtype);                                          \
 	} name SEC(".maps")
+
+#define BLOCKLIST_TRIE(name, keytype)                                          \
+	XF_MAP(name, BPF_MAP_TYPE_LPM_TRIE, XF_BLOCK_MAX, BPF_F_NO_PREALLOC,   \
+	       keytype, __u32)
 
 /* every rule lives in its trie: the store the controller reads back; no
  * frame walks it */
@@ -99,13 +104,7 @@ BLOCKLIST_TRIE(bl6_dst, struct xf_lpm6);
  * one level of this table a few. The controller computes it from the rules.
  */
 #define BL4_LEVEL(name, maptype, size, flags)                                  \
-	struct {                                                               \
-		__uint(type, maptype);                                         \
-		__uint(max_entries, size);                                     \
-		__uint(map_flags, flags);                                      \
-		__type(key, __u32);                                            \
-		__type(value, __u32);                                          \
-	} name SEC(".maps")
+	XF_MAP(name, maptype, size, flags, __u32, __u32)
 
 /* the arrays are mmapable: the controller reads and writes them as memory */
 BL4_LEVEL(bl4_l1_src, BPF_MAP_TYPE_ARRAY, XF_BL4_L1_SIZE, BPF_F_MMAPABLE);
@@ -123,40 +122,20 @@ BL4_LEVEL(bl4_l3c_dst, BPF_MAP_TYPE_ARRAY, XF_BL4_L3C_SIZE, BPF_F_MMAPABLE);
 
 /* The IPv6 table (see XF_BL6_* in xdpflow.h), computed by the controller. */
 #define BL6_L0(name)                                                           \
-	struct {                                                               \
-		__uint(type, BPF_MAP_TYPE_ARRAY);                              \
-		__uint(max_entries, XF_BL6_L0_SIZE);                           \
-		__uint(map_flags, BPF_F_MMAPABLE);                             \
-		__type(key, __u32);                                            \
-		__type(value, __u32);                                          \
-	} name SEC(".maps")
+	XF_MAP(name, BPF_MAP_TYPE_ARRAY, XF_BL6_L0_SIZE, BPF_F_MMAPABLE, __u32, \
+	       __u32)
 
 #define BL6_DEEP(name)                                                         \
-	struct {                                                               \
-		__uint(type, BPF_MAP_TYPE_HASH);                               \
-		__uint(max_entries, XF_BL6_DEEP_MAX);                          \
-		__uint(map_flags, BPF_F_NO_PREALLOC);                          \
-		__type(key, struct xf_bl6_key);                                \
-		__type(value, __u32);                                          \
-	} name SEC(".maps")
+	XF_MAP(name, BPF_MAP_TYPE_HASH, XF_BL6_DEEP_MAX, BPF_F_NO_PREALLOC,    \
+	       struct xf_bl6_key, __u32)
 
 #define BL6_TAB(name)                                                          \
-	struct {                                                               \
-		__uint(type, BPF_MAP_TYPE_ARRAY);                              \
-		__uint(max_entries, XF_BL6_BUCKETS);                           \
-		__uint(map_flags, BPF_F_MMAPABLE);                             \
-		__type(key, __u32);                                            \
-		__type(value, struct xf_bl6_bucket);                           \
-	} name SEC(".maps")
+	XF_MAP(name, BPF_MAP_TYPE_ARRAY, XF_BL6_BUCKETS, BPF_F_MMAPABLE, __u32, \
+	       struct xf_bl6_bucket)
 
 #define BL6_FILTER(name)                                                       \
-	struct {                                                               \
-		__uint(type, BPF_MAP_TYPE_ARRAY);                              \
-		__uint(max_entries, XF_PF6_WORDS);                             \
-		__uint(map_flags, BPF_F_MMAPABLE);                             \
-		__type(key, __u32);                                            \
-		__type(value, __u64);                                          \
-	} name SEC(".maps")
+	XF_MAP(name, BPF_MAP_TYPE_ARRAY, XF_PF6_WORDS, BPF_F_MMAPABLE, __u32,  \
+	       __u64)
 
 BL6_L0(bl6_l0_src);
 BL6_TAB(bl6_tab_src);
@@ -198,12 +177,7 @@ struct {
 
 /* multi-field rules (bpf/rules.h): two slots of every table, see xdpflow.h */
 #define RULE_ARRAY(name, n, vtype)                                             \
-	struct {                                                               \
-		__uint(type, BPF_MAP_TYPE_ARRAY);                              \
-		__uint(max_entries, n);                                        \
-		__type(key, __u32);                                            \
-		__type(value, vtype);                                          \
-	} name SEC(".maps")
+	XF_MAP(name, BPF_MAP_TYPE_ARRAY, n, 0, __u32, vtype)
 
 RULE_ARRAY(rl_head, 2, struct xf_rule_head);
 RULE_ARRAY(rl_pool, 2 * XF_RCLASS_MAX, struct xf_rule_bits);
