@@ -60,34 +60,33 @@ static __always_inline __u64 rl_addr_class(__u32 slot, __u64 a0, __u64 a1,
 {
 	struct xf_rule_head *h;
 	__u32 top = (__u32)(a0 & 0xff) << 8 | (__u32)((a0 >> 8) & 0xff);
-	__u32 key = (slot * 4 + fd) * XF_RL1_SIZE + top;
-	__u64 *e = bpf_map_lookup_elem(&rl_l1, &key), *hit, v;
+	struct xf_rule_tl1 *l1 = bpf_map_lookup_elem(&rl_l1, &slot);
+	struct xf_rule_tchunk *t;
 	struct xf_raddr_key k;
 	__u32 mask, fam = (fd >> 1) & 1, c;
+	__u64 *hit, v;
 
-	if (!e)
+	if (!l1)
 		return 0;
-	v = *e;
+	v = l1->e[(fd & 3) * XF_RL1_SIZE + top];
 	if (fd < 2) {
 		/* IPv4: arrays, one load per level (rl_c24 by the third
 		 * byte, rl_c32 by the fourth); a hash lookup of the 20-byte
 		 * key cost ~40 ns */
 		if (!(v & XF_RL_CHUNK))
 			return v;
-		c = (v >> 16) & (XF_RC24_CHUNKS - 1);
-		key = ((slot & 1) * XF_RC24_CHUNKS + c) * 256 +
-		      (__u32)((a0 >> 16) & 0xff);
-		e = bpf_map_lookup_elem(&rl_c24, &key);
-		if (!e)
+		t = bpf_map_lookup_elem(&rl_c24, &slot);
+		if (!t)
 			return 0;
-		v = *e;
+		c = (v >> 16) & (XF_RC24_CHUNKS - 1);
+		v = t->e[c * 256 + ((a0 >> 16) & 0xff)];
 		if (!(v & XF_RL_CHUNK))
 			return v;
+		t = bpf_map_lookup_elem(&rl_c32, &slot);
+		if (!t)
+			return 0;
 		c = (v >> 16) & (XF_RC32_CHUNKS - 1);
-		key = ((slot & 1) * XF_RC32_CHUNKS + c) * 256 +
-		      (__u32)((a0 >> 24) & 0xff);
-		e = bpf_map_lookup_elem(&rl_c32, &key);
-		return e ? *e : 0;
+		return t->e[c * 256 + ((a0 >> 24) & 0xff)];
 	}
 	mask = (v >> 16) & 0xffff;
 	if (!mask)
@@ -112,21 +111,17 @@ static __always_inline __u64 rl_addr_class(__u32 slot, __u64 a0, __u64 a1,
 	return v;
 }
 
-static __always_inline struct xf_rule_bits *rl_bits(__u32 slot, __u32 cls)
+static __always_inline struct xf_rule_bits *rl_bits(struct xf_rule_pool *pool,
+						    __u32 cls)
 {
-	__u32 key = slot * XF_RCLASS_MAX + (cls & (XF_RCLASS_MAX - 1));
-
-	return bpf_map_lookup_elem(&rl_pool, &key);
+	return &pool->b[cls & (XF_RCLASS_MAX - 1)];
 }
 
-/* a field table's entry: class | summary << 32 (0: no entry, no rule) */
-static __always_inline __u64 rl_table(void *map, __u32 slot, __u32 size,
-				      __u32 idx)
+/* a field table's entry: class | summary << 32 (0: no entry, no rule);
+ * t is the slot's element, of n entries */
+static __always_inline __u64 rl_table(__u64 *t, __u32 n, __u32 idx)
 {
-	__u32 key = slot * size + idx;
-	__u64 *e = bpf_map_lookup_elem(map, &key);
-
-	return e ? *e : 0;
+	return t && idx < n ? t[idx] : 0;
 }
 
 /* GCRA (virtual scheduling): conforming iff the source's theoretical
@@ -222,6 +217,7 @@ static __always_inline int rate_ok(struct xf_rule_act *r, struct pkt *p)
 static long rl_scan_step(__u32 n, void *ctx)
 {
 	struct rl_scan *sc = ctx;
+	struct xf_rule_pool *pool;
 	struct xf_rule_bits *b;
 	struct xf_rule_act *r;
 	__u32 i, key;
@@ -234,11 +230,12 @@ static long rl_scan_step(__u32 n, void *ctx)
 		sc->rest &= sc->rest - 1;
 		if (i >= XF_RULE_WORDS)
 			return 1;
+		pool = bpf_map_lookup_elem(&rl_pool, &sc->slot);
+		if (!pool)
+			return 1;
 		w = ~0ULL;
 		for (int f = 0; f < 7; f++) {
-			b = rl_bits(sc->slot, sc->cls[f]);
-			if (!b)
-				return 1;
+			b = rl_bits(pool, sc->cls[f]);
 			w &= b->w[i];
 		}
 		sc->word = i;
@@ -273,6 +270,7 @@ static __always_inline __u32 rl_classify(struct xdp_md *ctx, struct pkt *p,
 					 __u32 proto_len, __u64 ports)
 {
 	struct xf_rule_bits *bs, *bd, *b2, *b3, *b4, *b5, *b6;
+	struct xf_rule_pool *pool;
 	__u32 rest, live, left, c0 = 0, c1 = 0, c2 = 0, c3 = 0, c4 = 0, c5 = 0;
 	__u32 c6 = 0, fd = 0, i;
 	__u32 proto_key = proto_len & 0xffff, iplen = proto_len >> 16;
@@ -297,22 +295,26 @@ static __always_inline __u32 rl_classify(struct xdp_md *ctx, struct pkt *p,
 	 */
 	rest = (1U << XF_RULE_WORDS) - 1;
 	if (fields & XF_RF_PROTO) {
-		e = rl_table(&rl_proto, slot, 65536, proto_key & 0xffff);
+		e = rl_table(bpf_map_lookup_elem(&rl_proto, &slot), 65536,
+			     proto_key & 0xffff);
 		c2 = (__u32)e;
 		rest &= e >> 32;
 	}
 	if (fields & XF_RF_SPORT) {
-		e = rl_table(&rl_sport, slot, XF_RPORT_SIZE, sport);
+		e = rl_table(bpf_map_lookup_elem(&rl_sport, &slot),
+			     XF_RPORT_SIZE, sport);
 		c3 = (__u32)e;
 		rest &= e >> 32;
 	}
 	if (fields & XF_RF_DPORT) {
-		e = rl_table(&rl_dport, slot, XF_RPORT_SIZE, dport);
+		e = rl_table(bpf_map_lookup_elem(&rl_dport, &slot),
+			     XF_RPORT_SIZE, dport);
 		c4 = (__u32)e;
 		rest &= e >> 32;
 	}
 	if (fields & XF_RF_LEN) {
-		e = rl_table(&rl_len, slot, 65536, iplen);
+		e = rl_table(bpf_map_lookup_elem(&rl_len, &slot), 65536,
+			     iplen);
 		c5 = (__u32)e;
 		rest &= e >> 32;
 	}
@@ -365,15 +367,16 @@ static __always_inline __u32 rl_classify(struct xdp_md *ctx, struct pkt *p,
 		if (!rest)
 			return 0;
 	}
-	bs = rl_bits(slot, c0);
-	bd = rl_bits(slot, c1);
-	b2 = rl_bits(slot, c2);
-	b3 = rl_bits(slot, c3);
-	b4 = rl_bits(slot, c4);
-	b5 = rl_bits(slot, c5);
-	b6 = rl_bits(slot, c6);
-	if (!bs || !bd || !b2 || !b3 || !b4 || !b5 || !b6)
+	pool = bpf_map_lookup_elem(&rl_pool, &slot);
+	if (!pool)
 		return 0;
+	bs = rl_bits(pool, c0);
+	bd = rl_bits(pool, c1);
+	b2 = rl_bits(pool, c2);
+	b3 = rl_bits(pool, c3);
+	b4 = rl_bits(pool, c4);
+	b5 = rl_bits(pool, c5);
+	b6 = rl_bits(pool, c6);
 
 	/* The words where one rule accepts every field: usually none, and
 	 * then the frame is done without a scan. Branch-free (x | -x has its

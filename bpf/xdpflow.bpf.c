@@ -180,14 +180,15 @@ struct {
 	XF_MAP(name, BPF_MAP_TYPE_ARRAY, n, 0, __u32, vtype)
 
 RULE_ARRAY(rl_head, 2, struct xf_rule_head);
-RULE_ARRAY(rl_pool, 2 * XF_RCLASS_MAX, struct xf_rule_bits);
-RULE_ARRAY(rl_sport, 2 * XF_RPORT_SIZE, __u64);
-RULE_ARRAY(rl_dport, 2 * XF_RPORT_SIZE, __u64);
-RULE_ARRAY(rl_proto, 2 * 65536, __u64);
-RULE_ARRAY(rl_len, 2 * 65536, __u64);
-RULE_ARRAY(rl_l1, 2 * 4 * XF_RL1_SIZE, __u64);
-RULE_ARRAY(rl_c24, 2 * XF_RC24_CHUNKS * 256, __u64);
-RULE_ARRAY(rl_c32, 2 * XF_RC32_CHUNKS * 256, __u64);
+RULE_ARRAY(rl_pool, 2, struct xf_rule_pool);
+RULE_ARRAY(rl_sport, 2, struct xf_rule_tport);
+RULE_ARRAY(rl_dport, 2, struct xf_rule_tport);
+RULE_ARRAY(rl_proto, 2, struct xf_rule_t16);
+RULE_ARRAY(rl_len, 2, struct xf_rule_t16);
+RULE_ARRAY(rl_l1, 2, struct xf_rule_tl1);
+RULE_ARRAY(rl_c24, 2, struct xf_rule_tchunk);
+RULE_ARRAY(rl_c32, 2, struct xf_rule_tchunk);
+_Static_assert(XF_RC24_CHUNKS == XF_RC32_CHUNKS, "rl_c24 and rl_c32 share a type");
 RULE_ARRAY(rl_act, 2 * XF_RULE_BITS, struct xf_rule_act);
 RULE_ARRAY(rule_defs, 2 * XF_RULE_CAP, struct xf_rule_def);
 

@@ -339,8 +339,12 @@ struct xf_gen_knobs {
  * an index into the pool of bitmaps (bit set: that rule accepts the value).
  * Everything below exists twice, one rule-set SLOT each: the controller
  * writes the inactive slot, then flips XF_CFG_RULES_SLOT.
- * Keys: per-slot arrays are indexed slot * size + value; address tables by
- * fd = family_is_v6 * 2 + is_dst.
+ * The arrays the program indexes by a frame's values (the field tables,
+ * rl_l1, rl_c24, rl_c32, rl_pool) hold one element per slot, an array
+ * indexed by value: one lookup reaches all of it, where a lookup per entry
+ * costs a key stored and loaded again, and a call as the compiler sees it
+ * (every register it clobbers spilled). Other per-slot arrays are indexed
+ * slot * size + value; address tables by fd = family_is_v6 * 2 + is_dst.
  */
 #define XF_RULE_CAP 1024     /* rules per set */
 #define XF_RULE_WORDS 20     /* bitmap words: 1,024 rules + group alignment */
@@ -402,6 +406,23 @@ struct xf_rule_bits {
 	__u32 summary; /* bit i set iff w[i] != 0 */
 	__u32 pad;
 	__u64 w[20];   /* XF_RULE_WORDS */
+};
+
+/* one slot's element of each per-slot array (see above) */
+struct xf_rule_pool {
+	struct xf_rule_bits b[XF_RCLASS_MAX]; /* by class; 2.6 MB */
+};
+struct xf_rule_t16 {
+	__u64 e[65536];          /* rl_proto (proto << 8 | flags), rl_len */
+};
+struct xf_rule_tport {
+	__u64 e[XF_RPORT_SIZE];  /* rl_sport, rl_dport */
+};
+struct xf_rule_tl1 {
+	__u64 e[4 * XF_RL1_SIZE]; /* rl_l1: fd * XF_RL1_SIZE + top 16 bits */
+};
+struct xf_rule_tchunk {
+	__u64 e[XF_RC24_CHUNKS * 256]; /* rl_c24, rl_c32: chunk * 256 + byte */
 };
 
 /* per slot and bit */

@@ -504,6 +504,6 @@ def test_upgrade_across_table_layouts_keeps_the_rules(lab: Lab, cli: Cli, pin_ro
     assert not [n for n in os.listdir(pin_root) if n.endswith("_old")]
     fd = obj_get(pins.shared("rl_sport"))
     try:
-        assert map_info(fd).value_size == 8
+        assert map_info(fd).value_size == 8 * C.XF_RPORT_SIZE
     finally:
         os.close(fd)

@@ -31,14 +31,32 @@ from ..rules_ref import Pkt, random_pkt, random_rule, reference
 IFACES = ("lo", "xfnone0")  # one that exists here, one that does not
 
 
+# the arrays with one element per slot (xdpflow.h), by entries per slot
+PER_SLOT = {
+    "rl_proto": 65536,
+    "rl_len": 65536,
+    "rl_sport": C.XF_RPORT_SIZE,
+    "rl_dport": C.XF_RPORT_SIZE,
+    "rl_l1": 4 * C.XF_RL1_SIZE,
+    "rl_c24": C.XF_RC24_CHUNKS * 256,
+    "rl_c32": C.XF_RC32_CHUNKS * 256,
+}
+
+
 class MapReader:
     """bpf/rules.h's classification, in Python, over the maps as written."""
 
     def __init__(self, h: ProgHarness) -> None:
         self.h = h
         self.pool: dict[int, Any] = {}
+        self.slots: dict[Any, Any] = {}  # per-slot arrays' elements, read once
 
     def _get(self, name: str, key: Any) -> Any:
+        if name in PER_SLOT:  # one element per slot: key is slot * size + index
+            slot, idx = divmod(key, PER_SLOT[name])
+            if (name, slot) not in self.slots:
+                self.slots[name, slot] = self.h.map(name).lookup(slot)
+            return self.slots[name, slot].e[idx]
         return self.h.map(name).lookup(key)
 
     def slot(self) -> tuple[int, bool]:
@@ -82,7 +100,9 @@ class MapReader:
     def _bits(self, slot: int, cls: int) -> tuple[int, int]:
         k = slot * C.XF_RCLASS_MAX + cls
         if k not in self.pool:
-            b = self._get("rl_pool", k)
+            if ("rl_pool", slot) not in self.slots:
+                self.slots["rl_pool", slot] = self.h.map("rl_pool").lookup(slot)
+            b = self.slots["rl_pool", slot].b[cls]
             words = [int(w) for w in b.w]
             summary = sum(1 << i for i, w in enumerate(words) if w)
             assert int(b.summary) == summary, f"class {cls}: summary {b.summary:#x}, words say {summary:#x}"
@@ -164,6 +184,7 @@ def test_random_sets_read_back_as_the_reference(prog: ProgHarness, tables: RuleT
         new = [replace(random_rule(rng, 0, IFACES), id=None) for _ in range(rng.choice([1, 40, 200]))]
         installed = tables.install(kept + new)
         reader.pool.clear()
+        reader.slots.clear()
         assert {r.id for r in kept} <= {r.id for r in installed}
         assert [r.identity() for r in tables.active()] == [r.identity() for r in installed]
         by_id = {r.id: r for r in installed}

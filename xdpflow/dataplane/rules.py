@@ -456,17 +456,19 @@ class RuleTables:
         sums = self._write_pool(t, c)
         for name, table in (("rl_sport", c.sport), ("rl_dport", c.dport), ("rl_proto", c.proto), ("rl_len", c.length)):
             if table is not None:
-                _write_array(self._map(name), t * len(table), _with_summary(table, sums))
+                self._write_element(name, t, [(0, _with_summary(table, sums))])
         # IPv4 as the arrays the program reads: the chunks, then the /16 entries naming them
         if c.c32 is not None and len(c.c32):
-            _write_array(self._map("rl_c32"), t * C.XF_RC32_CHUNKS * 256, _with_summary(c.c32.reshape(-1), sums))
+            self._write_element("rl_c32", t, [(0, _with_summary(c.c32.reshape(-1), sums))])
         if c.c24 is not None and len(c.c24):
-            _write_array(self._map("rl_c24"), t * C.XF_RC24_CHUNKS * 256, _with_summary(c.c24.reshape(-1), sums))
-        for (family, direction), l1 in c.l1.items():
-            if direction in c.fields:
-                table = c.l1v4[direction] if family == 4 else l1
-                base = (t * 4 + _fd(family, direction)) * C.XF_RL1_SIZE
-                _write_array(self._map("rl_l1"), base, _with_summary(table, sums))
+            self._write_element("rl_c24", t, [(0, _with_summary(c.c24.reshape(-1), sums))])
+        l1s = [
+            (_fd(family, direction) * C.XF_RL1_SIZE, _with_summary(c.l1v4[direction] if family == 4 else l1, sums))
+            for (family, direction), l1 in c.l1.items()
+            if direction in c.fields
+        ]
+        if l1s:
+            self._write_element("rl_l1", t, l1s)
         self._write_addr(t, c, sums)
         self._write_iface(t, c, sums)
         self._write_act(t, c, counter_of, expires)
@@ -489,16 +491,27 @@ class RuleTables:
         cfg.rule_fields = (cfg.rule_fields & ~(0xFF << 8 * t)) | head.fields << 8 * t
         m[0] = cfg
 
+    def _write_element(self, name: str, t: int, parts: list[tuple[int, np.ndarray]]) -> None:
+        """Slot t's element of a per-slot array (see xdpflow.h): each part's
+        entries at its offset, zeros elsewhere (no entry the set names)."""
+        m = self._map(name)
+        arr = np.zeros(m.types.sizeof(m.value_type) // 8, dtype="<u8")
+        for off, vals in parts:
+            arr[off : off + len(vals)] = vals
+        m[t] = arr.tobytes()
+
     def _write_pool(self, t: int, c: Compiled) -> np.ndarray:
         """The bitmaps; returns each class's summary."""
         words = C.XF_RULE_WORDS
-        arr = np.zeros(len(c.pool), dtype=np_dtype("struct xf_rule_bits"))
-        w = np.array([c.words(i, words) for i in range(len(c.pool))], dtype=np.uint64).reshape(len(c.pool), words)
-        arr["w"] = w
-        arr["summary"] = ((w != 0).astype(np.uint32) << np.arange(words, dtype=np.uint32)).sum(axis=1)
-        keys = np.arange(len(c.pool), dtype="<u4") + t * C.XF_RCLASS_MAX
-        self._map("rl_pool").update_batch_raw(ffi.from_buffer(keys), ffi.from_buffer(arr), len(arr))
-        return arr["summary"].astype(np.uint64)
+        # the slot's whole element (classes past the set's are zeros): the
+        # program reaches every bitmap through one lookup of it
+        arr = np.zeros(C.XF_RCLASS_MAX, dtype=np_dtype("struct xf_rule_bits"))
+        n = len(c.pool)
+        w = np.array([c.words(i, words) for i in range(n)], dtype=np.uint64).reshape(n, words)
+        arr["w"][:n] = w
+        arr["summary"][:n] = ((w != 0).astype(np.uint32) << np.arange(words, dtype=np.uint32)).sum(axis=1)
+        self._map("rl_pool")[t] = arr.tobytes()
+        return arr["summary"][:n].astype(np.uint64)
 
     def _write_addr(self, t: int, c: Compiled, sums: np.ndarray) -> None:
         m = self._map("rl_addr")
@@ -651,9 +664,3 @@ def _with_summary(table: np.ndarray, sums: np.ndarray) -> np.ndarray:
     s = sums[t & np.uint64(0xFFFF)]
     s[(t & np.uint64(CHUNK)) != 0] = 0
     return t | (s << np.uint64(32))
-
-
-def _write_array(m: Map, base: int, table: np.ndarray) -> None:
-    vals = np.ascontiguousarray(table, dtype="<u8")
-    keys = np.arange(base, base + len(vals), dtype="<u4")
-    m.update_batch_raw(ffi.from_buffer(keys), ffi.from_buffer(vals), len(vals))
