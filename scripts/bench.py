@@ -235,7 +235,9 @@ def main() -> int:
         "length ranges. None matches the established frames; one rate-limit rule (limit far above the test "
         "rate) matches the conforming frame, another (1 pps) the frame over its limit; both are compared with "
         "a frame the same 1,024 rules pass. Rules are laid out by shape so a field's summary rules out whole "
-        'words (see docs/design/rules.md). The engine idle is also the "no rules" cost of every row above.',
+        'words (see docs/design/rules.md). The engine idle is also the "no rules" cost of every row above. '
+        "Every round also measures each judged figure next to the one it is judged against (A B B A, "
+        'B A A B the next time), and "more than" is the median of those pairs, one per round.',
         "",
     ]
     lines += bench_rules.table(rules)
