@@ -65,6 +65,14 @@ class Throughput:
         return [s / d for s, d in zip(self.sink, self.drop)]
 
 
+# how the rules and protected-groups tables judge a figure against another
+PAIRED = (
+    "Each round also measures every judged figure right next to the one it is judged against, in "
+    "quads A B B A (B A A B every other time, so neither always comes first): a round's difference is "
+    f'the median of its {bench_rules.QUADS} quads, and "more than" is the median over the rounds.'
+)
+
+
 def throughput(runs: int, frames_per_run: int, flow_counts: list[int]) -> list[Throughput]:
     pin_root = f"/sys/fs/bpf/xfbench-{uuid.uuid4().hex[:8]}"
     out = {n: Throughput(n, [], [], True) for n in flow_counts}
@@ -236,8 +244,7 @@ def main() -> int:
         "rate) matches the conforming frame, another (1 pps) the frame over its limit; both are compared with "
         "a frame the same 1,024 rules pass. Rules are laid out by shape so a field's summary rules out whole "
         'words (see docs/design/rules.md). The engine idle is also the "no rules" cost of every row above. '
-        "Every round also measures each judged figure next to the one it is judged against (A B B A, "
-        'B A A B the next time), and "more than" is the median of those pairs, one per round.',
+        f"{PAIRED}",
         "",
     ]
     lines += bench_rules.table(rules)
@@ -249,7 +256,9 @@ def main() -> int:
         'the counting compiled out (`-DXF_BENCH_NO_PROTECT`: what "no group installed" must cost at most 2 ns '
         "more than), the object from before protected groups existed (built from git; it differs by everything "
         "changed since, so it is shown, not judged), the program with no group installed, and 100 protected "
-        "prefixes with frames to a protected and to an unprotected host.",
+        "prefixes with frames to a protected and to an unprotected host. "
+        f"{PAIRED} The new-flow rows, whose every run refills a table, take the difference of the two "
+        "figures in each round.",
         "",
     ]
     lines += bench_protect.table(protect)

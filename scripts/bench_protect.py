@@ -184,6 +184,20 @@ def measure(runs: int, repeat: int, before: str | None = None) -> list[ProtectFi
                 else:
                     ns = bench_kernel.per_frame_ns(o.prog, fr[key], repeat)
                 figs[name].samples.append(ns - base[key])
+            # each judged figure again next to the one it is judged against
+            # (not the new-flow rows: each run of them refills a table)
+            where = {row[0]: row for row in rows}
+            for i, (name, which, key, target, versus) in enumerate(rows):
+                if target is None or key == "new":
+                    continue
+                vwhich, vkey = where[versus][1], where[versus][2]
+                figs[name].diffs.append(
+                    bench_rules.paired_diff(
+                        lambda: bench_kernel.per_frame_ns(objs[vwhich].prog, fr[vkey], repeat),  # noqa: B023
+                        lambda: bench_kernel.per_frame_ns(objs[which].prog, fr[key], repeat),  # noqa: B023
+                        flip=(r + i) % 2 == 1,
+                    )
+                )
     finally:
         for o in objs.values():
             o.close()

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -113,6 +114,24 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 OUT = "rules engine compiled out"
 
 
+QUADS = 3  # A B B A quads per judged figure and round
+
+
+def paired_diff(a: Callable[[], float], b: Callable[[], float], flip: bool) -> float:
+    """How much more b measures than a, right next to each other: the
+    median of QUADS quads A B B A (B A A B when flip, so neither always
+    comes first). A host that speeds up or slows down steadily cancels out
+    of a quad, and the median drops a quad that a burst of noise hit, where
+    two figures measured rows apart each take a different share of both."""
+    out = []
+    for _ in range(QUADS):
+        first, second = (b, a) if flip else (a, b)
+        x = [first(), second(), second(), first()]
+        d = (x[1] + x[2] - x[0] - x[3]) / 2
+        out.append(-d if flip else d)
+    return statistics.median(out)
+
+
 def build_without(define: str, out_dir: str) -> str:
     """This tree's program built with ``-D{define}`` (XF_BENCH_NO_RULES,
     XF_BENCH_NO_PROTECT: a feature compiled out, what its idle cost is
@@ -166,18 +185,15 @@ def measure(runs: int, repeat: int) -> list[RulesFigure]:
             # every other round backwards, so no figure always follows the one it is compared with
             for name, n, key, _, _ in rows if r % 2 == 0 else rows[::-1]:
                 figs[name].samples.append(bench_kernel.per_frame_ns(objs[n].prog, fr[key], repeat) - base[key])
-            # each judged figure again next to what it is judged against,
-            # A B B A (B A A B every other time): a host that speeds up or
-            # slows down steadily cancels out, where figures rows apart
-            # would each take a different share of it
             for i, (name, n, key, _, versus) in enumerate(row for row in rows if row[3] is not None):
                 vn, vkey = where[versus]
-                a, b = (objs[vn].prog, fr[vkey]), (objs[n].prog, fr[key])
-                sign = 1.0
-                if (r + i) % 2:
-                    a, b, sign = b, a, -1.0
-                ns = [bench_kernel.per_frame_ns(prog, frame, repeat) for prog, frame in (a, b, b, a)]
-                figs[name].diffs.append(sign * (ns[1] + ns[2] - ns[0] - ns[3]) / 2)
+                figs[name].diffs.append(
+                    paired_diff(
+                        lambda: bench_kernel.per_frame_ns(objs[vn].prog, fr[vkey], repeat),  # noqa: B023
+                        lambda: bench_kernel.per_frame_ns(objs[n].prog, fr[key], repeat),  # noqa: B023
+                        flip=(r + i) % 2 == 1,
+                    )
+                )
     finally:
         for o in objs.values():
             o.close()
