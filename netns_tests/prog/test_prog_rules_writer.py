@@ -51,12 +51,15 @@ class MapReader:
         self.pool: dict[int, Any] = {}
         self.slots: dict[Any, Any] = {}  # per-slot arrays' elements, read once
 
+    def _element(self, name: str, slot: int) -> Any:
+        if (name, slot) not in self.slots:
+            self.slots[name, slot] = self.h.map(name).lookup(slot)
+        return self.slots[name, slot]
+
     def _get(self, name: str, key: Any) -> Any:
         if name in PER_SLOT:  # one element per slot: key is slot * size + index
             slot, idx = divmod(key, PER_SLOT[name])
-            if (name, slot) not in self.slots:
-                self.slots[name, slot] = self.h.map(name).lookup(slot)
-            return self.slots[name, slot].e[idx]
+            return self._element(name, slot).e[idx]
         return self.h.map(name).lookup(key)
 
     def slot(self) -> tuple[int, bool]:
@@ -100,9 +103,7 @@ class MapReader:
     def _bits(self, slot: int, cls: int) -> tuple[int, int]:
         k = slot * C.XF_RCLASS_MAX + cls
         if k not in self.pool:
-            if ("rl_pool", slot) not in self.slots:
-                self.slots["rl_pool", slot] = self.h.map("rl_pool").lookup(slot)
-            b = self.slots["rl_pool", slot].b[cls]
+            b = self._element("rl_pool", slot).b[cls]
             words = [int(w) for w in b.w]
             summary = sum(1 << i for i, w in enumerate(words) if w)
             assert int(b.summary) == summary, f"class {cls}: summary {b.summary:#x}, words say {summary:#x}"
