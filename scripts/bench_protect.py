@@ -171,6 +171,7 @@ def measure(runs: int, repeat: int, before: str | None = None) -> list[ProtectFi
             for k in ("udp4", "tcp6", "blocked4", "udp4_off", "tcp6_off", "udp4_near"):
                 o.prog.test_run(fr[k], repeat=1)
         figs = {r[0]: ProtectFigure(r[0], r[3], r[4], []) for r in rows}
+        where = {row[0]: row for row in rows}
         for r in range(runs):
             base = {k: bench_kernel.per_frame_ns(xdp_pass, f, repeat) for k, f in fr.items()}
             base["new"] = bench_kernel.new_flow_ns(xdp_pass, tuples)
@@ -186,7 +187,6 @@ def measure(runs: int, repeat: int, before: str | None = None) -> list[ProtectFi
                 figs[name].samples.append(ns - base[key])
             # each judged figure again next to the one it is judged against
             # (not the new-flow rows: each run of them refills a table)
-            where = {row[0]: row for row in rows}
             for i, (name, which, key, target, versus) in enumerate(rows):
                 if target is None or key == "new":
                     continue

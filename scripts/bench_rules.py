@@ -105,8 +105,8 @@ class RulesFigure:
     target: float | None  # ns above `versus`
     versus: str  # the figure it is compared with
     samples: list[float]  # ns above XDP_PASS, one per round
-    # ns more than `versus`, one per round, each measured as an adjacent
-    # pair (empty: the difference of the two figures' samples per round)
+    # ns more than `versus`, one per round (paired_diff: measured next to
+    # it); empty: the difference of the two figures' samples per round
     diffs: list[float] = field(default_factory=list)
 
 

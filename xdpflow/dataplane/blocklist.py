@@ -740,7 +740,7 @@ class Blocklist:
         return first
 
     def _apply(self, current: dict[int, int], to_add: list[int], to_delete: list[int]) -> Change:
-        counted = self._count_map()
+        counted = self._map_if_pinned("bl_count")  # None where the pins predate it (see xf_bl_count)
         if counted is not None:
             _write_count(counted, self.generation(), None)  # stale until the change is done
         change = self._apply_unmarked(current, to_add, to_delete)
@@ -748,10 +748,6 @@ class Blocklist:
             n = len(current) + len(change.added_keys) - len(change.deleted_keys)
             _write_count(counted, self.generation(), n)
         return change
-
-    def _count_map(self) -> Map | None:
-        """bl_count, or None where the pins predate it (see xf_bl_count)."""
-        return self._map_if_pinned("bl_count")
 
     def _map_if_pinned(self, name: str) -> Map | None:
         """Map ``name``, or None where it is not pinned: maps added since an
