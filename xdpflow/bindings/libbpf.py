@@ -159,6 +159,8 @@ CDEF = """
     const char *bpf_program__name(const struct bpf_program *prog);
     int bpf_program__fd(const struct bpf_program *prog);
     int bpf_program__set_autoload(struct bpf_program *prog, bool autoload);
+    const void *bpf_program__insns(const struct bpf_program *prog);
+    size_t bpf_program__insn_cnt(const struct bpf_program *prog);
 
     int bpf_map_lookup_elem(int fd, const void *key, void *value);
     int bpf_map_update_elem(int fd, const void *key, const void *value, uint64_t flags);
@@ -1301,6 +1303,14 @@ class Object:
         if fd < 0:
             raise XdpflowError(errno.EINVAL, f"program {name} is not loaded")
         return Program(os.dup(fd), name)
+
+    def insns(self, name: str) -> bytes:
+        """Program ``name``'s instructions as libbpf holds them: after ``load()``,
+        what the kernel was given (subprograms appended, map fds in the
+        ``ld_imm64`` instructions). 8 bytes each (struct bpf_insn)."""
+        p = self._prog_ptr(name)
+        n = lib.bpf_program__insn_cnt(p)
+        return bytes(ffi.buffer(lib.bpf_program__insns(p), n * 8))
 
     def map(self, name: str, key_type: str, value_type: str, types: cffi.FFI | None = None) -> Map:
         spec = self.map_spec(name)
