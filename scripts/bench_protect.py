@@ -44,6 +44,7 @@ from scapy.packet import Raw  # noqa: E402
 from xdpflow.bindings.libbpf import Object  # noqa: E402
 from xdpflow.dataplane import abi  # noqa: E402
 from xdpflow.dataplane.protect import Group, ProtectTables  # noqa: E402
+from xdpflow.testing.variants import build_without  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 BPF_CFLAGS = ["-O2", "-g", "-target", "bpf", "-mcpu=v3", "-Wall", "-Werror"]
@@ -132,9 +133,7 @@ def measure(runs: int, repeat: int, before: str | None = None) -> list[ProtectFi
     objs: dict[str, bench_kernel.Loaded] = {}
     try:
         objs["before"] = bench_kernel.Loaded(prefixes, object_path=build_before(before or before_protect(), tmp.name))
-        objs["out"] = bench_kernel.Loaded(
-            prefixes, object_path=bench_rules.build_without("XF_BENCH_NO_PROTECT", tmp.name)
-        )
+        objs["out"] = bench_kernel.Loaded(prefixes, object_path=build_without("XF_BENCH_NO_PROTECT", tmp.name))
         objs["off"] = bench_kernel.Loaded(prefixes, flows_of=objs["out"])
         objs["on"] = bench_kernel.Loaded(prefixes)
         ProtectTables(objs["on"].map).install(hundred_groups())
@@ -172,6 +171,9 @@ def measure(runs: int, repeat: int, before: str | None = None) -> list[ProtectFi
                 o.prog.test_run(fr[k], repeat=1)
         figs = {r[0]: ProtectFigure(r[0], r[3], r[4], []) for r in rows}
         where = {row[0]: row for row in rows}
+        for name, which, key, _t, _v in rows:
+            # a new flow's path: a tuple no run has put in the table yet
+            figs[name].insns = bench_rules.path_length(objs[which], tuples[0] if key == "new" else fr[key])
         for r in range(runs):
             base = {k: bench_kernel.per_frame_ns(xdp_pass, f, repeat) for k, f in fr.items()}
             base["new"] = bench_kernel.new_flow_ns(xdp_pass, tuples)

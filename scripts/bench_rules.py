@@ -21,7 +21,6 @@ import ipaddress
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,8 @@ from xdpflow.bindings.libbpf import Object  # noqa: E402
 from xdpflow.dataplane import abi  # noqa: E402
 from xdpflow.dataplane.rules import RuleTables  # noqa: E402
 from xdpflow.rules.rulespec import RuleSpec, parse_words  # noqa: E402
+from xdpflow.testing.interp import Interp  # noqa: E402
+from xdpflow.testing.variants import build_without  # noqa: E402
 
 RATE_SRC = "198.18.9.9"  # the rate-limit frame's source (inside the traffic's /16)
 LIMITED_SRC = "198.18.9.10"  # a source far over its limit: every frame dropped
@@ -108,9 +109,11 @@ class RulesFigure:
     # ns more than `versus`, one per round (paired_diff: measured next to
     # it); empty: the difference of the two figures' samples per round
     diffs: list[float] = field(default_factory=list)
+    # BPF instructions the frame executes (xdpflow/testing/interp.py):
+    # exact, where the ns figures move with the host
+    insns: int | None = None
 
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 OUT = "rules engine compiled out"
 
 
@@ -130,19 +133,6 @@ def paired_diff(a: Callable[[], float], b: Callable[[], float], flip: bool) -> f
         d = (x[1] + x[2] - x[0] - x[3]) / 2
         out.append(-d if flip else d)
     return statistics.median(out)
-
-
-def build_without(define: str, out_dir: str) -> str:
-    """This tree's program built with ``-D{define}`` (XF_BENCH_NO_RULES,
-    XF_BENCH_NO_PROTECT: a feature compiled out, what its idle cost is
-    measured against)."""
-    obj = os.path.join(out_dir, f"{define.lower()}.bpf.o")
-    bpf = os.path.join(ROOT, "bpf")
-    inc = f"-I/usr/include/{os.uname().machine}-linux-gnu"
-    cflags = ["-O2", "-g", "-target", "bpf", "-mcpu=v3", "-Wall", "-Werror", f"-D{define}"]
-    src = os.path.join(bpf, "xdpflow.bpf.c")
-    subprocess.run(["clang", *cflags, inc, f"-I{bpf}", "-c", src, "-o", obj], check=True)
-    return obj
 
 
 def measure(runs: int, repeat: int) -> list[RulesFigure]:
@@ -178,6 +168,8 @@ def measure(runs: int, repeat: int) -> list[RulesFigure]:
     ]
     figs = {name: RulesFigure(name, target, versus, []) for name, _, _, target, versus in rows}
     where = {name: (n, key) for name, n, key, _, _ in rows}
+    for name, n, key, _, _ in rows:
+        figs[name].insns = path_length(objs[n], fr[key])
     try:
         for r in range(runs):
             keys = ("udp4", "tcp6", "blocked4", "rate", "limited")
@@ -202,17 +194,24 @@ def measure(runs: int, repeat: int) -> list[RulesFigure]:
     return list(figs.values())
 
 
+def path_length(o: bench_kernel.Loaded, frame: bytes) -> int:
+    """Instructions ``frame`` executes in ``o`` (its flow already made)."""
+    return Interp(o.obj, "xdpflow").run(frame).insns
+
+
 def table(figs: list[RulesFigure]) -> list[str]:
     by = {f.name: f for f in figs}
     lines = [
-        "| path | ns above XDP_PASS (median) | min–max | more than (median of per-round differences) | target | met |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| path | ns above XDP_PASS (median) | min–max | instructions | more than (median of per-round differences) "
+        "| target | met |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for f in figs:
         med = statistics.median(f.samples)
         span = f"{min(f.samples):.1f}–{max(f.samples):.1f}"
+        insns = "" if f.insns is None else f"{f.insns}"
         if f.target is None:
-            lines.append(f"| {f.name} | {med:.1f} | {span} | | | |")
+            lines.append(f"| {f.name} | {med:.1f} | {span} | {insns} | | | |")
             continue
         # paired: both figures of a pair come from one round (back to back
         # where diffs were recorded), so the median of the per-round
@@ -220,7 +219,11 @@ def table(figs: list[RulesFigure]) -> list[str]:
         # moment), which the difference of medians does not
         more = statistics.median(f.diffs or [a - b for a, b in zip(f.samples, by[f.versus].samples)])
         met = "yes" if more <= f.target else "NO"
-        lines.append(f"| {f.name} | {med:.1f} | {span} | {more:+.1f} ({f.versus}) | ≤ +{f.target:.0f} | {met} |")
+        vi = by[f.versus].insns
+        extra = "" if f.insns is None or vi is None else f", {f.insns - vi:+d} instructions"
+        lines.append(
+            f"| {f.name} | {med:.1f} | {span} | {insns} | {more:+.1f} ({f.versus}{extra}) | ≤ +{f.target:.0f} | {met} |"
+        )
     return lines
 
 
