@@ -738,23 +738,22 @@ enum { J_TRACK, J_OUT, J_L4_ERROR };
 /* An IP frame after the blocklist's answer (listed: rule + 1, or 0): the
  * rules, which say whether that answer applies (a rule before it may exempt
  * the frame), then the blocklist's drop, then the L4 header for the flow
- * key (read once: before the rules when they run). Both branches are
- * marked unlikely so the common frame (no rules, not listed) runs straight
- * through: without the hint clang laid the rules call in the fall-through
- * path and established UDP/IPv4 cost ~15 ns more. Returns what the program
- * does next.
+ * key (read once: before the rules when they run). full: which of the
+ * program's two bodies this is (see xdpflow()); the lean one has no rules
+ * engine. Both branches are marked unlikely so the common frame runs
+ * straight through. Returns what the program does next.
  */
 static __always_inline int judge(struct xdp_md *ctx, struct xf_counters *c,
 				 struct xf_config *cfg, struct pkt *p,
 				 __u32 flags, struct hdr_cursor *nh,
 				 void *data_end, int ipproto, int l4_ok,
 				 __u32 listed, __be16 *sport, __be16 *dport,
-				 int *action, __u32 *act)
+				 int *action, __u32 *act, const int full)
 {
 	int l4 = 1; /* not read yet */
 
 #ifndef XF_BENCH_NO_RULES
-	if (__builtin_expect(flags & XF_CFG_RULES, 0)) {
+	if (full && __builtin_expect(flags & XF_CFG_RULES, 0)) {
 		int rj;
 
 		l4 = parse_l4(nh, data_end, ipproto, l4_ok, sport, dport,
@@ -780,24 +779,18 @@ static __always_inline int judge(struct xdp_md *ctx, struct xf_counters *c,
 	return l4 < 0 ? J_L4_ERROR : J_TRACK;
 }
 
-SEC("xdp")
-int xdpflow(struct xdp_md *ctx)
+/* One frame, by the full body (full: with the rules engine and protected
+ * groups) or the lean one (neither is configured): see xdpflow(). */
+static __always_inline int frame(struct xdp_md *ctx, struct xf_counters *c,
+				 struct xf_config *cfg, __u32 flags,
+				 const int full)
 {
 	void *data_end = (void *)(long)ctx->data_end;
 	void *data = (void *)(long)ctx->data;
 	struct hdr_cursor nh = { .pos = data, .end = data_end };
-	__u32 flags = 0, zero = 0, listed = 0;
+	__u32 listed = 0;
 	int ethproto, ipproto, l4_ok = 0;
-	struct xf_counters *c;
-	struct xf_config *cfg;
 	struct pkt p;
-
-	c = bpf_map_lookup_elem(&counters, &zero);
-	if (!c)
-		return XDP_PASS;
-	cfg = bpf_map_lookup_elem(&config, &zero);
-	if (cfg)
-		flags = cfg->flags;
 
 	p.len = data_end - data;
 	p.tcp_flags = 0;
@@ -806,7 +799,7 @@ int xdpflow(struct xdp_md *ctx)
 	 * built by scripts/bench_protect.py to measure what counting costs a
 	 * frame when no group is installed; never shipped */
 #ifndef XF_BENCH_NO_PROTECT
-	p.prot = flags & (XF_CFG_PROTECT | XF_CFG_PROTECT_SLOT);
+	p.prot = full ? flags & (XF_CFG_PROTECT | XF_CFG_PROTECT_SLOT) : 0;
 #else
 	p.prot = 0;
 #endif
@@ -838,7 +831,7 @@ int xdpflow(struct xdp_md *ctx)
 			listed = bl4_match(flags, &p.k4);
 		switch (judge(ctx, c, cfg, &p, flags, &nh, data_end, ipproto,
 			      l4_ok, listed, &p.k4.sport, &p.k4.dport,
-			      &p.action, &p.act)) {
+			      &p.action, &p.act, full)) {
 		case J_OUT:
 			goto out;
 		case J_L4_ERROR:
@@ -867,7 +860,7 @@ int xdpflow(struct xdp_md *ctx)
 			listed = bl6_match(flags, &p.k6);
 		switch (judge(ctx, c, cfg, &p, flags, &nh, data_end, ipproto,
 			      l4_ok, listed, &p.k6.sport, &p.k6.dport,
-			      &p.action, &p.act)) {
+			      &p.action, &p.act, full)) {
 		case J_OUT:
 			goto out;
 		case J_L4_ERROR:
@@ -896,7 +889,7 @@ out:
 	 * parsing, the call site cost every frame 5-9 ns in spills with no
 	 * group installed. */
 #ifndef XF_BENCH_NO_PROTECT
-	if (__builtin_expect(p.prot & XF_CFG_PROTECT, 0))
+	if (full && __builtin_expect(p.prot & XF_CFG_PROTECT, 0))
 		xf_protect(ctx, &p);
 #endif
 	/* counted already: a tail call does not come back, and the next
@@ -905,6 +898,42 @@ out:
 	if (p.action == XDP_PASS)
 		bpf_tail_call(ctx, &next_prog, 0);
 	return p.action;
+}
+
+/* the features only the full body has */
+#if !defined(XF_BENCH_NO_RULES) && !defined(XF_BENCH_NO_PROTECT)
+#define XF_CFG_FULL (XF_CFG_RULES | XF_CFG_PROTECT)
+#elif !defined(XF_BENCH_NO_RULES)
+#define XF_CFG_FULL XF_CFG_RULES
+#elif !defined(XF_BENCH_NO_PROTECT)
+#define XF_CFG_FULL XF_CFG_PROTECT
+#else
+#define XF_CFG_FULL 0
+#endif
+
+/* Two bodies, chosen once per frame: the full one when a rule set or a
+ * protected group is in force, else the lean one, which is the program as
+ * if neither feature were there (same code, same registers). Idle, they
+ * cost a frame one test and branch. With one body, keeping their calls and
+ * state alive around the hot path cost every frame 13-19 instructions more
+ * (counted by xdpflow/testing/interp.py). The verifier walks both bodies.
+ */
+SEC("xdp")
+int xdpflow(struct xdp_md *ctx)
+{
+	struct xf_counters *c;
+	struct xf_config *cfg;
+	__u32 flags = 0, zero = 0;
+
+	c = bpf_map_lookup_elem(&counters, &zero);
+	if (!c)
+		return XDP_PASS;
+	cfg = bpf_map_lookup_elem(&config, &zero);
+	if (cfg)
+		flags = cfg->flags;
+	if (__builtin_expect(flags & XF_CFG_FULL, 0))
+		return frame(ctx, c, cfg, flags, 1);
+	return frame(ctx, c, cfg, flags, 0);
 }
 
 /* Test-run only: writes a struct xf_clock into the frame. */
