@@ -25,7 +25,6 @@ import struct
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 from xdpflow.bindings.libbpf import Object, ffi, lib, map_info, possible_cpus, round_up8
 
@@ -423,4 +422,4 @@ def path(obj: Object, frame: bytes, prog: str = "xdpflow") -> Run:
     return Interp(obj, prog).run(frame)
 
 
-__all__: list[Any] = ["Interp", "InterpError", "Run", "path"]
+__all__ = ["Interp", "InterpError", "Run", "path"]
