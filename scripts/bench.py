@@ -232,10 +232,10 @@ def main() -> int:
         "plus 400 IPv4 rules inside the traffic's /16 and 900 IPv6 rules inside its /32 (/48s, /64s, "
         "hosts), as real feeds list the prefixes users come from; there the blocked sources are covered by "
         "a /24 and a /64 rule. xdp-filter (xdp-tools, its all-features program) is loaded with four "
-        "source addresses and run by program id in the same rounds.",
+        f"source addresses and run by program id in the same rounds. {INSNS}",
         "",
-        "| path | XDP_PASS ns | ns above XDP_PASS (median) | min–max |",
-        "| --- | --- | --- | --- |",
+        "| path | XDP_PASS ns | ns above XDP_PASS (median) | min–max | instructions |",
+        "| --- | --- | --- | --- | --- |",
     ]
     lines += [f.row() for f in kernel]
     lines += [
@@ -274,8 +274,8 @@ def main() -> int:
         "",
         "Flow table kinds, one hot UDP/IPv4 flow (the same frame from one CPU, and from every CPU at once):",
         "",
-        "| table | XDP_PASS ns | ns above XDP_PASS (median) | min–max |",
-        "| --- | --- | --- | --- |",
+        "| table | XDP_PASS ns | ns above XDP_PASS (median) | min–max | instructions |",
+        "| --- | --- | --- | --- | --- |",
     ]
     lines += [f.row() for f in variants]
     lines += [

@@ -37,6 +37,7 @@ from xdpflow.dataplane import (
 from xdpflow.dataplane.blocklist import Blocklist  # noqa: E402
 from xdpflow.dataplane.lifecycle import AttachOptions  # noqa: E402
 from xdpflow.rules.blockfile import Rule  # noqa: E402
+from xdpflow.testing.interp import Interp  # noqa: E402
 
 MAC_A, MAC_B = "02:00:00:00:00:01", "02:00:00:00:00:02"
 BLOCKED_SRC = "203.0.113.5"
@@ -74,6 +75,7 @@ class Figure:
     name: str
     samples: list[float]  # ns above baseline, one per round
     base: list[float]  # baseline ns, one per round
+    insns: int | None = None  # BPF instructions the frame executes (testing/interp.py)
 
     @property
     def median(self) -> float:
@@ -82,7 +84,7 @@ class Figure:
     def row(self) -> str:
         return (
             f"| {self.name} | {statistics.median(self.base):.1f} | {self.median:.1f} | "
-            f"{min(self.samples):.1f}–{max(self.samples):.1f} |"
+            f"{min(self.samples):.1f}–{max(self.samples):.1f} | {'' if self.insns is None else self.insns} |"
         )
 
 
@@ -274,6 +276,14 @@ def measure(runs: int, repeat: int, n_prefixes: int = 10000, new_flows: int = 65
     for name in ("udp4", "tcp6"):
         dut.prog.test_run(fr[name], repeat=1)
         near.prog.test_run(fr[name], repeat=1)
+    # the exact path of each frame (a new flow: a tuple not yet in the table)
+    insns = {
+        "established UDP/IPv4": (dut, fr["udp4"]),
+        "established TCP/IPv6": (dut, fr["tcp6"]),
+        "blocked source": (dut, fr["blocked4"]),
+        "new flow (65,536 tuples)": (dut, tuples[0]),
+        **{name: (near, fr[key]) for name, key in zip(NEAR, ("udp4", "tcp6", "blocked4_24", "blocked6_64"))},
+    }
 
     figs = {
         k: Figure(k, [], [])
@@ -287,6 +297,8 @@ def measure(runs: int, repeat: int, n_prefixes: int = 10000, new_flows: int = 65
             *NEAR,
         )
     }
+    for name, (o, frame) in insns.items():
+        figs[name].insns = Interp(o.obj, lifecycle.PROG_NAME).run(frame).insns
     if filt:
         figs["xdp-filter, UDP/IPv4 pass"] = Figure("xdp-filter, UDP/IPv4 pass", [], [])
         figs["xdp-filter, blocked source"] = Figure("xdp-filter, blocked source", [], [])
@@ -407,8 +419,8 @@ def main() -> int:
     t = time.time()
     with pinned():
         figs = measure(args.runs, args.repeat, new_flows=args.new_flows)
-    print("| path | XDP_PASS ns | ns above XDP_PASS (median) | min–max |")
-    print("| --- | --- | --- | --- |")
+    print("| path | XDP_PASS ns | ns above XDP_PASS (median) | min–max | instructions |")
+    print("| --- | --- | --- | --- | --- |")
     for f in figs:
         print(f.row())
     for f in flow_table_variants(args.runs, args.repeat):
