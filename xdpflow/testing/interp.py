@@ -21,9 +21,11 @@ Test tooling: never imported by the product.
 from __future__ import annotations
 
 import errno
+import operator
 import struct
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from xdpflow.bindings.libbpf import Object, ffi, lib, map_info, possible_cpus, round_up8
@@ -67,6 +69,24 @@ def _jiffies() -> int:
             if line.startswith("jiffies: "):
                 return int(line.split()[1])
     raise InterpError("/proc/timer_list shows no jiffies")
+
+
+# conditional jumps by operation (code & 0xf0)
+_UNSIGNED: dict[int, Callable[[int, int], bool]] = {
+    0x10: operator.eq,
+    0x50: operator.ne,
+    0x20: operator.gt,
+    0x30: operator.ge,
+    0xA0: operator.lt,
+    0xB0: operator.le,
+    0x40: lambda a, b: bool(a & b),  # jset
+}
+_SIGNED: dict[int, Callable[[int, int], bool]] = {
+    0x60: operator.gt,
+    0x70: operator.ge,
+    0xC0: operator.lt,
+    0xD0: operator.le,
+}
 
 
 def _s64(x: int) -> int:
@@ -313,29 +333,10 @@ class Interp:
 
     @staticmethod
     def _cond(jop: int, a: int, b: int, narrow: bool) -> bool:
-        if jop == 0x10:
-            return a == b
-        if jop == 0x50:
-            return a != b
-        if jop == 0x20:
-            return a > b
-        if jop == 0x30:
-            return a >= b
-        if jop == 0xA0:
-            return a < b
-        if jop == 0xB0:
-            return a <= b
-        if jop == 0x40:
-            return bool(a & b)
-        sa, sb = (_s32(a), _s32(b)) if narrow else (_s64(a), _s64(b))
-        if jop == 0x60:
-            return sa > sb
-        if jop == 0x70:
-            return sa >= sb
-        if jop == 0xC0:
-            return sa < sb
-        if jop == 0xD0:
-            return sa <= sb
+        if jop in _UNSIGNED:
+            return _UNSIGNED[jop](a, b)
+        if jop in _SIGNED:
+            return _SIGNED[jop](*((_s32(a), _s32(b)) if narrow else (_s64(a), _s64(b))))
         raise InterpError(f"jump opcode {jop:#x} not modelled")
 
     def _atomic(self, r: list[int], addr: int, size: int, src: int, imm: int) -> None:
