@@ -172,8 +172,9 @@ def measure(runs: int, repeat: int, before: str | None = None) -> list[ProtectFi
         figs = {r[0]: ProtectFigure(r[0], r[3], r[4], []) for r in rows}
         where = {row[0]: row for row in rows}
         for name, which, key, _t, _v in rows:
-            # a new flow's path: a tuple no run has put in the table yet
-            figs[name].insns = bench_rules.path_length(objs[which], tuples[0] if key == "new" else fr[key])
+            # a new flow's path: a tuple no run has put in the table yet (the
+            # first one is the established UDP/IPv4 frame itself)
+            figs[name].insns = bench_rules.path_length(objs[which], tuples[-1] if key == "new" else fr[key])
         for r in range(runs):
             base = {k: bench_kernel.per_frame_ns(xdp_pass, f, repeat) for k, f in fr.items()}
             base["new"] = bench_kernel.new_flow_ns(xdp_pass, tuples)
