@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 
 from xdpflow.bindings.libbpf import Object, ffi, lib, map_info, possible_cpus, round_up8
 
-# map types (linux/bpf.h)
-_HASH, _ARRAY, _PROG_ARRAY, _PERCPU_HASH, _PERCPU_ARRAY = 1, 2, 3, 5, 6
-_LRU_HASH, _LRU_PERCPU_HASH, _LPM_TRIE, _RINGBUF = 9, 10, 11, 27
+# map types (linux/bpf.h) whose values it lays out differently
+_ARRAY, _PERCPU_HASH, _PERCPU_ARRAY, _LRU_PERCPU_HASH = 2, 5, 6, 10
 _PERCPU = {_PERCPU_HASH, _PERCPU_ARRAY, _LRU_PERCPU_HASH}
 _ARRAYS = {_ARRAY, _PERCPU_ARRAY}
 
