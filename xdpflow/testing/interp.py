@@ -23,12 +23,12 @@ from __future__ import annotations
 import errno
 import operator
 import struct
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from xdpflow.bindings.libbpf import Object, ffi, lib, map_info, possible_cpus, round_up8
+from xdpflow.dataplane import clock
 
 # map types (linux/bpf.h) whose values it lays out differently
 _ARRAY, _PERCPU_HASH, _PERCPU_ARRAY, _LRU_PERCPU_HASH = 2, 5, 6, 10
@@ -59,15 +59,6 @@ _M64 = (1 << 64) - 1
 _M32 = (1 << 32) - 1
 _STACK = 512
 _SIZES = {0x00: 4, 0x08: 2, 0x10: 1, 0x18: 8}
-
-
-def _jiffies() -> int:
-    """The kernel's jiffies now: rate limits and TTLs compare with it."""
-    with open("/proc/timer_list") as f:
-        for line in f:
-            if line.startswith("jiffies: "):
-                return int(line.split()[1])
-    raise InterpError("/proc/timer_list shows no jiffies")
 
 
 # conditional jumps by operation (code & 0xf0)
@@ -129,6 +120,9 @@ class Interp:
     def __init__(self, obj: Object, prog: str, cpu: int = 0, trace: bool = False) -> None:
         raw = obj.insns(prog)
         self.trace: list[int] | None = [] if trace else None
+        # the kernel's jiffies and clock, read by the object's own clock
+        # program: rate limits and TTLs compare with them
+        self._clock = obj.program(clock.CLOCK_PROG)
         self.code = [struct.unpack_from("<BBhi", raw, i) for i in range(0, len(raw), 8)]
         self.cpu = cpu
         self.ncpus = possible_cpus()
@@ -213,7 +207,7 @@ class Interp:
         self._values: dict[tuple[int, bytes], int] = {}
         self._pkt = self._new_region(frame)
         self._pkt_len = len(frame)
-        self._now = _jiffies()
+        self._now, self._mono = clock.sample(self._clock)
         self._run = Run(0, 0)
         if self.trace is not None:
             self.trace.clear()
@@ -394,7 +388,7 @@ class Interp:
         if imm == H_JIFFIES:
             return self._now
         if imm == H_KTIME:
-            return time.monotonic_ns()
+            return self._mono
         if imm == H_CPU:
             return self.cpu
         if imm == H_TAIL_CALL:
