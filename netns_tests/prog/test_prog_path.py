@@ -26,8 +26,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from xdpflow.bindings.libbpf import Object
+from xdpflow.dataplane import abi, chain
 from xdpflow.rules.blockfile import Rule, parse_cidr
-from xdpflow.testing.interp import Interp
+from xdpflow.testing.interp import Interp, InterpError
 from xdpflow.testing.variants import build_without
 
 from .. import frames
@@ -35,6 +37,7 @@ from ..progtest import ProgHarness
 from .test_prog_rules_diff import random_frames, random_rules
 
 IDLE_BUDGET = 2  # instructions: see the module docstring
+NEXT_PROG = "test_next"  # in test_next.bpf.o: a program to chain to
 BLOCKED = ("198.51.100.0/24", "2001:db8:bad::/48")
 
 
@@ -88,6 +91,25 @@ def test_a_run_changes_nothing_in_the_kernel() -> None:
         assert run.lookups["flows_v4"] == 1 and run.helpers["map_update_elem"] == 1  # a new flow
         assert h.counters() == before and h.flows() == []
     finally:
+        h.close()
+
+
+def test_a_tail_call_it_cannot_follow_is_refused() -> None:
+    # with a next program in the slot the frame's path goes on there: the
+    # interpreter says so rather than counting the frame as if it ended here
+    h = _loaded()
+    nxt = Object(abi.object_path("test_next"))
+    try:
+        nxt.load()
+        prog = nxt.program(NEXT_PROG)
+        chain.set_next(h.map(chain.NEXT_PIN), prog, "the test's next program")
+        prog.close()
+        with pytest.raises(InterpError, match="tail call"):
+            Interp(h.obj, "xdpflow").run(_frames()["v4-udp"])
+        chain.set_next(h.map(chain.NEXT_PIN), None, "the test's next program")
+        assert Interp(h.obj, "xdpflow").run(_frames()["v4-udp"]).helpers["tail_call"] == 1
+    finally:
+        nxt.close()
         h.close()
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from xdpflow.bindings.libbpf import Object, ffi, lib, map_info, possible_cpus, round_up8
 from xdpflow.dataplane import clock
+from xdpflow.dataplane.lifecycle import PROG_NAME
 
 # map types (linux/bpf.h) whose values it lays out differently
 _ARRAY, _PERCPU_HASH, _PERCPU_ARRAY, _LRU_PERCPU_HASH = 2, 5, 6, 10
@@ -232,7 +233,7 @@ class Interp:
             n += 1
             pc += 1
             if cls in (0x07, 0x04):  # ALU64, ALU
-                self._alu(r, op, dst, src, imm, off, cls == 0x07)
+                self._alu(r, op, dst, src, imm, cls == 0x07)
             elif cls in (0x05, 0x06):  # JMP, JMP32
                 jop = op & 0xF0
                 if jop == 0x00:  # ja
@@ -280,7 +281,7 @@ class Interp:
             else:
                 raise InterpError(f"instruction {pc - 1}: opcode {op:#x} not modelled")
 
-    def _alu(self, r: list[int], op: int, dst: int, src: int, imm: int, off: int, wide: bool) -> None:
+    def _alu(self, r: list[int], op: int, dst: int, src: int, imm: int, wide: bool) -> None:
         aop = op & 0xF0
         if aop == 0xD0:  # endianness: to_le is a truncation on this host, to_be a swap
             nbytes = imm // 8
@@ -392,7 +393,12 @@ class Interp:
         if imm == H_CPU:
             return self.cpu
         if imm == H_TAIL_CALL:
-            return -errno.ENOENT & _M64  # an empty slot: the program goes on
+            # an empty slot: the program goes on; a program in it would run
+            # instead, and its path is not this one's
+            m = self._map(r[2] & _OFF)
+            if self._kernel_value(m, (r[3] & _M32).to_bytes(4, "little")) is not None:
+                raise InterpError(f"a tail call into the program in {m.name}[{r[3] & _M32}] is not modelled")
+            return -errno.ENOENT & _M64
         if imm == H_RB_RESERVE:
             return self._new_region(bytes(r[2]))
         if imm == H_RB_SUBMIT:
@@ -411,7 +417,7 @@ class Interp:
         raise InterpError(f"helper {imm} not modelled")
 
 
-def path(obj: Object, frame: bytes, prog: str = "xdpflow") -> Run:
+def path(obj: Object, frame: bytes, prog: str = PROG_NAME) -> Run:
     """The path ``frame`` takes through program ``prog`` of the loaded ``obj``."""
     return Interp(obj, prog).run(frame)
 
