@@ -37,7 +37,7 @@ from xdpflow.dataplane import (
 from xdpflow.dataplane.blocklist import Blocklist  # noqa: E402
 from xdpflow.dataplane.lifecycle import AttachOptions  # noqa: E402
 from xdpflow.rules.blockfile import Rule  # noqa: E402
-from xdpflow.testing.interp import Interp  # noqa: E402
+from xdpflow.testing import interp  # noqa: E402
 
 MAC_A, MAC_B = "02:00:00:00:00:01", "02:00:00:00:00:02"
 BLOCKED_SRC = "203.0.113.5"
@@ -299,7 +299,7 @@ def measure(runs: int, repeat: int, n_prefixes: int = 10000, new_flows: int = 65
         )
     }
     for name, (o, frame) in insns.items():
-        figs[name].insns = Interp(o.obj, lifecycle.PROG_NAME).run(frame).insns
+        figs[name].insns = interp.path(o.obj, frame).insns
     if filt:
         figs["xdp-filter, UDP/IPv4 pass"] = Figure("xdp-filter, UDP/IPv4 pass", [], [])
         figs["xdp-filter, blocked source"] = Figure("xdp-filter, blocked source", [], [])

@@ -44,6 +44,7 @@ from scapy.packet import Raw  # noqa: E402
 from xdpflow.bindings.libbpf import Object  # noqa: E402
 from xdpflow.dataplane import abi  # noqa: E402
 from xdpflow.dataplane.protect import Group, ProtectTables  # noqa: E402
+from xdpflow.testing import interp  # noqa: E402
 from xdpflow.testing.variants import build_without  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -174,7 +175,7 @@ def measure(runs: int, repeat: int, before: str | None = None) -> list[ProtectFi
         for name, which, key, _t, _v in rows:
             # a new flow's path: a tuple no run has put in the table yet (the
             # first one is the established UDP/IPv4 frame itself)
-            figs[name].insns = bench_rules.path_length(objs[which], tuples[-1] if key == "new" else fr[key])
+            figs[name].insns = interp.path(objs[which].obj, tuples[-1] if key == "new" else fr[key]).insns
         for r in range(runs):
             base = {k: bench_kernel.per_frame_ns(xdp_pass, f, repeat) for k, f in fr.items()}
             base["new"] = bench_kernel.new_flow_ns(xdp_pass, tuples)

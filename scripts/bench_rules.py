@@ -39,7 +39,7 @@ from xdpflow.bindings.libbpf import Object  # noqa: E402
 from xdpflow.dataplane import abi  # noqa: E402
 from xdpflow.dataplane.rules import RuleTables  # noqa: E402
 from xdpflow.rules.rulespec import RuleSpec, parse_words  # noqa: E402
-from xdpflow.testing.interp import Interp  # noqa: E402
+from xdpflow.testing import interp  # noqa: E402
 from xdpflow.testing.variants import build_without  # noqa: E402
 
 RATE_SRC = "198.18.9.9"  # the rate-limit frame's source (inside the traffic's /16)
@@ -169,7 +169,7 @@ def measure(runs: int, repeat: int) -> list[RulesFigure]:
     figs = {name: RulesFigure(name, target, versus, []) for name, _, _, target, versus in rows}
     where = {name: (n, key) for name, n, key, _, _ in rows}
     for name, n, key, _, _ in rows:
-        figs[name].insns = path_length(objs[n], fr[key])
+        figs[name].insns = interp.path(objs[n].obj, fr[key]).insns
     try:
         for r in range(runs):
             keys = ("udp4", "tcp6", "blocked4", "rate", "limited")
@@ -192,11 +192,6 @@ def measure(runs: int, repeat: int) -> list[RulesFigure]:
         xdp_pass.close()
         base_obj.close()
     return list(figs.values())
-
-
-def path_length(o: bench_kernel.Loaded, frame: bytes) -> int:
-    """Instructions ``frame`` executes in ``o`` (its flow already made)."""
-    return Interp(o.obj, "xdpflow").run(frame).insns
 
 
 def table(figs: list[RulesFigure]) -> list[str]:
