@@ -137,14 +137,20 @@ BL4_LEVEL(bl4_l3c_dst, BPF_MAP_TYPE_ARRAY, XF_BL4_L3C_SIZE, BPF_F_MMAPABLE);
 	XF_MAP(name, BPF_MAP_TYPE_ARRAY, XF_PF6_WORDS, BPF_F_MMAPABLE, __u32,  \
 	       __u64)
 
+#define BL6_L1(name)                                                           \
+	XF_MAP(name, BPF_MAP_TYPE_ARRAY, XF_BL6_L1_SIZE, BPF_F_MMAPABLE, __u32, \
+	       __u64)
+
 BL6_L0(bl6_l0_src);
 BL6_TAB(bl6_tab_src);
 BL6_DEEP(bl6_deep_src);
 BL6_FILTER(bl6_pf_src);
+BL6_L1(bl6_l1_src);
 BL6_L0(bl6_l0_dst);
 BL6_TAB(bl6_tab_dst);
 BL6_DEEP(bl6_deep_dst);
 BL6_FILTER(bl6_pf_dst);
+BL6_L1(bl6_l1_dst);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -409,16 +415,6 @@ static __always_inline __u32 bl4_match(__u32 flags, struct xf_flow4 *k)
  * returns rule index + 1, or 0. Each entry found is the complete answer for
  * its region; a miss means nothing longer covers the address.
  */
-/* the filter's bit for the /32 of addr */
-static __always_inline int pf6_set(void *pf, __u32 top)
-{
-	__u32 bit = (__u32)(top * (__u32)XF_PF6_MULT) >> XF_PF6_SHIFT;
-	__u32 word = bit >> 6;
-	__u64 *w = bpf_map_lookup_elem(pf, &word);
-
-	return w && ((*w >> (bit & 63)) & 1);
-}
-
 /* the entry of region k: from its bucket in tab, or from the overflow
  * hash when the bucket says some of its regions are there; NULL: none */
 static __always_inline __u32 *bl6_find(void *tab, void *deep,
@@ -498,22 +494,45 @@ __attribute__((noinline)) __u32 bl6_walk(__u32 dst, __u64 hi, __u64 lo,
 	return bl6_deeper(&bl6_tab_src, &bl6_deep_src, hi, lo, v);
 }
 
-static __always_inline __u32 bl6_lookup(void *l0, void *pf, __u32 dst,
+static __always_inline __u32 bl6_lookup(void *l0, void *l1, __u32 dst,
 					 const __u8 *addr)
 {
 	/* addr is in struct pkt's aligned key */
 	const __u64 *a = __builtin_assume_aligned(addr, 8);
 	__u64 hi = bpf_be64_to_cpu(a[0]);
-	__u32 key0 = hi >> 48;
-	__u32 *e = bpf_map_lookup_elem(l0, &key0);
-	__u32 v, next;
+	__u32 key = hi >> 48;
+	__u32 *e = bpf_map_lookup_elem(l0, &key);
+	__u32 v, next, w, tag;
+	__u64 *c, slot, y;
 
 	if (!e)
 		return 0;
 	v = *e;
 	next = v >> XF_BL6_NEXT_SHIFT;
-	if (!next || (next >= 32 && !pf6_set(pf, hi >> 32)))
+	if (!next)
 		return v & XF_BL6_RULE_MASK;
+	if (next <= 48) {
+		/* the slot of the region at the first level (see
+		 * XF_BL6_L1_*): one load instead of the walk's first probe,
+		 * and no walk where that region does not exist */
+		/* the region times MULT, shifted up 16 bits: the slot is
+		 * the top bits, the tag the 31 below them */
+		y = (hi & (~0ULL << (64 - next))) * XF_BL6_L1_MULT;
+		key = y >> (64 - XF_BL6_L1_BITS);
+		tag = (__u32)(y >> 16) | XF_BL6_L1_LIVE;
+		c = bpf_map_lookup_elem(l1, &key);
+		if (!c)
+			return v & XF_BL6_RULE_MASK;
+		slot = *(volatile __u64 *)c;
+		w = slot;
+		if (w != XF_BL6_L1_WALK) {
+			if ((__u32)(slot >> 32) != tag)
+				return v & XF_BL6_RULE_MASK;
+			v = w;
+			if (!(v >> XF_BL6_NEXT_SHIFT))
+				return v & XF_BL6_RULE_MASK;
+		}
+	}
 	return bl6_walk(dst, hi, bpf_be64_to_cpu(a[1]), v);
 }
 
@@ -522,12 +541,12 @@ static __always_inline __u32 bl6_match(__u32 flags, struct xf_flow6 *k)
 	__u32 r;
 
 	if (flags & XF_CFG_BL6_SRC) {
-		r = bl6_lookup(&bl6_l0_src, &bl6_pf_src, 0, k->saddr);
+		r = bl6_lookup(&bl6_l0_src, &bl6_l1_src, 0, k->saddr);
 		if (r)
 			return r;
 	}
 	if (flags & XF_CFG_BL6_DST)
-		return bl6_lookup(&bl6_l0_dst, &bl6_pf_dst, 1, k->daddr);
+		return bl6_lookup(&bl6_l0_dst, &bl6_l1_dst, 1, k->daddr);
 	return 0;
 }
 

@@ -84,6 +84,27 @@
 #define XF_PF6_WORDS 16384 /* 2^20 bits */
 #define XF_PF6_MULT 2654435761
 #define XF_PF6_SHIFT 12
+/* The program reads the filter no more (a program attached by an older
+ * version still does, so the controller keeps it up to date). In front of
+ * the walk it reads instead one slot of a direct-mapped table (bl6_l1_*)
+ * for the region at its /16's first level, when that level is /48 or
+ * shorter. Such a region, as 48 bits (the address's top 48 bits masked to
+ * the level), is multiplied by XF_BL6_L1_MULT modulo 2^48, which maps
+ * 48-bit values one to one: the top XF_BL6_L1_BITS bits of the product pick
+ * the slot and the other 31 are the tag, so a tag names exactly one region.
+ * A slot's high half is its region's tag | XF_BL6_L1_LIVE; its low half is
+ * the region's entry, from which the walk goes on below it. A slot two
+ * regions share holds XF_BL6_L1_WALK in its low half (the walk starts from
+ * L0, as before), and an empty slot or one that names another region means
+ * the region does not exist: nothing longer than L0 covers the address. The
+ * controller writes a slot in one 8-byte store.
+ */
+#define XF_BL6_L1_BITS 17
+#define XF_BL6_L1_SIZE 131072 /* 2^XF_BL6_L1_BITS */
+#define XF_BL6_L1_MULT 0xD6E8FEB86659 /* odd; spreads runs of /32s and /48s */
+#define XF_BL6_L1_TAG 2147483647 /* the product's low 31 bits */
+#define XF_BL6_L1_LIVE 2147483648
+#define XF_BL6_L1_WALK 4294967295
 
 /* default event budget per CPU per second */
 #define XF_EVENTS_PER_SEC 1000

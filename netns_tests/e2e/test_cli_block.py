@@ -443,3 +443,29 @@ def test_upgrade_from_before_the_ipv6_arrays_keeps_the_blocklist(lab: Lab, cli: 
     assert ("2001:db8:5::9/128", "dst") in {(r["cidr"], r["direction"]) for r in cli.json("block", "list")}
     listing = {(r["cidr"], r["direction"]): r["hits"] for r in cli.json("block", "list")}
     assert listing[("2001:db8:2:3::/64", "src")] == 2 and listing[("2001:db8:4::/48", "src")] == 2
+
+
+def test_upgrade_from_before_the_ipv6_l1_slots_keeps_the_blocklist(lab: Lab, cli: Cli) -> None:
+    """An instance pinned by an object from before the IPv6 L1 slots (no
+    bl6_l1 pins; its program read the filter) upgrades in place: the new
+    object's slots are filled from the rule store before it runs, and later
+    changes keep them."""
+    pins = PinRoot(cli.pin_root)
+    cli("block", "add", "2001:db8:1::/48", "2001:db8:2:3::/64")
+    for name in ("bl6_l1_src", "bl6_l1_dst"):
+        os.unlink(pins.shared(name))
+    # the blocklist of such an instance, as its own controller wrote it
+    cli("block", "add", "2001:db8:4::/48")
+    cli("block", "add", "--dst", "2001:db8:5::/48")
+
+    cli("attach", lab.dut_if)
+    with Map(obj_get(pins.shared("bl6_l1_src")), *abi.MAP_TYPES["bl6_l1_src"], types=abi.ffi) as l1:
+        assert sum(1 for v in l1.values() if int(v)) == 3  # 2001::/16's first level: the three /48s
+    blocked = [udp("2001:db8:1::1", DUT_V6, 5001, 53), udp("2001:db8:2:3::1", DUT_V6, 5002, 53)]
+    blocked.append(udp("2001:db8:4::1", DUT_V6, 5003, 53))
+    passing = [udp6(), udp("2001:db8:2:4::1", DUT_V6, 5005, 53), udp("2001:db8:3::1", DUT_V6, 5006, 53)]
+    assert send_and_receive(lab, blocked + passing) == raw(passing)
+    cli("block", "del", "2001:db8:1::/48")
+    assert send_and_receive(lab, blocked[1:] + passing) == raw(passing)
+    listing = {(r["cidr"], r["direction"]): r["hits"] for r in cli.json("block", "list")}
+    assert listing[("2001:db8:2:3::/64", "src")] == 2 and listing[("2001:db8:4::/48", "src")] == 2

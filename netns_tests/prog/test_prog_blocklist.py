@@ -14,7 +14,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
 from xdpflow.dataplane import abi
-from xdpflow.dataplane.blocklist import WAYS, bucket_of
+from xdpflow.dataplane.blocklist import WAYS, bucket_of, l1_hash
 from xdpflow.rules.blockfile import Rule, parse_cidr
 
 from .. import frames
@@ -547,3 +547,50 @@ def test_a_full_bucket_sends_the_rest_to_the_hash(prog):
     check_verdicts(prog, now[:3], now[3:] + first[:2])
     prog.blocklist.flush()
     assert bucket_state(prog, now) == (0, 0, 0)
+
+
+def test_v6_l1_slots_answer_start_the_walk_or_send_it_whole(prog):
+    """Every state of a /32's L1 slot (XF_BL6_L1_*) against the model: a /32
+    rule with nothing inside it (the slot answers), regions below a /32
+    marker (the walk starts at /48), a /32 of the same /16 with no regions
+    (an empty or foreign slot answers), and slots forced to "walk" (the whole
+    walk from L0, as for two /32s that share a slot)."""
+    rules = [
+        R("2001:db8::/32"),
+        R("2001:db8:1::/48"),
+        R("2001:db8:1:2::/64"),
+        R("2001:db8:1:2::7/128"),
+        R("2001:2:0:5::/64"),
+        R("2001:2:0:6::/80", "dst"),
+    ]
+    prog.blocklist.add(rules)
+    addrs = [
+        "2001:db8::1",
+        "2001:db8:1::1",
+        "2001:db8:1:2::7",
+        "2001:db8:1:2::8",
+        "2001:db8:1:3::1",
+        "2001:db8:9::1",
+        "2001:2::1",
+        "2001:2:0:5::1",
+        "2001:2:0:6::1",
+        "2001:2:0:6:1::1",
+    ]
+    fs = [udp(a, b, sport=i) for i, (a, b) in enumerate((a, b) for a in addrs for b in addrs)]
+    model = model_of(prog)
+    l1 = prog.map("bl6_l1_src")
+    slots = {int(k): int(v) for k, v in l1.items() if int(v)}
+    db8, two = (int(t) for t in l1_hash(np.array([0x2001_0DB8 << 16, 0x2001_0002 << 16], dtype=np.uint64))[1])
+    assert {v >> 32 for v in slots.values()} == {db8, two}  # the /32s: 2001::/16's first level
+    assert [prog.run(f) for f in fs] == [model.feed(f) for f in fs]
+    for m in (l1, prog.map("bl6_l1_dst")):
+        for k, v in list(m.items()):
+            if int(v):
+                m[k] = abi.C.XF_BL6_L1_WALK
+    assert [prog.run(f) for f in fs] == [model.feed(f) for f in fs]
+    # the next change writes every slot it needs again, and clears the rest
+    prog.blocklist.delete([R("2001:2:0:5::/64")])
+    model.rules = model_of(prog).rules
+    assert {int(v) >> 32 for v in l1.values() if int(v)} == {db8}
+    assert [prog.run(f) for f in fs] == [model.feed(f) for f in fs]
+    check_model(prog, model)

@@ -12,15 +12,18 @@ import pytest
 from xdpflow.dataplane import abi
 from xdpflow.dataplane.blocklist import (
     BUCKET_DTYPE,
+    L1_WALK,
     V6Placed,
     V6Tables,
     bucket_of,
     fill_v6,
+    l1_hash,
     pf6_bits,
     place_v6,
     prune_v6,
     region_halves,
     v6_filter,
+    v6_l1,
     v6_tables,
 )
 
@@ -28,16 +31,26 @@ NEXT = abi.C.XF_BL6_NEXT_SHIFT
 MASK = abi.C.XF_BL6_RULE_MASK
 
 
-def walk(t: V6Tables, addr: int, pf: np.ndarray | None = None) -> tuple[int, int]:
-    """(rule index + 1 or 0, deeper lookups made), as bl6_lookup() does it;
-    with the filter's words ``pf``, a clear bit for the address's /32 stops
-    a walk that would start at /32 or deeper."""
+def walk(t: V6Tables, addr: int, pf: np.ndarray | None = None, l1: np.ndarray | None = None) -> tuple[int, int]:
+    """(rule index + 1 or 0, deeper lookups made), as bl6_lookup() does it
+    (with the L1 slots ``l1``) or as the program before it did (with the
+    filter's words ``pf``: a clear bit for the address's /32 stops a walk
+    that would start at /32 or deeper)."""
     v = int(t.l0[addr >> 112])
     lookups = 0
     if pf is not None and v >> NEXT >= 32:
         bit = int(pf6_bits(np.array([addr >> 96]))[0])
         if not int(pf[bit >> 6]) >> (bit & 63) & 1:
             return v & MASK, 0
+    first = v >> NEXT
+    if l1 is not None and 0 < first <= 48:
+        at, high = l1_hash(np.array([(addr >> 80) >> (48 - first) << (48 - first)], dtype=np.uint64))
+        slot = int(l1[int(at[0])])
+        w = slot & 0xFFFFFFFF
+        if w != abi.C.XF_BL6_L1_WALK:
+            if slot >> 32 != int(high[0]):
+                return v & MASK, 0
+            v = w
     while v >> NEXT:
         plen = v >> NEXT
         lookups += 1
@@ -80,8 +93,53 @@ def test_walk_equals_longest_prefix_match(seed: int) -> None:
     probes = [a | rnd.getrandbits(128 - p) if p < 128 else a for a, p, _ in rules]
     probes += [base | rnd.getrandbits(96) for _ in range(2000)] + [rnd.getrandbits(128) for _ in range(200)]
     probes += [(base & ~(0xFFFF << 96)) | rnd.getrandbits(112) for _ in range(2000)]  # the same /16, other /32s
+    l1 = v6_l1(t)
     for addr in probes:
-        assert walk(t, addr)[0] == walk(t, addr, pf)[0] == reference(rules, addr), hex(addr)
+        assert walk(t, addr)[0] == walk(t, addr, pf)[0] == walk(t, addr, l1=l1)[0] == reference(rules, addr), hex(addr)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_l1_over_thousands_of_regions_equals_longest_prefix_match(seed: int) -> None:
+    # 2001::/16: rules in 3,000 /32s (its first level is /32); 2003::/16:
+    # 3,000 /48s and rules inside some (first level /48); 2002::/16: first
+    # level /24 (no slots). Some regions share a slot, which must then send
+    # every region of it to the walk.
+    rnd = random.Random(seed)
+    rules: list[tuple[int, int, int]] = []
+    for top16, plens in ((0x2001, [32, 40, 48, 48, 64, 128]), (0x2003, [48, 48, 56, 64, 128])):
+        for _ in range(3000):
+            plen = rnd.choice(plens)
+            addr = (top16 << 112) | rnd.getrandbits(112)
+            rules.append((addr >> (128 - plen) << (128 - plen), plen, len(rules)))
+    rules.append((0x2002_0100 << 96, 24, len(rules)))
+    rules.append((0x2002_0101_0002 << 80, 48, len(rules)))
+    rules = list({(a, p): (a, p, i) for a, p, i in rules}.values())
+    t = v6_tables(rules)
+    l1 = v6_l1(t)
+    assert (l1 == L1_WALK).sum() > 0  # the birthday bound: a few shared slots
+    probes = [a | rnd.getrandbits(128 - p) if p < 128 else a for a, p, _ in rules]
+    probes += [(top16 << 112) | rnd.getrandbits(112) for top16 in (0x2001, 0x2002, 0x2003) for _ in range(1000)]
+    probes += [(0x2002_0101 << 96) | rnd.getrandbits(96) for _ in range(200)]
+    for addr in probes:
+        assert walk(t, addr, l1=l1)[0] == reference(rules, addr), hex(addr)
+
+
+def test_l1_starts_the_walk_below_the_first_level() -> None:
+    rules = [((0x2001_0DB8_0001 << 80), 48, 0), ((0x2001_0DB8_0001_0002 << 64), 64, 1), ((0x2001_0C00 << 96), 32, 2)]
+    t = v6_tables(rules)
+    l1 = v6_l1(t)
+    assert walk(t, (0x2001_0DB8_0001_0002 << 64) | 5, l1=l1) == (2, 2)  # /48, /64: the /32 marker is in L1
+    assert walk(t, (0x2001_0DB8_0009 << 80) | 5, l1=l1) == (0, 1)  # a miss at /48
+    assert walk(t, (0x2001_0C00 << 96) | 5, l1=l1) == (3, 0)  # a /32 rule, nothing inside: L1 answers
+    assert walk(t, (0x2001_0C01 << 96) | 5, l1=l1) == (0, 0)  # a /32 without regions: L1 answers
+    only48 = v6_tables([((0x2001_0002_0001 << 80), 48, 0), ((0x2001_0002_0000_0005 << 64), 64, 1)])
+    # the /16's first level is /48: its slot answers for 2001:2:0::/48, the walk goes on at /64
+    assert walk(only48, (0x2001_0002_0000_0001 << 64) | 1, l1=v6_l1(only48)) == (0, 1)
+    assert walk(only48, (0x2001_0002_0000_0005 << 64) | 1, l1=v6_l1(only48)) == (2, 1)
+    assert walk(only48, (0x2001_0002_0001 << 80) | 1, l1=v6_l1(only48)) == (1, 0)
+    assert walk(only48, (0x2001_0002_0009 << 80) | 1, l1=v6_l1(only48)) == (0, 0)
+    only64 = v6_tables([((0x2001_0DB8_0001_0002 << 64), 64, 0)])  # the /16's first level is /64: no slots
+    assert walk(only64, (0x2001_0DB8_0001_0002 << 64) | 5, l1=v6_l1(only64)) == (1, 1)
 
 
 def test_the_filter_stops_walks_into_a_32_without_rules() -> None:

@@ -80,10 +80,12 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "bl6_tab_src": ("__u32", "struct xf_bl6_bucket"),
     "bl6_deep_src": ("struct xf_bl6_key", "__u32"),
     "bl6_pf_src": ("__u32", "__u64"),
+    "bl6_l1_src": ("__u32", "__u64"),
     "bl6_l0_dst": ("__u32", "__u32"),
     "bl6_tab_dst": ("__u32", "struct xf_bl6_bucket"),
     "bl6_deep_dst": ("struct xf_bl6_key", "__u32"),
     "bl6_pf_dst": ("__u32", "__u64"),
+    "bl6_l1_dst": ("__u32", "__u64"),
     "rule_hits": ("__u32", "__u64"),
     "event_budget": ("__u32", "struct xf_ratelimit"),
     "next_prog": ("__u32", "__u32"),  # a program array: fds in, ids out

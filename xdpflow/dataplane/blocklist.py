@@ -48,6 +48,7 @@ TRIES = abi.BLOCKLIST_TRIES  # (family, direction) -> (trie, config flag)
 V6_TABLES = {"src": ("bl6_l0_src", "bl6_deep_src"), "dst": ("bl6_l0_dst", "bl6_deep_dst")}
 V6_FILTERS = {"src": "bl6_pf_src", "dst": "bl6_pf_dst"}
 V6_ARRAYS = {"src": "bl6_tab_src", "dst": "bl6_tab_dst"}
+V6_L1 = {"src": "bl6_l1_src", "dst": "bl6_l1_dst"}
 V4_LEVELS = {
     "src": ("bl4_l1_src", "bl4_l2_src", "bl4_l3_src"),
     "dst": ("bl4_l1_dst", "bl4_l2_dst", "bl4_l3_dst"),
@@ -457,6 +458,7 @@ class V6Placed:
     clear: tuple[np.ndarray, np.ndarray]  # (bucket, way) of slots no region keeps
     ovf: np.ndarray  # bucket -> 1 where a region of it is in the overflow hash
     deep: dict[tuple[int, int], int]  # the overflow hash's regions
+    l1: np.ndarray | None = None  # the L1 slots (v6_l1)
 
 
 def place_v6(t: V6Tables, old: np.ndarray | None) -> V6Placed:
@@ -886,7 +888,23 @@ class Blocklist:
 
     def _v6_placed(self, direction: str, t: V6Tables) -> V6Placed:
         got = self._v6_array(direction)  # only read: nothing writes it before the placement is done
-        return place_v6(t, None if got is None else got[0])
+        placed = place_v6(t, None if got is None else got[0])
+        placed.l1 = v6_l1(t)
+        return placed
+
+    def _write_l1(self, direction: str, want: np.ndarray | None, keep: bool = False) -> None:
+        """Make one direction's L1 slots ``want``; with ``keep``, a slot the
+        new table leaves empty keeps what it holds (a frame that read the old
+        L0 may still need it). Nothing where the pins predate L1: the
+        program attached reads the filter instead."""
+        name = V6_L1[direction]
+        if want is None or self._map_if_pinned(name) is None:
+            return
+        have = self._read_array(name)
+        if keep:
+            want = np.where(want != 0, want, have)
+        changed = np.flatnonzero(have != want)
+        self._write_array(name, changed, want[changed])
 
     def _v4_placed(self, keys: list[int], rules: dict[int, int], direction: str) -> V4Placed:
         capacity = self._map(V4_CHUNKS[direction]).info.max_entries // 256
@@ -1081,11 +1099,16 @@ class Blocklist:
         got = self._v6_array(direction)
         if got is not None:
             fill_v6(*got, t)
+        # L1 names regions now in place, before an L0 entry sends frames to it
+        self._write_l1(direction, t.l1, keep=True)
         have0 = self._read_array(V6_TABLES[direction][0])
         changed = np.flatnonzero(have0 != t.l0)
         self._write_array(V6_TABLES[direction][0], changed, t.l0[changed])
         if not prune:
             return
+        # and drops the slots of /32s the new table has no regions in
+        # before those regions go
+        self._write_l1(direction, t.l1)
         if got is not None:
             prune_v6(*got, t)
         gone = [k for k in have if k not in t.deep]
@@ -1094,10 +1117,10 @@ class Blocklist:
             deepm.delete_batch_raw(ffi.from_buffer(keys), len(gone))
 
     def rebuild_v6(self) -> None:
-        """Write the IPv6 arrays from the rule store without pruning: for a
-        program that has new, empty arrays while the program before it still
-        reads every region from the hash (an upgrade). The next change
-        prunes the hash."""
+        """Write the IPv6 arrays and L1 slots from the rule store without
+        pruning: for a program that has new, empty ones while the program
+        before it still reads every region from the hash, or the filter (an
+        upgrade). The next change prunes the hash."""
         entries = self.entry_keys()
         kinds = _by_kind(entries)
         for d in V6_TABLES:
@@ -1152,6 +1175,38 @@ def pf6_bits(tops: np.ndarray) -> np.ndarray:
     pf6_set() in the program does."""
     t = tops.astype(np.uint64)
     return ((t * np.uint64(abi.C.XF_PF6_MULT)) & np.uint64(0xFFFFFFFF)) >> np.uint64(abi.C.XF_PF6_SHIFT)
+
+
+_M48 = np.uint64((1 << 48) - 1)
+L1_WALK = np.uint64(abi.C.XF_BL6_L1_WALK)
+
+
+def l1_hash(prefixes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(slot, high half) of IPv6 regions given as 48-bit prefixes (the top
+    48 address bits masked to the region's length), as bl6_lookup() in the
+    program computes them (see XF_BL6_L1_* in xdpflow.h)."""
+    y = (prefixes.astype(np.uint64) * np.uint64(abi.C.XF_BL6_L1_MULT)) & _M48
+    slot = (y >> np.uint64(31)).astype(np.int64)
+    return slot, (y & np.uint64(abi.C.XF_BL6_L1_TAG)) | np.uint64(abi.C.XF_BL6_L1_LIVE)
+
+
+def v6_l1(t: V6Tables) -> np.ndarray:
+    """One direction's L1 slots for its table ``t``: every region at the
+    first level of its /16, where that level is /48 or shorter, gets its
+    slot, holding its tag and its entry; a slot two of them share says
+    "walk"."""
+    l1 = np.zeros(abi.C.XF_BL6_L1_SIZE, dtype=np.uint64)
+    prefixes, entries = [], []
+    for (plen, region), v in t.deep.items():
+        if plen <= 48 and int(t.l0[region >> (plen - 16)]) >> _NEXT == plen:
+            prefixes.append(region << (48 - plen))
+            entries.append(v)
+    if not prefixes:
+        return l1
+    slots, high = l1_hash(np.array(prefixes, dtype=np.uint64))
+    l1[slots] = (high << np.uint64(32)) | np.array(entries, dtype=np.uint64)
+    l1[np.bincount(slots, minlength=len(l1)) > 1] = L1_WALK
+    return l1
 
 
 def v6_filter(rules: Iterable[tuple[int, int, int]]) -> np.ndarray:

@@ -185,9 +185,10 @@ def _restore_rules(obj: Object, pins: PinRoot, carried: rules.Carried) -> None:
 
 
 def _rebuild_v6(obj: Object) -> None:
-    """Fill the new object's IPv6 blocklist arrays from the rule store: an
-    older object's program (still running) read every region from the hash,
-    which stays as it is until the next blocklist change."""
+    """Fill the new object's IPv6 blocklist arrays and L1 slots from the
+    rule store: an older object's program (still running) read every region
+    from the hash, or read the filter, which stay as they are until the next
+    blocklist change."""
     with _object_maps(obj) as open_map:
         blocklist.Blocklist(open_map).rebuild_v6()
 
@@ -441,9 +442,9 @@ def _attach(
             aside = _set_rules_aside(obj, pins)
             if aside is not None:
                 moved = aside[1]
-            # pinned by an object from before the IPv6 arrays: they start empty
+            # pinned by an object from before the IPv6 arrays or L1: they start empty
             v6_arrays_new = not fresh_root and not all(
-                os.path.exists(pins.shared(n)) for n in blocklist.V6_ARRAYS.values()
+                os.path.exists(pins.shared(n)) for n in (*blocklist.V6_ARRAYS.values(), *blocklist.V6_L1.values())
             )
             obj.load()
             _init_config(obj)
