@@ -1196,15 +1196,14 @@ def v6_l1(t: V6Tables) -> np.ndarray:
     slot, holding its tag and its entry; a slot two of them share says
     "walk"."""
     l1 = np.zeros(abi.C.XF_BL6_L1_SIZE, dtype=np.uint64)
-    prefixes, entries = [], []
-    for (plen, region), v in t.deep.items():
-        if plen <= 48 and int(t.l0[region >> (plen - 16)]) >> _NEXT == plen:
-            prefixes.append(region << (48 - plen))
-            entries.append(v)
-    if not prefixes:
+    short = [(plen, region, v) for (plen, region), v in t.deep.items() if plen <= 48]
+    if not short:
         return l1
-    slots, high = l1_hash(np.array(prefixes, dtype=np.uint64))
-    l1[slots] = (high << np.uint64(32)) | np.array(entries, dtype=np.uint64)
+    plen, region, entry = (np.array(c, dtype=np.uint64) for c in zip(*short))
+    first = t.l0[(region >> (plen - np.uint64(16))).astype(np.int64)].astype(np.uint64) >> np.uint64(_NEXT)
+    at = first == plen
+    slots, high = l1_hash(region[at] << (np.uint64(48) - plen[at]))
+    l1[slots] = (high << np.uint64(32)) | entry[at]
     l1[np.bincount(slots, minlength=len(l1)) > 1] = L1_WALK
     return l1
 
