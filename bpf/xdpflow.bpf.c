@@ -417,10 +417,11 @@ static __always_inline __u32 bl4_match(__u32 flags, struct xf_flow4 *k)
  */
 /* the entry of region k: from its bucket in tab, or from the overflow
  * hash when the bucket says some of its regions are there; NULL: none */
-static __always_inline __u32 *bl6_find(void *tab, void *deep,
-				       struct xf_bl6_key *k)
+static __always_inline __u32 *bl6_find(void *tab, void *deep, __u64 hi,
+				       __u64 lo, __u32 plen)
 {
-	__u64 x = (k->hi * XF_BL6_M1) ^ (k->lo * XF_BL6_M2) ^ k->plen;
+	__u64 x = (hi * XF_BL6_M1) ^ (lo * XF_BL6_M2) ^ plen;
+	struct xf_bl6_key k;
 	__u32 idx;
 	struct xf_bl6_bucket *b;
 
@@ -433,15 +434,21 @@ static __always_inline __u32 *bl6_find(void *tab, void *deep,
 	for (int w = 0; w < XF_BL6_WAYS; w++) {
 		/* plen first: the controller writes it last (see XF_BL6_WAYS);
 		 * most slots are free or of another level */
-		if (*(volatile __u32 *)&b->s[w].plen != k->plen)
+		if (*(volatile __u32 *)&b->s[w].plen != plen)
 			continue;
-		if (!((*(volatile __u64 *)&b->s[w].hi ^ k->hi) |
-		      (*(volatile __u64 *)&b->s[w].lo ^ k->lo)))
+		if (!((*(volatile __u64 *)&b->s[w].hi ^ hi) |
+		      (*(volatile __u64 *)&b->s[w].lo ^ lo)))
 			return &b->s[w].val;
 	}
 	if (!*(volatile __u32 *)&b->ovf)
 		return NULL;
-	return bpf_map_lookup_elem(deep, k);
+	/* the key on the stack only here: the probes above keep it in
+	 * registers */
+	k.hi = hi;
+	k.lo = lo;
+	k.plen = plen;
+	k.pad = 0;
+	return bpf_map_lookup_elem(deep, &k);
 }
 
 /* The walk below L0 from the region length next (v: the L0 entry), in the
@@ -449,28 +456,26 @@ static __always_inline __u32 *bl6_find(void *tab, void *deep,
 static __always_inline __u32 bl6_deeper(void *tab, void *deep, __u64 hi,
 					 __u64 lo, __u32 v)
 {
-	struct xf_bl6_key k;
 	__u32 next = v >> XF_BL6_NEXT_SHIFT;
+	__u64 khi, klo;
 	__u32 *e;
 
-	k.pad = 0;
 #pragma unroll
 	for (int i = 0; i < XF_BL6_LEVELS; i++) {
-		k.plen = next;
 		if (next < 64) {
-			k.hi = hi & ~(~0ULL >> next);
-			k.lo = 0;
+			khi = hi & ~(~0ULL >> next);
+			klo = 0;
 		} else if (next == 64) {
-			k.hi = hi;
-			k.lo = 0;
+			khi = hi;
+			klo = 0;
 		} else if (next < 128) {
-			k.hi = hi;
-			k.lo = lo & ~(~0ULL >> (next - 64));
+			khi = hi;
+			klo = lo & ~(~0ULL >> (next - 64));
 		} else {
-			k.hi = hi;
-			k.lo = lo;
+			khi = hi;
+			klo = lo;
 		}
-		e = bl6_find(tab, deep, &k);
+		e = bl6_find(tab, deep, khi, klo, next);
 		if (!e)
 			break;
 		v = *(volatile __u32 *)e;
