@@ -414,18 +414,25 @@ def test_arrays_pinned_without_mmap_are_reused_and_written(lab: Lab, pin_root: s
             os.close(fd)
 
 
+def _older_instance(cli: Cli, missing: tuple[str, ...]) -> PinRoot:
+    """The pins of an instance made by a version without the maps
+    ``missing``, with an IPv6 blocklist its own controller wrote (the last
+    two changes made without those maps)."""
+    pins = PinRoot(cli.pin_root)
+    cli("block", "add", "2001:db8:1::/48", "2001:db8:2:3::/64")
+    for name in missing:
+        os.unlink(pins.shared(name))
+    cli("block", "add", "2001:db8:4::/48")
+    cli("block", "add", "--dst", "2001:db8:5::9")
+    return pins
+
+
 def test_upgrade_from_before_the_ipv6_arrays_keeps_the_blocklist(lab: Lab, cli: Cli) -> None:
     """An instance pinned by an object from before the IPv6 arrays (its
     deeper regions all in the hash, no bl6_tab pins) upgrades in place: the
     new object's arrays are filled from the rule store before it runs, and
     the next change prunes the hash."""
-    pins = PinRoot(cli.pin_root)
-    cli("block", "add", "2001:db8:1::/48", "2001:db8:2:3::/64")
-    for name in ("bl6_tab_src", "bl6_tab_dst"):
-        os.unlink(pins.shared(name))
-    # the blocklist of such an instance, as its own controller wrote it
-    cli("block", "add", "2001:db8:4::/48")
-    cli("block", "add", "--dst", "2001:db8:5::9")
+    pins = _older_instance(cli, ("bl6_tab_src", "bl6_tab_dst"))
     with Map(obj_get(pins.shared("bl6_deep_src")), *abi.MAP_TYPES["bl6_deep_src"], types=abi.ffi) as deep:
         assert len(deep) == 4  # /32 marker, two /48s, /64
 
@@ -450,13 +457,7 @@ def test_upgrade_from_before_the_ipv6_l1_slots_keeps_the_blocklist(lab: Lab, cli
     bl6_l1 pins; its program read the filter) upgrades in place: the new
     object's slots are filled from the rule store before it runs, and later
     changes keep them."""
-    pins = PinRoot(cli.pin_root)
-    cli("block", "add", "2001:db8:1::/48", "2001:db8:2:3::/64")
-    for name in ("bl6_l1_src", "bl6_l1_dst"):
-        os.unlink(pins.shared(name))
-    # the blocklist of such an instance, as its own controller wrote it
-    cli("block", "add", "2001:db8:4::/48")
-    cli("block", "add", "--dst", "2001:db8:5::/48")
+    pins = _older_instance(cli, ("bl6_l1_src", "bl6_l1_dst"))
 
     cli("attach", lab.dut_if)
     with Map(obj_get(pins.shared("bl6_l1_src")), *abi.MAP_TYPES["bl6_l1_src"], types=abi.ffi) as l1:
