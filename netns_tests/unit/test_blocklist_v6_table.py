@@ -18,6 +18,7 @@ from xdpflow.dataplane.blocklist import (
     bucket_of,
     fill_v6,
     l1_hash,
+    l1_meanwhile,
     pf6_bits,
     place_v6,
     prune_v6,
@@ -122,6 +123,35 @@ def test_l1_over_thousands_of_regions_equals_longest_prefix_match(seed: int) -> 
     probes += [(0x2002_0101 << 96) | rnd.getrandbits(96) for _ in range(200)]
     for addr in probes:
         assert walk(t, addr, l1=l1)[0] == reference(rules, addr), hex(addr)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_l1_meanwhile_answers_old_or_new_for_either_l0(seed: int) -> None:
+    # 2003::/16 holds 4,000 /48s (first level /48); the change adds /32s
+    # (first level /32), so the new table gives slots to other regions,
+    # and drops a quarter of the /48s. While the change is written, a frame
+    # may read the old L0 or the new one, with both tables' regions in
+    # place: it must get the old answer or the new one, never a third.
+    rnd = random.Random(seed)
+    old: list[tuple[int, int, int]] = []
+    for _ in range(4000):
+        addr = ((0x2003 << 112) | rnd.getrandbits(112)) >> 80 << 80
+        old.append((addr, 48, len(old)))
+    old = list({(a, p): (a, p, i) for a, p, i in old}.values())
+    new = [r for r in old if rnd.random() < 0.75]
+    for _ in range(2000):
+        new.append((((0x2003 << 16) | rnd.getrandbits(16)) << 96, 32, len(old) + len(new)))
+    new = list({(a, p): (a, p, i) for a, p, i in new}.values())
+    t_old, t_new = v6_tables(old), v6_tables(new)
+    meanwhile = l1_meanwhile(v6_l1(t_old), v6_l1(t_new))
+    deep = {**t_old.deep, **t_new.deep}
+    readers = [V6Tables(t_old.l0, deep), V6Tables(t_new.l0, deep)]
+    probes = [a | rnd.getrandbits(80) for a, _, _ in old]
+    probes += [(0x2003 << 112) | rnd.getrandbits(112) for _ in range(2000)]
+    for addr in probes:
+        answers = {reference(old, addr), reference(new, addr)}
+        for t in readers:
+            assert walk(t, addr, l1=meanwhile)[0] in answers, hex(addr)
 
 
 def test_l1_starts_the_walk_below_the_first_level() -> None:

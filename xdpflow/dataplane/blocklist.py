@@ -893,16 +893,16 @@ class Blocklist:
         return placed
 
     def _write_l1(self, direction: str, want: np.ndarray | None, keep: bool = False) -> None:
-        """Make one direction's L1 slots ``want``; with ``keep``, a slot the
-        new table leaves empty keeps what it holds (a frame that read the old
-        L0 may still need it). Nothing where the pins predate L1: the
-        program attached reads the filter instead."""
+        """Make one direction's L1 slots ``want``; with ``keep``, the slots
+        both the old and the new L0 can use (l1_meanwhile). Nothing where
+        the pins predate L1: the program attached reads the filter
+        instead."""
         name = V6_L1[direction]
         if want is None or self._map_if_pinned(name) is None:
             return
         have = self._read_array(name)
         if keep:
-            want = np.where(want != 0, want, have)
+            want = l1_meanwhile(have, want)
         changed = np.flatnonzero(have != want)
         self._write_array(name, changed, want[changed])
 
@@ -1106,7 +1106,7 @@ class Blocklist:
         self._write_array(V6_TABLES[direction][0], changed, t.l0[changed])
         if not prune:
             return
-        # and drops the slots of /32s the new table has no regions in
+        # and drops the slots of regions the new table does not have
         # before those regions go
         self._write_l1(direction, t.l1)
         if got is not None:
@@ -1206,6 +1206,22 @@ def v6_l1(t: V6Tables) -> np.ndarray:
     l1[slots] = (high << np.uint64(32)) | entry[at]
     l1[np.bincount(slots, minlength=len(l1)) > 1] = L1_WALK
     return l1
+
+
+def l1_meanwhile(have: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """The L1 slots to hold while frames may read the old L0 or the new one
+    (from before the new L0 is written until the old regions go). A slot
+    that names a region means, to either reader, the state after it; one
+    naming another region means "no such region", which would hide an old
+    region's rules from a reader of the old L0 whose slot the new table
+    gives to another region. So: a slot the new table leaves empty keeps
+    what it holds, an empty one takes the new entry, the same region takes
+    its new entry, and two different regions make the slot say "walk",
+    which is right for both."""
+    tag_have, tag_want = have >> np.uint64(32), want >> np.uint64(32)
+    same = (tag_have == tag_want) & (have != L1_WALK) & (want != L1_WALK)
+    out = np.where((have == 0) | same, want, L1_WALK)
+    return np.where(want == 0, have, out)
 
 
 def v6_filter(rules: Iterable[tuple[int, int, int]]) -> np.ndarray:
