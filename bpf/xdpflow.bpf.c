@@ -519,9 +519,9 @@ static __always_inline __u32 bl6_lookup(void *l0, void *l1, __u32 dst,
 	if (next <= 48) {
 		/* the slot of the region at the first level (see
 		 * XF_BL6_L1_*): one load instead of the walk's first probe,
-		 * and no walk where that region does not exist */
-		/* the region times MULT, shifted up 16 bits: the slot is
-		 * the top bits, the tag the 31 below them */
+		 * and no walk where that region does not exist. The region
+		 * times MULT sits 16 bits up in y: the slot is its top bits,
+		 * the tag the 31 below them. */
 		y = (hi & (~0ULL << (64 - next))) * XF_BL6_L1_MULT;
 		key = y >> (64 - XF_BL6_L1_BITS);
 		tag = (__u32)(y >> 16) | XF_BL6_L1_LIVE;
