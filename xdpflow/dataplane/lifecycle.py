@@ -443,14 +443,14 @@ def _attach(
             if aside is not None:
                 moved = aside[1]
             # pinned by an object from before the IPv6 arrays or L1: they start empty
-            v6_arrays_new = not fresh_root and not all(
+            v6_tables_new = not fresh_root and not all(
                 os.path.exists(pins.shared(n)) for n in (*blocklist.V6_ARRAYS.values(), *blocklist.V6_L1.values())
             )
             obj.load()
             _init_config(obj)
             if aside is not None:
                 _restore_rules(obj, pins, aside[0])
-            if v6_arrays_new:
+            if v6_tables_new:
                 _rebuild_v6(obj)
             prog = obj.program(PROG_NAME)
             clock = obj.program(CLOCK_PROG)
