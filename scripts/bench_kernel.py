@@ -104,18 +104,18 @@ def random_prefixes(n4: int, n6: int, seed: int = 7) -> list[Rule]:
     avoid6 = [ipaddress.ip_network("2001:2::/48")]
     rules: set[Rule] = set()
     lens4 = [16] * 3 + [20] * 5 + [22] * 10 + [24] * 60 + [32] * 22
-    while sum(1 for r in rules if r.net.version == 4) < n4:
+    while len(rules) < n4:
         plen = rnd.choice(lens4)
         net = ipaddress.IPv4Network((rnd.getrandbits(32), plen), strict=False)
         if not any(net.overlaps(a) for a in avoid4):
             rules.add(Rule(net, "src"))
     lens6 = [32] * 10 + [48] * 60 + [64] * 20 + [128] * 10
-    while sum(1 for r in rules if r.net.version == 6) < n6:
+    while len(rules) < n4 + n6:
         plen = rnd.choice(lens6)
         addr = (0x2 << 124) | rnd.getrandbits(125)  # 2000::/3
-        net = ipaddress.IPv6Network((addr, plen), strict=False)
-        if not any(net.overlaps(a) for a in avoid6):
-            rules.add(Rule(net, "src"))
+        net6 = ipaddress.IPv6Network((addr, plen), strict=False)
+        if not any(net6.overlaps(a) for a in avoid6):
+            rules.add(Rule(net6, "src"))
     return sorted(rules)
 
 
