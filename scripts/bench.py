@@ -69,7 +69,10 @@ class Throughput:
 PAIRED = (
     "Each round also measures every judged figure right next to the one it is judged against, in "
     "quads A B B A (B A A B every other time, so neither always comes first): a round's difference is "
-    f'the median of its {bench_rules.QUADS} quads, and "more than" is the median over the rounds.'
+    f'the median of its {bench_rules.QUADS} quads, and "more than" is the median over the rounds. Every '
+    "round loads its objects afresh: a load decides where the JITed program and its maps lie in memory, "
+    "and that alone moves a figure by a few ns for as long as the load lives, so one load's luck would "
+    "bias every round alike; with a load per round the median spans five placements."
 )
 
 
@@ -242,7 +245,7 @@ def main() -> int:
         "",
         "### Rules engine (issue 11)",
         "",
-        "Four objects with the distant blocklist above, in the same rounds: this tree's program built with the "
+        "Five objects with the distant blocklist above, in the same rounds: this tree's program built with the "
         'rules engine compiled out (`-DXF_BENCH_NO_RULES`: what "no rules configured" must cost at most 2 ns '
         "more than), the shipped program with no rules (the engine idle), with 64 "
         "and with 1,024 rules of mixed shapes (scripts/bench_rules.py). Most rules share the frames' /16, /24 or "
@@ -252,6 +255,11 @@ def main() -> int:
         "rate) matches the conforming frame, another (1 pps) the frame over its limit; both are compared with "
         "a frame the same 1,024 rules pass. Rules are laid out by shape so a field's summary rules out whole "
         'words (see docs/design/rules.md). The engine idle is also the "no rules" cost of every row above. '
+        "The fifth object is the shipped program with no rules once more, a control judged against the "
+        "first exactly as the idle engine is judged against the engine compiled out: one program against "
+        "itself, so what its row reads is what the method cannot resolve. Where the idle engine adds +0 "
+        "instructions, it runs the very instructions of the program without it (opcode for opcode, "
+        "checked with xdpflow/testing/interp.py), and its row can differ from 0 only by as much. "
         f"{PAIRED} {INSNS}",
         "",
     ]
@@ -265,8 +273,8 @@ def main() -> int:
         "more than), the object from before protected groups existed (built from git; it differs by everything "
         "changed since, so it is shown, not judged), the program with no group installed, and 100 protected "
         "prefixes with frames to a protected and to an unprotected host. "
-        f"{PAIRED} The new-flow rows, whose every run refills a table, take the difference of the two "
-        f"figures in each round. {INSNS}",
+        f"{PAIRED} In the new-flow rows, each run first empties the table (one table, shared by the two "
+        f"objects compared). {INSNS}",
         "",
     ]
     lines += bench_protect.table(protect)

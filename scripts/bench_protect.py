@@ -44,6 +44,7 @@ from scapy.packet import Raw  # noqa: E402
 from xdpflow.bindings.libbpf import Object  # noqa: E402
 from xdpflow.dataplane import abi  # noqa: E402
 from xdpflow.dataplane.protect import Group, ProtectTables  # noqa: E402
+from xdpflow.rules.blockfile import Rule  # noqa: E402
 from xdpflow.testing import interp  # noqa: E402
 from xdpflow.testing.variants import build_without  # noqa: E402
 
@@ -123,6 +124,23 @@ def _flush_flows(o: bench_kernel.Loaded) -> None:
         o.map(name).lookup_batch_raw(delete=True)
 
 
+def load(prefixes: list[Rule], before_path: str, out_path: str) -> dict[str, bench_kernel.Loaded]:
+    """Every object a round compares, loaded afresh (see bench_rules.load:
+    each round takes its own placement in memory)."""
+    objs: dict[str, bench_kernel.Loaded] = {}
+    try:
+        objs["before"] = bench_kernel.Loaded(prefixes, object_path=before_path)
+        objs["out"] = bench_kernel.Loaded(prefixes, object_path=out_path)
+        objs["off"] = bench_kernel.Loaded(prefixes, flows_of=objs["out"])
+        objs["on"] = bench_kernel.Loaded(prefixes)
+        ProtectTables(objs["on"].map).install(hundred_groups())
+    except BaseException:
+        for o in objs.values():
+            o.close()
+        raise
+    return objs
+
+
 def measure(runs: int, repeat: int, before: str | None = None) -> list[ProtectFigure]:
     fr = frames()
     tuples = bench_kernel.distinct_udp4(NEW_FLOWS)
@@ -132,73 +150,87 @@ def measure(runs: int, repeat: int, before: str | None = None) -> list[ProtectFi
     prefixes = bench_kernel.random_prefixes(10000, 10000)
     tmp = tempfile.TemporaryDirectory(prefix="xfbench-")
     objs: dict[str, bench_kernel.Loaded] = {}
+    rows: list[tuple[str, str, str, float | None, str]] = []
+    for path, key in (
+        ("established UDP/IPv4", "udp4"),
+        ("established TCP/IPv6", "tcp6"),
+        ("blocked source", "blocked4"),
+        ("new flow UDP/IPv4", "new"),
+    ):
+        rows.append((f"before protected groups (git): {path}", "before", key, None, ""))
+        rows.append((f"counting compiled out: {path}", "out", key, None, ""))
+        rows.append((f"no group installed: {path}", "off", key, 2.0, f"counting compiled out: {path}"))
+    rows += [
+        ("100 prefixes: UDP/IPv4 to an unprotected host", "on", "udp4_off", None, ""),
+        (
+            "100 prefixes: UDP/IPv4 to a protected host",
+            "on",
+            "udp4",
+            25.0,
+            "100 prefixes: UDP/IPv4 to an unprotected host",
+        ),  # fmt: skip
+        ("100 prefixes: UDP/IPv4 to an unprotected host in a protected /16", "on", "udp4_near", None, ""),
+        ("100 prefixes: TCP/IPv6 to an unprotected host", "on", "tcp6_off", None, ""),
+        (
+            "100 prefixes: TCP/IPv6 to a protected host",
+            "on",
+            "tcp6",
+            25.0,
+            "100 prefixes: TCP/IPv6 to an unprotected host",
+        ),  # fmt: skip
+    ]
+    figs = {r[0]: ProtectFigure(r[0], r[3], r[4], []) for r in rows}
+    where = {row[0]: row for row in rows}
+
+    def frame(key: str) -> bytes:
+        # a new flow's path: a tuple no run has put in the table yet (the
+        # first one is the established UDP/IPv4 frame)
+        return tuples[-1] if key == "new" else fr[key]
+
+    def ns(which: str, key: str) -> float:
+        o = objs[which]
+        if key == "new":
+            _flush_flows(o)
+            return bench_kernel.new_flow_ns(o.prog, tuples)
+        return bench_kernel.per_frame_ns(o.prog, fr[key], repeat)
+
     try:
-        objs["before"] = bench_kernel.Loaded(prefixes, object_path=build_before(before or before_protect(), tmp.name))
-        objs["out"] = bench_kernel.Loaded(prefixes, object_path=build_without("XF_BENCH_NO_PROTECT", tmp.name))
-        objs["off"] = bench_kernel.Loaded(prefixes, flows_of=objs["out"])
-        objs["on"] = bench_kernel.Loaded(prefixes)
-        ProtectTables(objs["on"].map).install(hundred_groups())
-        rows: list[tuple[str, str, str, float | None, str]] = []
-        for path, key in (
-            ("established UDP/IPv4", "udp4"),
-            ("established TCP/IPv6", "tcp6"),
-            ("blocked source", "blocked4"),
-            ("new flow UDP/IPv4", "new"),
-        ):
-            rows.append((f"before protected groups (git): {path}", "before", key, None, ""))
-            rows.append((f"counting compiled out: {path}", "out", key, None, ""))
-            rows.append((f"no group installed: {path}", "off", key, 2.0, f"counting compiled out: {path}"))
-        rows += [
-            ("100 prefixes: UDP/IPv4 to an unprotected host", "on", "udp4_off", None, ""),
-            (
-                "100 prefixes: UDP/IPv4 to a protected host",
-                "on",
-                "udp4",
-                25.0,
-                "100 prefixes: UDP/IPv4 to an unprotected host",
-            ),  # fmt: skip
-            ("100 prefixes: UDP/IPv4 to an unprotected host in a protected /16", "on", "udp4_near", None, ""),
-            ("100 prefixes: TCP/IPv6 to an unprotected host", "on", "tcp6_off", None, ""),
-            (
-                "100 prefixes: TCP/IPv6 to a protected host",
-                "on",
-                "tcp6",
-                25.0,
-                "100 prefixes: TCP/IPv6 to an unprotected host",
-            ),  # fmt: skip
-        ]
-        for o in objs.values():
-            for k in ("udp4", "tcp6", "blocked4", "udp4_off", "tcp6_off", "udp4_near"):
-                o.prog.test_run(fr[k], repeat=1)
-        figs = {r[0]: ProtectFigure(r[0], r[3], r[4], []) for r in rows}
-        where = {row[0]: row for row in rows}
-        for name, which, key, _t, _v in rows:
-            # a new flow's path: a tuple no run has put in the table yet (the
-            # first one is the established UDP/IPv4 frame itself)
-            figs[name].insns = interp.path(objs[which].obj, tuples[-1] if key == "new" else fr[key]).insns
+        before_path = build_before(before or before_protect(), tmp.name)
+        out_path = build_without("XF_BENCH_NO_PROTECT", tmp.name)
         for r in range(runs):
+            for o in objs.values():
+                o.close()
+            objs = {}  # closed: not to be closed again if a load fails
+            objs = load(prefixes, before_path, out_path)
+            for o in objs.values():
+                for k in ("udp4", "tcp6", "blocked4", "udp4_off", "tcp6_off", "udp4_near"):
+                    o.prog.test_run(fr[k], repeat=1)
+            if r == 0:
+                for name, which, key, _t, _v in rows:
+                    figs[name].insns = interp.path(objs[which].obj, frame(key)).insns
+                for name, which, key, _t, versus in rows:
+                    if versus:
+                        vwhich, vkey = where[versus][1], where[versus][2]
+                        figs[name].same_path = interp.opcodes(objs[which].obj, frame(key)) == interp.opcodes(
+                            objs[vwhich].obj, frame(vkey)
+                        )
             base = {k: bench_kernel.per_frame_ns(xdp_pass, f, repeat) for k, f in fr.items()}
             base["new"] = bench_kernel.new_flow_ns(xdp_pass, tuples)
             # every other round backwards: a figure measured right after
             # another read a few ns apart, depending on which came first
             for name, which, key, _t, _v in rows if r % 2 == 0 else rows[::-1]:
-                o = objs[which]
-                if key == "new":
-                    _flush_flows(o)
-                    ns = bench_kernel.new_flow_ns(o.prog, tuples)
-                else:
-                    ns = bench_kernel.per_frame_ns(o.prog, fr[key], repeat)
-                figs[name].samples.append(ns - base[key])
+                figs[name].samples.append(ns(which, key) - base[key])
             # each judged figure again next to the one it is judged against
-            # (not the new-flow rows: each run of them refills a table)
+            # (the new-flow ones too: each of their runs empties the table
+            # first, and "out" and "off" share one)
             for i, (name, which, key, target, versus) in enumerate(rows):
-                if target is None or key == "new":
+                if target is None:
                     continue
                 vwhich, vkey = where[versus][1], where[versus][2]
                 figs[name].diffs.append(
                     bench_rules.paired_diff(
-                        lambda: bench_kernel.per_frame_ns(objs[vwhich].prog, fr[vkey], repeat),  # noqa: B023
-                        lambda: bench_kernel.per_frame_ns(objs[which].prog, fr[key], repeat),  # noqa: B023
+                        lambda: ns(vwhich, vkey),  # noqa: B023
+                        lambda: ns(which, key),  # noqa: B023
                         flip=(r + i) % 2 == 1,
                     )
                 )

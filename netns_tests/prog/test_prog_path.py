@@ -29,6 +29,7 @@ import pytest
 from xdpflow.bindings.libbpf import Object
 from xdpflow.dataplane import abi, chain
 from xdpflow.rules.blockfile import Rule, parse_cidr
+from xdpflow.testing import interp
 from xdpflow.testing.interp import Interp, InterpError
 from xdpflow.testing.variants import build_without
 
@@ -128,3 +129,23 @@ def test_an_idle_feature_adds_at_most_a_few_instructions(variants: dict[str, str
         shipped.close()
         without.close()
     assert max(over.values()) <= IDLE_BUDGET, over
+
+
+def test_opcodes_name_the_path_whatever_the_load() -> None:
+    # what scripts/bench_rules.py uses to say two figures run the same
+    # instructions: equal for one program loaded twice, unequal for paths
+    # that differ, one opcode per instruction counted
+    a, b = _loaded(), _loaded()
+    fr = _frames()
+    try:
+        for h in (a, b):
+            _established(h, fr["v4-udp"])
+        udp = interp.opcodes(a.obj, fr["v4-udp"])
+        assert udp == interp.opcodes(b.obj, fr["v4-udp"])
+        assert len(udp) == interp.path(a.obj, fr["v4-udp"]).insns
+        # 198.51.100.1, in BLOCKED: its path leaves at the blocklist
+        blocked = frames.raw_udp4(0xC6336401, 0xC6120002, 1024, 2048, b"\0" * 18)
+        assert interp.opcodes(a.obj, blocked) != udp
+    finally:
+        a.close()
+        b.close()

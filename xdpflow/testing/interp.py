@@ -422,4 +422,13 @@ def path(obj: Object, frame: bytes, prog: str = PROG_NAME) -> Run:
     return Interp(obj, prog).run(frame)
 
 
-__all__ = ["Interp", "InterpError", "Run", "path"]
+def opcodes(obj: Object, frame: bytes, prog: str = PROG_NAME) -> list[int]:
+    """The opcodes ``frame`` executes in order: two programs whose paths
+    give equal lists run the same instructions, whatever their addresses."""
+    it = Interp(obj, prog, trace=True)
+    it.run(frame)
+    assert it.trace is not None
+    return [it.code[pc][0] for pc in it.trace]
+
+
+__all__ = ["Interp", "InterpError", "Run", "opcodes", "path"]
