@@ -101,7 +101,7 @@ fuzz: deps build bpffs
 lint: deps
 	$(Q)$(PYTHON) -m ruff check xdpflow netns_tests scripts
 	$(Q)$(PYTHON) -m ruff format --check xdpflow netns_tests scripts
-	$(Q)$(PYTHON) -m mypy xdpflow
+	$(Q)$(PYTHON) -m mypy xdpflow scripts
 	$(Q)lint-imports --no-cache
 
 clean:

@@ -93,7 +93,7 @@ def throughput(runs: int, frames_per_run: int, flow_counts: list[int]) -> list[T
         base = Object(abi.object_path("baseline"))
         base.load()
         drop = base.program("xdp_drop")
-        mixes = {}
+        mixes: dict[int, tuple[list[bytes], tuple[int, int] | None]] = {}
         for n in flow_counts:
             mix = FlowMix(n_flows=n, families="4", protocols=("udp",), src_mac=lab.gen_mac, dst_mac=lab.dut_mac)
             if n == 1:
@@ -210,15 +210,17 @@ def main() -> int:
         lines.append(
             f"| {name}, ns above XDP_PASS | ≤ {target} | {f.median:.1f} | {'yes' if f.median <= target else 'NO'} |"
         )
-    for t, target in ((thr[1], 0.80), (thr[2], 0.70), (thr[3], 0.60)):
+    ratio: float
+    for t, ratio in ((thr[1], 0.80), (thr[2], 0.70), (thr[3], 0.60)):
         r = med(t.ratios())
-        met = "yes" if r >= target else "NO"
-        lines.append(f"| sink Mpps / XDP_DROP Mpps, {flows_label(t)} | ≥ {target} | {r:.2f} | {met} |")
+        met = "yes" if r >= ratio else "NO"
+        lines.append(f"| sink Mpps / XDP_DROP Mpps, {flows_label(t)} | ≥ {ratio} | {r:.2f} | {met} |")
     bare = med(user[0].base)
-    for u, target in ((user[0], 0.5), (user[1], 0.8), (user[3], 2 * bare), (user[4], 0.2)):
+    limit: float
+    for u, limit in ((user[0], 0.5), (user[1], 0.8), (user[3], 2 * bare), (user[4], 0.2)):
         m = med(u.samples)
-        say = f"{target:.3f} (2× the bare interpreter)" if u is user[3] else f"{target}"
-        lines.append(f"| {u.name} wall s | ≤ {say} | {m:.3f} | {'yes' if m <= target else 'NO'} |")
+        say = f"{limit:.3f} (2× the bare interpreter)" if u is user[3] else f"{limit}"
+        lines.append(f"| {u.name} wall s | ≤ {say} | {m:.3f} | {'yes' if m <= limit else 'NO'} |")
 
     lines += [
         "",
@@ -315,8 +317,8 @@ def main() -> int:
     ]
     lines += [u.row() for u in user]
     lines.append("")
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines))
+    with open(args.out, "w") as out:
+        out.write("\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -84,7 +84,7 @@ def fill_flows(ifname: str, pin_root: str, n: int) -> None:
 
 def prefix_file(path: str, n: int, seed: int) -> None:
     rnd = random.Random(seed)
-    lines = set()
+    lines: set[str] = set()
     while len(lines) < n:
         r = rnd.random()
         if r < 0.6:
