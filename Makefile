@@ -31,7 +31,7 @@ help:
 	@echo "make demo    deps + build + a namespace lab: attach, send a known mix, print counts"
 	@echo "make bench   deps + build + benchmarks, written to BENCHMARKS.md"
 	@echo "make fuzz    deps + build + the long hostile-frame run"
-	@echo "make lint    ruff, mypy and clang-format checks"
+	@echo "make lint    ruff and mypy checks, and the layers (import-linter)"
 	@echo "V=1          show commands and verbose test output"
 
 # Only touches apt when something is missing, so a second run changes nothing.
