@@ -281,8 +281,9 @@ def main() -> int:
         "more than), the object from before protected groups existed (built from git; it differs by everything "
         "changed since, so it is shown, not judged), the program with no group installed, and 100 protected "
         "prefixes with frames to a protected and to an unprotected host. "
-        f"{PAIRED} In the new-flow rows, each run first empties the table (one table, shared by the two "
-        f"objects compared). {INSNS}",
+        f"{PAIRED} In the new-flow rows, each run first empties the table (one table, shared by the objects "
+        "compared), and a control judges the program against itself loaded again: one syscall per frame "
+        f"leaves each frame's memory cold, and the control shows what that resolves. {INSNS}",
         "",
     ]
     lines += bench_protect.table(protect)

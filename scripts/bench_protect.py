@@ -51,6 +51,7 @@ from xdpflow.testing.variants import build_without  # noqa: E402
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 BPF_CFLAGS = ["-O2", "-g", "-target", "bpf", "-mcpu=v3", "-Wall", "-Werror"]
 NEW_FLOWS = 4096
+AGAIN = "no group installed, the same program loaded again"
 
 # the benchmark frames' destinations: 198.18.0.2 and 2001:2::2 (bench_kernel)
 PROTECTED4, UNPROTECTED4 = "198.18.0.2", "198.19.200.2"
@@ -132,6 +133,7 @@ def load(prefixes: list[Rule], before_path: str, out_path: str) -> dict[str, ben
         objs["before"] = bench_kernel.Loaded(prefixes, object_path=before_path)
         objs["out"] = bench_kernel.Loaded(prefixes, object_path=out_path)
         objs["off"] = bench_kernel.Loaded(prefixes, flows_of=objs["out"])
+        objs["again"] = bench_kernel.Loaded(prefixes, flows_of=objs["out"])
         objs["on"] = bench_kernel.Loaded(prefixes)
         ProtectTables(objs["on"].map).install(hundred_groups())
     except BaseException:
@@ -160,6 +162,9 @@ def measure(runs: int, repeat: int, before: str | None = None) -> list[ProtectFi
         rows.append((f"before protected groups (git): {path}", "before", key, None, ""))
         rows.append((f"counting compiled out: {path}", "out", key, None, ""))
         rows.append((f"no group installed: {path}", "off", key, 2.0, f"counting compiled out: {path}"))
+        if key == "new":
+            # a control: what one program reads against itself
+            rows.append((f"{AGAIN}: {path}", "again", key, None, f"no group installed: {path}"))
     rows += [
         ("100 prefixes: UDP/IPv4 to an unprotected host", "on", "udp4_off", None, ""),
         (
@@ -220,11 +225,11 @@ def measure(runs: int, repeat: int, before: str | None = None) -> list[ProtectFi
             # another read a few ns apart, depending on which came first
             for name, which, key, _t, _v in rows if r % 2 == 0 else rows[::-1]:
                 figs[name].samples.append(ns(which, key) - base[key])
-            # each judged figure again next to the one it is judged against
-            # (the new-flow ones too: each of their runs empties the table
-            # first, and "out" and "off" share one)
-            for i, (name, which, key, target, versus) in enumerate(rows):
-                if target is None:
+            # each judged figure (and control) again next to the one it is
+            # judged against; in the new-flow ones each run empties the
+            # table first, one table that "out", "off" and "again" share
+            for i, (name, which, key, _target, versus) in enumerate(rows):
+                if not versus:
                     continue
                 vwhich, vkey = where[versus][1], where[versus][2]
                 figs[name].diffs.append(
