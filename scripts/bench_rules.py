@@ -252,6 +252,7 @@ def table(figs: list[RulesFigure]) -> list[str]:
         # differences cancels what they share (the host's speed at that
         # moment), which the difference of medians does not
         more = statistics.median(f.diffs or [a - b for a, b in zip(f.samples, by[f.versus].samples)])
+        more = round(more, 1) + 0.0  # no "-0.0"
         met = "" if f.target is None else "yes" if more <= f.target else "NO"
         vi = by[f.versus].insns
         extra = "" if f.insns is None or vi is None else f", {f.insns - vi:+d} instructions"
