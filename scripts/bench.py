@@ -235,8 +235,10 @@ def main() -> int:
         "NIC's batches: xdp_vary (bpf/baseline.bpf.c) bumps the frame's source port before each run and "
         "tail-calls the program, against xdp_vary in front of XDP_PASS. They run in tables the rows before "
         "have churned: an emptied table hands out its slots scattered in memory, as one that has run for a "
-        "while does (a fresh table's first fill reads ~200 ns less). Every figure runs pinned to one CPU "
-        "at SCHED_FIFO, its "
+        "while does (a fresh table's first fill reads ~200 ns less). Every round loads the programs "
+        "afresh (and fills their flow table once): where a load puts the JITed program and its maps moves a "
+        "figure by a few ns for as long as the load lives, so the medians span five placements, not one "
+        "load's luck. Every figure runs pinned to one CPU at SCHED_FIFO, its "
         "XDP_PASS baseline too. 10,000 IPv4 and 10,000 IPv6 "
         "feed-like prefixes loaded (/16–/32 and /32–/128), none covering the test frames; the blocked "
         'source is an exact /32 rule. The rows that say "inside" run a second set: the same prefixes '

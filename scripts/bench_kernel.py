@@ -288,28 +288,13 @@ def measure(runs: int, repeat: int, n_prefixes: int = 10000, new_flows: int = 65
     base_obj = Object(abi.object_path("baseline"))
     base_obj.load()
     xdp_pass = base_obj.program("xdp_pass")
-    dut = Loaded(random_prefixes(n_prefixes, n_prefixes))
-    # the same prefixes, a flow budget of 1 a second: what a flood of new tuples costs once over it
-    over = Loaded(random_prefixes(n_prefixes, n_prefixes), flow_budget=1)
-    near = Loaded(hostile_prefixes(n_prefixes, n_prefixes))
+    prefixes = random_prefixes(n_prefixes, n_prefixes)
+    hostile = hostile_prefixes(n_prefixes, n_prefixes)
     fr.update(hostile_frames())
     filt = xdp_filter_prog()
     back = BackToBack(base_obj)
     tuples = distinct_udp4(new_flows)
-
-    # warm: create the established flows
-    for name in ("udp4", "tcp6"):
-        dut.prog.test_run(fr[name], repeat=1)
-        near.prog.test_run(fr[name], repeat=1)
-    # the exact path of each frame (a new flow: the last tuple; the first is
-    # the established UDP/IPv4 frame itself)
-    insns = {
-        "established UDP/IPv4": (dut, fr["udp4"]),
-        "established TCP/IPv6": (dut, fr["tcp6"]),
-        "blocked source": (dut, fr["blocked4"]),
-        "new flow (65,536 tuples)": (dut, tuples[-1]),
-        **{name: (near, fr[key]) for name, key in zip(NEAR, ("udp4", "tcp6", "blocked4_24", "blocked6_64"))},
-    }
+    loaded: list[Loaded] = []
 
     figs = {
         k: Figure(k, [], [])
@@ -325,13 +310,40 @@ def measure(runs: int, repeat: int, n_prefixes: int = 10000, new_flows: int = 65
             *NEAR,
         )
     }
-    for name, (o, frame) in insns.items():
-        figs[name].insns = interp.path(o.obj, frame).insns
     if filt:
         figs["xdp-filter, UDP/IPv4 pass"] = Figure("xdp-filter, UDP/IPv4 pass", [], [])
         figs["xdp-filter, blocked source"] = Figure("xdp-filter, blocked source", [], [])
     try:
-        for _ in range(runs):
+        for r in range(runs):
+            # loaded afresh each round: where a load puts the JITed program
+            # and its maps moves a figure by a few ns for as long as the load
+            # lives (bench_rules.load), so the medians span five placements
+            for o in loaded:
+                o.close()
+            loaded = []  # closed: not to be closed again if a load fails
+            loaded.append(dut := Loaded(prefixes))
+            # the same prefixes, a flow budget of 1 a second: what a flood of new tuples costs once over it
+            loaded.append(over := Loaded(prefixes, flow_budget=1))
+            loaded.append(near := Loaded(hostile))
+            # new flows meet a table that has churned: filled once (and
+            # emptied before each new-flow row), its slots scattered
+            back.ns(dut.prog, new_flows)
+            # warm: create the established flows
+            for name in ("udp4", "tcp6"):
+                dut.prog.test_run(fr[name], repeat=1)
+                near.prog.test_run(fr[name], repeat=1)
+            if r == 0:
+                # the exact path of each frame (a new flow: the last tuple;
+                # the first is the established UDP/IPv4 frame itself)
+                insns = {
+                    "established UDP/IPv4": (dut, fr["udp4"]),
+                    "established TCP/IPv6": (dut, fr["tcp6"]),
+                    "blocked source": (dut, fr["blocked4"]),
+                    "new flow (65,536 tuples)": (dut, tuples[-1]),
+                    **{n: (near, fr[k]) for n, k in zip(NEAR, ("udp4", "tcp6", "blocked4_24", "blocked6_64"))},
+                }
+                for name, (o, frame) in insns.items():
+                    figs[name].insns = interp.path(o.obj, frame).insns
             base4 = per_frame_ns(xdp_pass, fr["udp4"], repeat)
             base6 = per_frame_ns(xdp_pass, fr["tcp6"], repeat)
             for name, key, base in (
@@ -379,9 +391,8 @@ def measure(runs: int, repeat: int, n_prefixes: int = 10000, new_flows: int = 65
             figs[BACK_OVER].base.append(bb_pass)
     finally:
         back.close()
-        dut.close()
-        over.close()
-        near.close()
+        for o in loaded:
+            o.close()
         xdp_pass.close()
         base_obj.close()
         if filt:
