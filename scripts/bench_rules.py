@@ -1,7 +1,9 @@
 """In-kernel cost of the rules engine, measured with BPF_PROG_TEST_RUN.
 
-Three objects, each with the distant blocklist of bench_kernel loaded: no
-rules (the engine idle), 64 rules and 1,024 rules of mixed shapes. The rule
+Objects, each with the distant blocklist of bench_kernel loaded and all
+loaded afresh every round (see load()): the engine compiled out, no rules
+(the engine idle), the same once more (a control), 64 rules and 1,024 rules
+of mixed shapes. The rule
 sets are built to be hard for the classifier: most rules share the test
 frames' /16, /24 or /48 (so the address lookups return classes with live
 bits and the port, flag and length fields have to rule them out), the rest
