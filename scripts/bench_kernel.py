@@ -194,8 +194,9 @@ def new_flow_ns(prog: Program, tuples: list[bytes]) -> float:
 
 class BackToBack:
     """xdp_vary (bpf/baseline.bpf.c) in front of a program: one test run of
-    n repeats runs n distinct UDP/IPv4 tuples, the ones distinct_udp4(n + 1)
-    makes after its first, with no syscall between them."""
+    n repeats runs n distinct UDP/IPv4 tuples with no syscall between them:
+    the udp4 frame's with source port + 1, + 2, ... + n (carrying into the
+    source address's low byte), all inside 198.18.0.0/24."""
 
     def __init__(self, base_obj: Object) -> None:
         self.vary = base_obj.program("xdp_vary")
