@@ -45,7 +45,6 @@ from xdpflow.bindings.libbpf import Object  # noqa: E402
 from xdpflow.dataplane import abi  # noqa: E402
 from xdpflow.dataplane.protect import Group, ProtectTables  # noqa: E402
 from xdpflow.rules.blockfile import Rule  # noqa: E402
-from xdpflow.testing import interp  # noqa: E402
 from xdpflow.testing.variants import build_without  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -152,7 +151,7 @@ def measure(runs: int, repeat: int, before: str | None = None) -> list[ProtectFi
     prefixes = bench_kernel.random_prefixes(10000, 10000)
     tmp = tempfile.TemporaryDirectory(prefix="xfbench-")
     objs: dict[str, bench_kernel.Loaded] = {}
-    rows: list[tuple[str, str, str, float | None, str]] = []
+    rows: list[bench_rules.Row] = []
     for path, key in (
         ("established UDP/IPv4", "udp4"),
         ("established TCP/IPv6", "tcp6"),
@@ -211,14 +210,7 @@ def measure(runs: int, repeat: int, before: str | None = None) -> list[ProtectFi
                 for k in ("udp4", "tcp6", "blocked4", "udp4_off", "tcp6_off", "udp4_near"):
                     o.prog.test_run(fr[k], repeat=1)
             if r == 0:
-                for name, which, key, _t, _v in rows:
-                    figs[name].insns = interp.path(objs[which].obj, frame(key)).insns
-                for name, which, key, _t, versus in rows:
-                    if versus:
-                        vwhich, vkey = where[versus][1], where[versus][2]
-                        figs[name].same_path = interp.opcodes(objs[which].obj, frame(key)) == interp.opcodes(
-                            objs[vwhich].obj, frame(vkey)
-                        )
+                bench_rules.count_paths(figs, rows, objs, frame)
             base = {k: bench_kernel.per_frame_ns(xdp_pass, f, repeat) for k, f in fr.items()}
             base["new"] = bench_kernel.new_flow_ns(xdp_pass, tuples)
             # every other round backwards: a figure measured right after

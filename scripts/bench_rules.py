@@ -26,8 +26,9 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -142,6 +143,27 @@ def paired_diff(a: Callable[[], float], b: Callable[[], float], flip: bool) -> f
 
 AGAIN = "no rules, the same program loaded again"
 
+# a judged table's row: name, object, frame, target (ns more than `versus`,
+# None: not judged) and the row it is compared with ("": none)
+Row = tuple[str, Any, str, float | None, str]
+
+
+def count_paths(
+    figs: dict[str, RulesFigure],
+    rows: list[Row],
+    objs: Mapping[Any, bench_kernel.Loaded],
+    frame: Callable[[str], bytes],
+) -> None:
+    """Each row's instructions (xdpflow/testing/interp.py), and whether its
+    frame runs the very instructions of the row it is compared with."""
+    where = {row[0]: row for row in rows}
+    for name, o, key, _target, versus in rows:
+        ops = interp.opcodes(objs[o].obj, frame(key))
+        figs[name].insns = len(ops)
+        if versus:
+            _, vo, vkey, _, _ = where[versus]
+            figs[name].same_path = ops == interp.opcodes(objs[vo].obj, frame(vkey))
+
 
 def load(prefixes: list[Rule], out_path: str) -> dict[int | str, bench_kernel.Loaded]:
     """Every object a round compares, loaded afresh: a load decides where
@@ -175,7 +197,7 @@ def measure(runs: int, repeat: int) -> list[RulesFigure]:
     tmp = tempfile.TemporaryDirectory(prefix="xfbench-")
     out_path = build_without("XF_BENCH_NO_RULES", tmp.name)
     objs: dict[int | str, bench_kernel.Loaded] = {}
-    rows: list[tuple[str, int | str, str, float | None, str]] = [
+    rows: list[Row] = [
         (f"{OUT}: established UDP/IPv4", OUT, "udp4", None, ""),
         (f"{OUT}: established TCP/IPv6", OUT, "tcp6", None, ""),
         (f"{OUT}: blocked source", OUT, "blocked4", None, ""),
@@ -204,14 +226,7 @@ def measure(runs: int, repeat: int) -> list[RulesFigure]:
                 for k in ("udp4", "tcp6", "rate", "limited"):
                     o.prog.test_run(fr[k], repeat=1)
             if r == 0:
-                for name, n, key, _, _ in rows:
-                    figs[name].insns = interp.path(objs[n].obj, fr[key]).insns
-                for name, n, key, _, versus in rows:
-                    if versus:
-                        vn, vkey = where[versus]
-                        figs[name].same_path = interp.opcodes(objs[n].obj, fr[key]) == interp.opcodes(
-                            objs[vn].obj, fr[vkey]
-                        )
+                count_paths(figs, rows, objs, fr.__getitem__)
             keys = ("udp4", "tcp6", "blocked4", "rate", "limited")
             base = {k: bench_kernel.per_frame_ns(xdp_pass, fr[k], repeat) for k in keys}
             # every other round backwards, so no figure always follows the one it is compared with
