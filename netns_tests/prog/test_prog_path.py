@@ -149,3 +149,28 @@ def test_opcodes_name_the_path_whatever_the_load() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_opcodes_agree_where_the_layouts_differ(variants: dict[str, str]) -> None:
+    # the bench's claim is about two different programs (the engine
+    # compiled in and out), whose instructions lie at different places:
+    # opcodes must compare what runs, not where
+    shipped, without = _loaded(), _loaded(variants["XF_BENCH_NO_RULES"])
+    frame = _frames()["v4-udp"]
+    try:
+        traces = []
+        for h in (shipped, without):
+            _established(h, frame)
+            it = Interp(h.obj, "xdpflow", trace=True)
+            it.run(frame)
+            traces.append(list(it.trace or []))
+        assert traces[0] != traces[1], "the two layouts should differ somewhere on this path"
+        ops = [interp.opcodes(h.obj, frame) for h in (shipped, without)]
+        assert [len(o) for o in ops] == [len(t) for t in traces]
+        if len(traces[0]) == len(traces[1]):
+            # today the idle engine adds nothing (the docstring): then the
+            # very same instructions must run
+            assert ops[0] == ops[1]
+    finally:
+        shipped.close()
+        without.close()
