@@ -910,7 +910,7 @@ out:
 		p.action = XDP_DROP;
 		p.act = XF_CNT_SUNK;
 	}
-	count(c, XF_CNT_PACKETS, p.len);
+	/* no total: the classes sum to it (see XF_CNT_PACKETS) */
 	count(c, p.cls, p.len);
 	count(c, p.act, p.len);
 	count(c, p.l4cnt, p.len);

@@ -119,6 +119,8 @@
  * are side counters.
  */
 enum xf_counter {
+	/* the total: never written by the program (a frame's class already
+	 * counts it); readers sum the four classes into it */
 	XF_CNT_PACKETS = 0,
 	XF_CNT_PASSED = 1,
 	XF_CNT_DROPPED = 2, /* by the blocklist */

@@ -140,10 +140,17 @@ def bytes_key(name: str) -> str:
     return "bytes" if name == "packets" else f"{name}_bytes"
 
 
+# every frame is counted in exactly one of these: their sum is the total,
+# which the program does not keep (a counter less per frame)
+CLASSES = (C.XF_CNT_PARSE_ERRORS, C.XF_CNT_NON_IP, C.XF_CNT_IPV4, C.XF_CNT_IPV6)
+
+
 def counter_dict(total: Any) -> dict[str, int]:
     """A summed ``struct xf_counters`` as ``{name: packets, bytes_key(name): bytes}``."""
     out = {name: int(total.c[idx].packets) for idx, name in COUNTER_NAMES.items()}
     out.update({bytes_key(name): int(total.c[idx].bytes) for idx, name in COUNTER_NAMES.items()})
+    out["packets"] = sum(int(total.c[idx].packets) for idx in CLASSES)
+    out["bytes"] = sum(int(total.c[idx].bytes) for idx in CLASSES)
     return out
 
 
