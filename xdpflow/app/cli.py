@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 from collections.abc import Sequence
 
 from xdpflow.errors import ROOT_HINT, one_line
@@ -29,6 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return commands.main(argv)
     except Exception as e:
         if "--debug" in argv or os.environ.get("XDPFLOW_DEBUG"):
+            import traceback  # only here: ~2 ms of every command's start
+
             traceback.print_exc()
         print(f"xdpflow: {_why(e)}", file=sys.stderr)
         return EXIT_FAIL

@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -754,7 +753,12 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or with ``only`` the parser of that one
+    subcommand under the same top level: building all thirteen costs a
+    command ~4 ms of its start (a parser each, and their gettext lookups),
+    and the one argparse will pick parses the same either way (see
+    ``command_in``; netns_tests/unit/test_cli_parser.py compares them)."""
     common = _Parser(add_help=False)
     common.add_argument(
         "--json",
@@ -785,7 +789,13 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
     )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=_Parser)
+    for name, add in _COMMANDS.items():
+        if only is None or name == only:
+            add(sub, common)
+    return p
 
+
+def _add_attach_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     a = sub.add_parser("attach", parents=[common], help="load, pin and attach to interfaces")
     a.add_argument("ifaces", nargs="+", metavar="IFACE")
     a.add_argument("--mode", choices=["auto", "native", "skb", "hw"], default="auto", help="XDP mode (default auto)")
@@ -827,13 +837,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.set_defaults(func=cmd_attach)
 
+
+def _add_detach_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     d = sub.add_parser("detach", parents=[common], help="detach and remove an interface's pins")
     d.add_argument("ifaces", nargs="+", metavar="IFACE")
     d.set_defaults(func=cmd_detach)
 
+
+def _add_status_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("status", parents=[common], help="interfaces, programs, table occupancy")
     s.set_defaults(func=cmd_status)
 
+
+def _add_stats_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     st = sub.add_parser("stats", parents=[common], help="interface counters")
     st.add_argument("iface", nargs="?", metavar="IFACE")
     st.add_argument(
@@ -847,6 +863,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.set_defaults(func=cmd_stats)
 
+
+def _add_flows_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     f = sub.add_parser("flows", parents=[common], help="the flow table")
     f.add_argument("iface", nargs="?", metavar="IFACE")
     f.add_argument("--top", type=positive_int, default=None, metavar="N", help="only the N largest")
@@ -854,6 +872,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--filter", metavar="CIDR", help="only flows with source or destination inside CIDR")
     f.set_defaults(func=cmd_flows)
 
+
+def _add_top_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     tp = sub.add_parser(
         "top", parents=[common], help="current rates of the heaviest sources, destinations or flows, until Ctrl-C"
     )
@@ -869,6 +889,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tp.set_defaults(func=cmd_top)
 
+
+def _add_block_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     b = sub.add_parser("block", parents=[common], help="manage the blocklist")
     bsub = b.add_subparsers(dest="block_cmd", required=True, metavar="ACTION")
     for name, helptext in (("add", "add rules"), ("del", "delete rules")):
@@ -890,17 +912,21 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--dst", action="store_true", help="the file lists destination rules")
     b.set_defaults(func=cmd_block)
 
-    _add_rule_parser(sub, common)
 
+def _add_monitor_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     m = sub.add_parser("monitor", parents=[common], help="count would-be drops but pass them")
     m.add_argument("state", choices=["on", "off"])
     m.set_defaults(func=cmd_monitor)
 
+
+def _add_events_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     e = sub.add_parser("events", parents=[common], help="stream new-flow and blocklist events")
     e.add_argument("--count", type=positive_int, default=None, help="stop after N events")
     e.add_argument("--duration", type=positive_float, default=None, help="stop after SECONDS")
     e.set_defaults(func=cmd_events)
 
+
+def _add_doctor_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     dr = sub.add_parser(
         "doctor",
         parents=[common],
@@ -909,6 +935,8 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("ifaces", nargs="*", metavar="IFACE")
     dr.set_defaults(func=cmd_doctor)
 
+
+def _add_attacks_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     at = sub.add_parser(
         "attacks",
         parents=[common],
@@ -916,6 +944,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     at.set_defaults(func=cmd_attacks)
 
+
+def _add_run_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     r = sub.add_parser(
         "run",
         parents=[common],
@@ -925,7 +955,28 @@ def build_parser() -> argparse.ArgumentParser:
         "defaults are those of contrib/xdpflow.toml.",
     )
     r.set_defaults(func=cmd_run)
-    return p
+
+
+# a top-level option's unique prefix (argparse's allow_abbrev) that takes a value
+_VALUE_OPTIONS = ("--pin-root", "--netns")
+_HELP = "--help"
+
+
+def command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand argparse will pick from ``argv``: its first token that
+    is neither a top-level option nor such an option's value. None when that
+    is no subcommand's name, or a help request comes first: both need the
+    whole parser (its list of commands)."""
+    it = iter(argv)
+    for tok in it:
+        if tok == "-h" or (len(tok) > 2 and _HELP.startswith(tok)) or tok == "--":
+            return None
+        if tok.startswith("-"):
+            if "=" not in tok and len(tok) > 2 and any(o.startswith(tok) for o in _VALUE_OPTIONS):
+                next(it, None)
+            continue
+        return tok if tok in _COMMANDS else None
+    return None
 
 
 def _rule_id(text: str) -> int:
@@ -966,6 +1017,23 @@ def _add_rule_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     r.set_defaults(func=cmd_rule)
 
 
+_COMMANDS: dict[str, Callable[[Any, argparse.ArgumentParser], None]] = {
+    "attach": _add_attach_parser,
+    "detach": _add_detach_parser,
+    "status": _add_status_parser,
+    "stats": _add_stats_parser,
+    "flows": _add_flows_parser,
+    "top": _add_top_parser,
+    "block": _add_block_parser,
+    "rule": _add_rule_parser,
+    "monitor": _add_monitor_parser,
+    "events": _add_events_parser,
+    "doctor": _add_doctor_parser,
+    "attacks": _add_attacks_parser,
+    "run": _add_run_parser,
+}
+
+
 def _at_least(text: str, low: int) -> int:
     try:
         v = int(text)
@@ -977,7 +1045,8 @@ def _at_least(text: str, low: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(command_in(argv)).parse_args(argv)
     args.json = getattr(args, "json", False)
     args.debug = getattr(args, "debug", False) or bool(os.environ.get("XDPFLOW_DEBUG"))
     args.pin_root_given = getattr(args, "pin_root", None)
@@ -996,6 +1065,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.func(args))
     except OSError as e:
         if args.debug:
+            import traceback  # only here: ~2 ms of every command's start
+
             traceback.print_exc()
         print(f"xdpflow: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, InputError) else EXIT_FAIL
