@@ -17,8 +17,7 @@ import errno
 import mmap as _mmap
 import os
 from collections.abc import Iterator, MutableMapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 from xdpflow.errors import VerifierError, XdpflowError, os_error
 
@@ -355,8 +354,7 @@ class OwnedFd:
             pass
 
 
-@dataclass(frozen=True)
-class MapInfo:
+class MapInfo(NamedTuple):
     id: int
     name: str
     type: int
@@ -921,15 +919,13 @@ def _pin_hint(path: str) -> str:
 # programs
 
 
-@dataclass(frozen=True)
-class TestRun:
+class TestRun(NamedTuple):
     retval: int
     duration_ns: int
     data: bytes
 
 
-@dataclass(frozen=True)
-class ProgInfo:
+class ProgInfo(NamedTuple):
     id: int
     type: int
     name: str
@@ -1040,8 +1036,7 @@ class Program(OwnedFd):
 # links
 
 
-@dataclass(frozen=True)
-class LinkInfo:
+class LinkInfo(NamedTuple):
     id: int
     type: int
     prog_id: int

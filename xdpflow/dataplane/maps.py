@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from xdpflow.bindings.libbpf import Map, Program, ffi, lib, map_info, obj_get
 from xdpflow.dataplane import abi
@@ -99,8 +98,7 @@ def read_counters(pins: PinRoot, ifname: str) -> dict[str, int]:
     return out
 
 
-@dataclass
-class Untracked:
+class Untracked(NamedTuple):
     """Frames over the new-flow budget, summed over CPUs: counted, not tracked."""
 
     packets: int = 0
