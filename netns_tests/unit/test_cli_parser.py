@@ -58,6 +58,9 @@ LINES = [
     ["rule", "--help"],
     ["run", "--help"],
     ["--", "stats"],
+    ["-", "stats"],
+    ["-1", "stats"],
+    ["-.5", "stats"],
 ]
 
 
@@ -84,7 +87,16 @@ def test_which_command_a_line_names() -> None:
     assert command_in(["--pin-root=/x", "flows"]) == "flows"
     assert command_in(["--json", "--debug", "block", "add", "198.51.100.1"]) == "block"
     # help first, no command, an unknown one: the whole parser, which lists them
-    for argv in (["-h"], ["--he", "stats"], [], ["--json"], ["bogus"], ["--", "stats"]):
+    for argv in (
+        ["-h"],
+        ["--he", "stats"],
+        [],
+        ["--json"],
+        ["bogus"],
+        ["--", "stats"],
+        ["-", "stats"],
+        ["-1", "stats"],
+    ):
         assert command_in(argv) is None
     assert set(_COMMANDS) == {
         "attach", "detach", "status", "stats", "flows", "top", "block", "rule",

@@ -971,6 +971,8 @@ def command_in(argv: Sequence[str]) -> str | None:
     for tok in it:
         if tok == "-h" or (len(tok) > 2 and _HELP.startswith(tok)) or tok == "--":
             return None
+        if tok == "-" or tok[1:2].isdigit() or tok[1:2] == ".":
+            return None  # a positional to argparse ("-", "-1", "-.5"), and no command
         if tok.startswith("-"):
             if "=" not in tok and len(tok) > 2 and any(o.startswith(tok) for o in _VALUE_OPTIONS):
                 next(it, None)
