@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import random
 from typing import Any
 
 import pytest
@@ -108,3 +109,18 @@ def test_the_whole_parser_lists_every_command() -> None:
     _, out, _ = parse(None, ["--help"])
     for name in _COMMANDS:
         assert f"    {name} " in out
+
+
+TOKENS = [
+    *_COMMANDS, "add", "del", "list", "sync", "flush", "on", "-", "--", "-h", "--help", "--he",
+    "--json", "--j", "--debug", "--pin-root", "--pin", "--pin-root=/x", "--netns", "--n", "--netns=lab",
+    "--top", "3", "-1", "eth0", "198.51.100.0/24", "--dst", "--ttl", "10m", "--watch", "--sort", "bytes",
+    "--mode", "native", "--flows", "--action", "drop", "--src", "x",
+]  # fmt: skip
+
+
+def test_random_lines_parse_alike() -> None:
+    rnd = random.Random(14)
+    for _ in range(400):
+        argv = [rnd.choice(TOKENS) for _ in range(rnd.randint(0, 6))]
+        assert parse(command_in(argv), argv) == parse(None, argv), argv
