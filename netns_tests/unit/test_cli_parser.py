@@ -124,3 +124,11 @@ def test_random_lines_parse_alike() -> None:
     for _ in range(400):
         argv = [rnd.choice(TOKENS) for _ in range(rnd.randint(0, 6))]
         assert parse(command_in(argv), argv) == parse(None, argv), argv
+
+
+def test_a_named_command_builds_only_its_own_parser() -> None:
+    # the point of build_parser(only): the other twelve are never made
+    sub = next(a for a in build_parser("stats")._actions if a.dest == "cmd")
+    assert list(sub.choices) == ["stats"]
+    sub = next(a for a in build_parser(None)._actions if a.dest == "cmd")
+    assert list(sub.choices) == list(_COMMANDS)
